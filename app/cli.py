@@ -1,0 +1,44 @@
+"""The `effnet` command.
+
+`serve` stays torch-free; `build` and `variants` import the build package (PyTorch)
+only when they are asked for, so the runtime image needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BUILD_COMMANDS = {"build", "variants"}
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (configured by EFFNET_* environment variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in BUILD_COMMANDS:
+        from build.cli import main as build_main
+
+        return build_main(argv)
+
+    parser = argparse.ArgumentParser(prog="effnet", description="Serve the EfficientNet family.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    for name in sorted(BUILD_COMMANDS):
+        sub.add_parser(name, help=f"see `effnet {name} --help` (needs the build extra)")
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        from app.server import serve
+
+        return serve(host=args.host, port=args.port)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
