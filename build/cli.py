@@ -7,10 +7,10 @@ import json
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from build.scaling import (
-    B_TABLE,
     DEFAULT_MODEL_SET,
     KNOWN_VARIANTS,
     PAPER_PARAMS_MACS,
@@ -40,18 +40,12 @@ def _variants_from_args(args: argparse.Namespace) -> list[Variant]:
             variant = custom_variant(args.name or f"w{args.width:g}-d{args.depth:g}-r{args.resolution}",
                                      args.width, args.depth, args.resolution, lite=args.lite)
         return [variant]
-    names = args.models.split(",") if args.models not in ("all", "default") else list(DEFAULT_MODEL_SET)
-    if args.models == "all":
-        names = list(KNOWN_VARIANTS)
-    variants = []
-    for n in (n.strip().lower() for n in names if n.strip()):
-        v = named_variant(n)
-        if args.name and len(names) == 1:
-            from dataclasses import replace
-
-            v = replace(v, name=args.name)
-        variants.append(v)
-    return variants
+    presets = {"all": KNOWN_VARIANTS, "default": DEFAULT_MODEL_SET}
+    names = presets.get(args.models) or [n.strip().lower() for n in args.models.split(",") if n.strip()]
+    if args.name and len(names) != 1:
+        raise ValueError("--name renames a single model; give one --models entry")
+    variants = [named_variant(n) for n in names]
+    return [replace(variants[0], name=args.name)] if args.name else variants
 
 
 def cmd_build(args: argparse.Namespace) -> int:

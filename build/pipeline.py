@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from build.counting import count_macs, count_params
 from build.efficientnet import EfficientNet
 from build.export import check_parity, export_onnx
-from build.repository import ONNX_FILE, StagedModel, inputs_digest, is_up_to_date, make_manifest, preprocess_for
+from build.repository import (
+    ONNX_FILE,
+    StagedModel,
+    inputs_digest,
+    is_up_to_date,
+    make_manifest,
+    preprocess_for,
+)
 from build.scaling import Variant
 from build.weights import WeightsError, randomize, resolve
 
@@ -75,7 +82,3 @@ def build_model(
         staged.discard()
         raise
     return BuildResult(variant.name, False, path, manifest)
-
-
-def with_name(variant: Variant, name: str | None) -> Variant:
-    return variant if not name else replace(variant, name=name)
