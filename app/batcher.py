@@ -1,0 +1,261 @@
+"""Dynamic batching for one model: a bounded queue, one collector task, one inference thread.
+
+Design choices, each for a failure we want to rule out:
+
+* The queue is a deque plus an Event, not asyncio.Queue: waiting for "more items or the
+  delay" is `wait_for(event.wait())`, which can time out without ever losing an item
+  (a timed-out `wait_for(queue.get())` can).
+* Admission is all-or-nothing per request (`submit` of several images checks room for all),
+  so a multi-image request is never half queued, and a full queue is refused at once with
+  `Overloaded` (-> 503 + Retry-After) instead of growing latency without bound.
+* Each model owns a single-thread executor: one inference at a time per model (ORT's own
+  intra-op pool parallelises inside a run), and one slow model never holds another's thread.
+* Batches only take a size from `sizes` (a few fixed shapes): ORT's CPU arena and memory
+  patterns then see a bounded set of shapes. With `pad=False` (CPU) the collector takes the
+  largest allowed size that is available and leaves the rest for the next round, so no
+  compute is spent on padding; with `pad=True` (GPU, where a bigger batch is nearly free)
+  it pads up with zeros.
+* Cancelled futures (client went away) are dropped before the run; their slot is not
+  wasted. Items that waited past the request deadline fail with `DeadlineExceeded`
+  instead of spending model time on an answer nobody waits for.
+* An exception from the model fails that batch's futures only; the loop carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+
+log = logging.getLogger("effnet.batcher")
+
+RunFn = Callable[[np.ndarray], np.ndarray]  # [n, 3, H, W] float32 -> [n, classes] logits
+
+
+@dataclass
+class Result:
+    probs: np.ndarray  # softmax over classes, one row
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future
+    enqueued: float  # loop.time()
+    deadline: float  # loop.time() after which the answer is no longer worth computing
+
+
+@dataclass
+class Hooks:
+    """Metric callbacks; no-ops by default so the batcher stays testable on its own."""
+
+    on_batch: Callable[[int, float], None] = lambda size, seconds: None
+    on_item: Callable[[float], None] = lambda queue_s: None
+    on_depth: Callable[[int], None] = lambda depth: None
+    on_expired: Callable[[int], None] = lambda n: None
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """Powers of two below max_batch, plus max_batch: 8 -> [1, 2, 4, 8]; 6 -> [1, 2, 4, 6]."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+@dataclass
+class Batcher:
+    name: str
+    run: RunFn
+    max_batch: int = 8
+    max_delay_s: float = 0.005
+    max_queue: int = 64
+    timeout_s: float = 30.0
+    pad: bool = False
+    hooks: Hooks = field(default_factory=Hooks)
+
+    def __post_init__(self) -> None:
+        self.sizes = batch_sizes(self.max_batch)
+        self._items: collections.deque[_Item] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.name}")
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._busy = False
+        self.batches_run = 0
+
+    # --- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Refuse new work, give queued items up to drain_s to finish, fail the rest."""
+        self._closing = True
+        deadline = time.monotonic() + drain_s
+        while (self._items or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._items:
+            item = self._items.popleft()
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown("the server is shutting down"))
+        self.hooks.on_depth(0)
+        self._executor.shutdown(wait=True)
+
+    def warm_up(self, shape: Sequence[int]) -> None:
+        """Run each batch shape once (blocking, call from a thread) so readiness means fast."""
+        for n in self.sizes:
+            self.run(np.zeros((n, *shape), dtype=np.float32))
+
+    # --- admission -------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    async def submit(self, xs: Sequence[np.ndarray], arrived: float | None = None) -> list[Result]:
+        """Queue every image of one request, or none of them; await all results.
+
+        `arrived` (loop.time()) is when the request reached the server, so time spent
+        decoding counts against the deadline too; default: now.
+        """
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        if len(self._items) + len(xs) > self.max_queue:
+            raise Overloaded(f"model {self.name!r} queue is full ({self.max_queue}); retry shortly")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = (now if arrived is None else arrived) + self.timeout_s
+        items = [_Item(x, loop.create_future(), now, deadline) for x in xs]
+        self._items.extend(items)
+        self.hooks.on_depth(len(self._items))
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        except BaseException:
+            # One image failed or the caller was cancelled: the siblings are not needed either.
+            for i in items:
+                i.future.cancel()
+            raise
+
+    # --- the loop --------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                batch = await self._collect(loop)
+                if batch:
+                    await self._run_batch(loop, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive any single batch
+                log.exception("batcher %s: unexpected error", self.name)
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
+        while not self._items:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        # The delay counts from the first item's arrival, so an item that already waited
+        # through the previous batch's inference is not held back again.
+        until = self._items[0].enqueued + self.max_delay_s
+        while len(self._items) < self.max_batch:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        return self._take(loop.time())
+
+    def _take(self, now: float) -> list[_Item]:
+        live: list[_Item] = []
+        expired = 0
+        # Drop dead items first so they do not count towards the batch.
+        while self._items and len(live) < self.max_batch:
+            item = self._items.popleft()
+            if item.future.done():  # cancelled by a client that went away
+                continue
+            if now > item.deadline:
+                expired += 1
+                item.future.set_exception(
+                    DeadlineExceeded(f"request waited more than {self.timeout_s:g}s before reaching model {self.name!r}")
+                )
+                continue
+            live.append(item)
+        if expired:
+            self.hooks.on_expired(expired)
+        if live and not self.pad:
+            n = max(s for s in self.sizes if s <= len(live))
+            for item in reversed(live[n:]):  # back to the front of the queue, order kept
+                self._items.appendleft(item)
+            live = live[:n]
+        self.hooks.on_depth(len(self._items))
+        return live
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        n = len(batch)
+        size = min(s for s in self.sizes if s >= n)
+        x = np.stack([i.x for i in batch])
+        if size > n:
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)])
+        started = loop.time()
+        self._busy = True
+        try:
+            probs, seconds = await loop.run_in_executor(self._executor, self._infer, x)
+        except asyncio.CancelledError:  # stop() gave up draining: nobody must wait forever
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(ShuttingDown("the server is shutting down"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model's failure is this batch's only
+            log.error("model %s failed on a batch of %d: %s: %s", self.name, n, type(exc).__name__, exc)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(InferenceFailed(f"inference failed for model {self.name!r}"))
+            return
+        finally:
+            self._busy = False
+        self.batches_run += 1
+        self.hooks.on_batch(n, seconds)
+        for row, item in zip(probs, batch):
+            queue_s = started - item.enqueued
+            self.hooks.on_item(queue_s)
+            if not item.future.done():
+                item.future.set_result(Result(row, queue_s, seconds, n))
+
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        logits = self.run(x)
+        seconds = time.perf_counter() - t0
+        logits = np.asarray(logits)
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"model returned shape {logits.shape} for a batch of {x.shape[0]}")
+        return softmax(logits[: x.shape[0]]), seconds

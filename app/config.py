@@ -1,0 +1,135 @@
+"""Service configuration, all from EFFNET_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger("effnet.config")
+
+# Default max batch per device when nothing more specific is configured. On 2 CPU cores
+# batching helps small models (B0: 206 -> 286 img/s from batch 1 to 8) and hurts big ones,
+# so 8 is a ceiling the per-model table lowers; on a GPU bigger batches are almost free.
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
+BATCH_SIZES_FILE = "batch_sizes.json"
+_OVERRIDE_PREFIX = "EFFNET_MAX_BATCH_"
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def env_key(model: str) -> str:
+    """`phi-0.5` -> `PHI_0_5`: model names may hold `.` and `-`, environment names may not."""
+    return re.sub(r"[^A-Z0-9]", "_", model.upper())
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EFFNET_", extra="ignore")
+
+    repository: Path = Path("models")
+    # Empty = every model folder found in the repository.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    default_model: str = "b0"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    max_batch: int | None = Field(default=None, ge=1, le=1024)
+    # Filled from EFFNET_MAX_BATCH_<NAME> variables (see _collect_overrides); keys are env_key(name).
+    max_batch_overrides: dict[str, int] = Field(default_factory=dict)
+    max_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    max_queue: int = Field(default=64, ge=1)
+    max_body_mb: float = Field(default=20.0, gt=0)
+    max_image_pixels: int = Field(default=50_000_000, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    drain_s: float = Field(default=20.0, ge=0)
+
+    # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
+    threads: int = Field(default_factory=_cores, ge=1)
+    # ORT worker spinning: faster single runs, but the spin steals the cores that decode needs.
+    ort_spinning: bool = False
+    # Decode + preprocess pool. Pillow releases the GIL while decoding and resizing.
+    decode_workers: int = Field(default_factory=_cores, ge=1)
+
+    api_key: SecretStr | None = None
+    # Path prefixes reachable without the API key.
+    api_key_exempt: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["/health", "/metrics"])
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty = CORS off
+
+    @field_validator("models", "api_key_exempt", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return _split(v)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _collect_overrides(self) -> "Settings":
+        # pydantic-settings cannot express "every variable with this prefix", so read them here.
+        found: dict[str, int] = {}
+        for key, value in os.environ.items():
+            if key.upper().startswith(_OVERRIDE_PREFIX) and key.upper() != "EFFNET_MAX_BATCH_OVERRIDES":
+                try:
+                    n = int(value)
+                except ValueError:
+                    raise ValueError(f"{key} must be an integer") from None
+                if n < 1:
+                    raise ValueError(f"{key} must be >= 1")
+                found[key.upper()[len(_OVERRIDE_PREFIX):]] = n
+        self.max_batch_overrides = {**found, **{env_key(k): v for k, v in self.max_batch_overrides.items()}}
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def max_batch_for(self, model: str, device: str, table: dict[str, int] | None = None) -> int:
+        """Most specific wins: EFFNET_MAX_BATCH_<NAME> > batch_sizes.json > EFFNET_MAX_BATCH > device default."""
+        key = env_key(model)
+        if key in self.max_batch_overrides:
+            return self.max_batch_overrides[key]
+        if table and model in table:
+            return table[model]
+        if self.max_batch is not None:
+            return self.max_batch
+        return DEFAULT_MAX_BATCH.get(device, 8)
+
+
+def read_batch_table(repository: Path, device: str) -> dict[str, int]:
+    """`batch_sizes.json` in the repository root, written by the benchmark.
+
+    Either flat ({"b0": 8, "b4": 1}) or per device ({"cpu": {...}, "cuda": {...}}), since the
+    best size is a property of the device as much as of the model. A bad file is ignored
+    with a warning: it is a tuning hint, not something worth refusing to start over.
+    """
+    path = repository / BATCH_SIZES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get(device), dict):
+            data = data[device]
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}

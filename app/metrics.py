@@ -1,0 +1,75 @@
+"""Prometheus metrics (names fixed by the observability issue), one registry per app.
+
+Label values come only from loaded model names and from our own fixed vocabularies
+(status codes, stages, reasons), never from the request, so no client can mint series.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
+
+from app.batcher import Hooks
+from app.manifest import Manifest
+
+# ~1 ms (a B0 batch on a GPU) to ~10 s (a queued B7 on a CPU), roughly x2 per step.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.request_duration = Histogram(
+            "effnet_request_duration_seconds", "End-to-end /classify handling time",
+            ["model", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_duration = Histogram(
+            "effnet_stage_duration_seconds", "Time each image spent in each stage",
+            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "effnet_batch_size", "Images per inference run (before padding)", ["model"], buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("effnet_queue_depth", "Images waiting for a batch", ["model"], registry=r)
+        self.requests = Counter("effnet_requests", "Classification requests by HTTP status", ["model", "status"], registry=r)
+        self.rejected = Counter("effnet_requests_rejected", "Requests refused, by reason", ["model", "reason"], registry=r)
+        self.model_info = Gauge(
+            "effnet_model_info", "Loaded model (always 1)", ["model", "provider", "pretrained", "resolution"], registry=r,
+        )
+        self.model_macs = Gauge("effnet_model_macs", "Multiply-adds per image", ["model"], registry=r)
+        self.model_params = Gauge("effnet_model_params", "Parameter count", ["model"], registry=r)
+        self.model_accuracy = Gauge(
+            "effnet_model_accuracy", "ImageNet accuracy in percent", ["model", "metric", "source"], registry=r,
+        )
+
+    def model_loaded(self, name: str, manifest: Manifest, provider: str) -> None:
+        self.model_info.labels(name, provider, str(manifest.weights.pretrained).lower(), str(manifest.resolution)).set(1)
+        self.model_macs.labels(name).set(manifest.macs)
+        self.model_params.labels(name).set(manifest.params)
+        for source in ("reference", "measured"):
+            acc = getattr(manifest.accuracy, source)
+            if acc is None:
+                continue
+            for metric in ("top1", "top5"):
+                value = getattr(acc, metric)
+                if value is not None:
+                    self.model_accuracy.labels(name, metric, source).set(value)
+        self.queue_depth.labels(name).set(0)
+
+    def hooks(self, name: str) -> Hooks:
+        batch = self.batch_size.labels(name)
+        inference = self.stage_duration.labels(name, "inference")
+        queue = self.stage_duration.labels(name, "queue")
+        depth = self.queue_depth.labels(name)
+
+        def on_batch(size: int, seconds: float) -> None:
+            batch.observe(size)
+            for _ in range(size):  # per image, like the other stages: each waited the whole run
+                inference.observe(seconds)
+
+        # Expired items are counted as rejections by the handler that receives the error.
+        return Hooks(on_batch=on_batch, on_item=queue.observe, on_depth=depth.set)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,169 @@
+"""Bytes -> normalised CHW float32, exactly as the weights were evaluated.
+
+The reference is torchvision's eval transform on a PIL image: Resize(shorter side, PIL
+filter) -> CenterCrop -> ToTensor -> Normalize. Two shortcuts keep it cheap without moving
+the result (tests compare against the reference):
+
+* resize only the source box that survives the centre crop (`Image.resize(box=...)`):
+  Pillow computes the same filter taps, it just skips the pixels the crop throws away;
+* JPEGs much larger than the target are decoded in the DCT domain at 1/2, 1/4 or 1/8
+  scale (`Image.draft`), but never below twice the target's shorter side, so the final
+  antialiased bicubic still averages over enough pixels and top-1 does not move.
+
+Every failure raises `ImageError` (-> 400); nothing else escapes `decode`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from app.errors import ImageError
+from app.manifest import Preprocess
+
+# Decode what browsers and cameras send; nothing that shells out (EPS -> Ghostscript) or
+# parses documents (PDF). MPO is how Pillow names many phone JPEGs.
+Image.init()  # register every plugin now, so the allow-list below can be checked against them
+FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)
+
+# A truncated file is an error, not a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow warns above MAX_IMAGE_PIXELS and only raises above twice that: make the warning fatal
+# too. (We also check the header size ourselves, so this is a second line of defence.)
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+DRAFT_FACTOR = 2  # decoded shorter side stays >= DRAFT_FACTOR * resize
+
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def set_max_pixels(n: int) -> None:
+    """Pillow's bomb guard is process-global; the server sets it from EFFNET_MAX_IMAGE_PIXELS."""
+    Image.MAX_IMAGE_PIXELS = n
+
+
+@dataclass
+class Prepared:
+    tensor: np.ndarray  # [3, crop, crop] float32
+    decode_s: float
+    preprocess_s: float
+    size: tuple[int, int]  # decoded (w, h), after draft and EXIF rotation
+
+
+def open_image(data: bytes, max_pixels: int, target_short: int | None = None) -> Image.Image:
+    """Decode to an RGB PIL image (first frame, EXIF orientation applied)."""
+    if not data:
+        raise ImageError("the request body is empty")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        w, h = img.size
+        # Refuse on the header's claim, before a single pixel is decoded.
+        if w < 1 or h < 1 or w * h > max_pixels:
+            raise ImageError(f"image is {w}x{h}; at most {max_pixels} pixels are accepted")
+        if target_short and img.format in ("JPEG", "MPO"):
+            scale = DRAFT_FACTOR * target_short / min(w, h)
+            if scale < 0.5:  # draft can only halve, quarter or eighth
+                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"image exceeds {max_pixels} pixels (decompression bomb guard)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not a supported image (JPEG, PNG, GIF, WebP, BMP, TIFF)") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, ValueError, struct.error, ...
+        if isinstance(exc, Image.DecompressionBombWarning):
+            raise ImageError(f"image exceeds {max_pixels} pixels (decompression bomb guard)") from None
+        raise ImageError("the image is corrupt or truncated") from None
+    try:
+        img = _orient(img)
+        return to_rgb(img)
+    except ImageError:
+        raise
+    except Exception:  # noqa: BLE001
+        raise ImageError("the image could not be converted to RGB") from None
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    try:
+        # in_place: without it Pillow returns a full copy even when there is nothing to rotate.
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not worth refusing the photo over
+        pass
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB.
+
+    Transparency is composited on white, which is what a viewer shows for a logo or a
+    cut-out on a page; dropping alpha instead exposes whatever colour the encoder left in
+    fully transparent pixels (often black, sometimes garbage).
+    High bit depths are scaled, not clipped: Pillow's own I;16 -> RGB clips at 255, which
+    turns a 16-bit photo almost white.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        # 16-bit PNGs arrive as I;16 or, from some encoders, I; a genuine 8-bit range stays as is.
+        a = a / 257.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else a
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a  # float images are either [0, 1] or [0, 255]
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "P" and "transparency" in img.info or mode in ("PA", "LA", "La", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def resize_crop(img: Image.Image, pp: Preprocess) -> Image.Image:
+    """Shorter side -> pp.resize (torchvision's floor rounding), centre crop pp.crop, in one resize."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = pp.resize, int(pp.resize * h / w)
+    else:
+        new_w, new_h = int(pp.resize * w / h), pp.resize
+    new_w, new_h = max(new_w, 1), max(new_h, 1)
+    # torchvision CenterCrop rounding.
+    left = int(round((new_w - pp.crop) / 2.0))
+    top = int(round((new_h - pp.crop) / 2.0))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + pp.crop) * sx, (top + pp.crop) * sy)
+    return img.resize((pp.crop, pp.crop), _FILTERS[pp.interpolation], box=box)
+
+
+def normalise(img: Image.Image, pp: Preprocess) -> np.ndarray:
+    a = np.asarray(img, dtype=np.float32)  # HWC, 0..255
+    scale = (1.0 / (255.0 * np.asarray(pp.std, dtype=np.float32))).astype(np.float32)
+    offset = (np.asarray(pp.mean, dtype=np.float32) / np.asarray(pp.std, dtype=np.float32)).astype(np.float32)
+    a = a * scale - offset
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def prepare(data: bytes, pp: Preprocess, max_pixels: int, *, draft: bool = True) -> Prepared:
+    """The whole path for one upload; runs in the decode thread pool."""
+    t0 = time.perf_counter()
+    img = open_image(data, max_pixels, pp.resize if draft else None)
+    t1 = time.perf_counter()
+    try:
+        tensor = normalise(resize_crop(img, pp), pp)
+    except Exception:  # noqa: BLE001 - e.g. an extreme aspect ratio rounding a side to nothing
+        raise ImageError("the image could not be resized") from None
+    t2 = time.perf_counter()
+    return Prepared(tensor, t1 - t0, t2 - t1, img.size)

@@ -1,0 +1,48 @@
+"""Optional API key, checked before anything reads the body.
+
+A pure ASGI middleware rather than a FastAPI dependency, so a request without the key is
+refused before the upload is streamed in. Accepts `Authorization: Bearer <key>` or
+`X-API-Key: <key>`; compared with hmac.compare_digest so timing does not reveal how much of
+a guess was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, key: str, exempt: list[str]) -> None:
+        self.app = app
+        self.key = key.encode()
+        self.exempt = tuple(p.rstrip("/") for p in exempt if p)
+
+    def _exempt(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.exempt)
+
+    def _authorised(self, headers: Headers) -> bool:
+        given = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if given is None and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given.encode(), self.key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._exempt(scope.get("path", "")) or self._authorised(Headers(scope=scope)):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": {"code": "unauthorized", "message": "missing or wrong API key"}}).encode()
+        await send({
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b"Bearer"),
+            ],
+        })
+        await send({"type": "http.response.body", "body": body})

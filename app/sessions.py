@@ -1,0 +1,92 @@
+"""ONNX Runtime session creation: provider choice and the thread budget.
+
+Threads. Every model runs at most one batch at a time (its batcher owns a single inference
+thread), so the question is only how wide each run may go:
+
+* Each session gets `EFFNET_THREADS` intra-op threads (default: the cores). A single hot
+  model - the common case - then uses the whole machine. Dividing the budget statically
+  (THREADS / models) would leave one busy B0 on 1 of 2 cores while seven idle models
+  hold the rest.
+* Spinning is off by default (`EFFNET_ORT_SPINNING=false`). Measured on this 2-core box,
+  ORT's workers spin ~30 ms after every run; in a server that time belongs to the decode
+  pool preparing the next batch, and with several sessions loaded each one's spinners
+  would compete. The cost is ~20% at batch 1 in a tight loop, where nothing else needs
+  the CPU; turn it on for a single-model, latency-first deployment.
+* With spinning off an idle session's pool sleeps, so eight loaded models cost eight
+  parked pools, not eight busy ones. When several models are busy at once they share the
+  cores through the OS scheduler, which for compute-bound kernels costs little throughput.
+* inter-op = 1, sequential execution: EfficientNet is a chain; parallel branches buy nothing.
+
+Memory. The CPU arena stays on (it avoids malloc/free per op); its growth is bounded
+because the batcher only ever runs a few fixed batch shapes (see batcher.batch_sizes), each
+warmed up before the model reports ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class SessionError(Exception):
+    """The model cannot run here; the message is shown as the model's unavailable reason."""
+
+
+@dataclass
+class ModelSession:
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+    provider: str  # the provider that actually runs the graph
+    device: str  # "cpu" or "cuda"
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+def resolve_device(requested: str) -> str:
+    available = ort.get_available_providers()
+    if requested == "cuda":
+        if CUDA not in available:
+            raise SessionError("EFFNET_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
+        return "cuda"
+    if requested == "auto" and CUDA in available:
+        return "cuda"
+    return "cpu"
+
+
+def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = True
+    so.enable_mem_pattern = True
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
+    return so
+
+
+def create_session(path: Path, input_name: str, output_name: str, *, device: str, threads: int, spinning: bool) -> ModelSession:
+    providers: list = [CPU]
+    if device == "cuda":
+        # Arena growth by request size, not by doubling: bounded GPU memory with fixed shapes.
+        providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested"}), CPU]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads, spinning), providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        raise SessionError(f"onnxruntime cannot load the model: {type(exc).__name__}") from None
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if input_name not in inputs or output_name not in outputs:
+        raise SessionError(f"the ONNX graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, not the manifest's")
+    provider = session.get_providers()[0]
+    return ModelSession(session, input_name, output_name, provider, "cuda" if provider == CUDA else "cpu")

@@ -1,0 +1,127 @@
+"""Reading the upload: size-bounded before buffering, raw body or multipart `file` fields.
+
+The body is counted while it streams in and refused with 413 the moment it passes the
+limit (and at once when Content-Length already says so), so a client cannot make us
+buffer more than EFFNET_MAX_BODY_MB. Multipart is parsed from that bounded buffer with
+python-multipart's low-level parser, keeping every part in memory: no temp-file
+spooling, and a `file` part counts whether or not the client gave it a filename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+RAW_TYPES = ("application/octet-stream",)
+FILE_FIELD = "file"
+MAX_PARTS = 64  # fields of any name; a multipart body is not a place for thousands of parts
+
+
+class ClientGone(Exception):
+    """The client disconnected mid-upload; there is nobody to answer."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+        if size > limit:
+            raise PayloadTooLarge(f"body is {size} bytes; the limit is {limit}", limit_bytes=limit)
+    buf = bytearray()
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", limit_bytes=limit)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return bytes(buf)
+
+
+def media_type(request: Request) -> tuple[str, dict[bytes, bytes]]:
+    raw = request.headers.get("content-type", "")
+    ctype, params = parse_options_header(raw)
+    return ctype.decode("latin-1").lower().strip(), params
+
+
+def check_media_type(ctype: str) -> str:
+    """'raw' or 'multipart'; anything else is 415 before the body is read."""
+    if ctype == "multipart/form-data":
+        return "multipart"
+    if ctype.startswith("image/") or ctype in RAW_TYPES:
+        return "raw"
+    raise UnsupportedMediaType(
+        "send the image as the raw body with an image/* or application/octet-stream content type, "
+        "or as multipart/form-data field 'file'",
+    )
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+
+    @property
+    def name(self) -> str | None:
+        _, params = parse_options_header(self.headers.get(b"content-disposition", b""))
+        value = params.get(b"name")
+        return value.decode("utf-8", "replace") if value is not None else None
+
+
+def parse_multipart(body: bytes, params: dict[bytes, bytes]) -> list[bytes]:
+    """Every `file` part's bytes, in order; 400 when the body is malformed or has none."""
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadRequest("multipart body without a boundary parameter")
+    parts: list[_Part] = []
+    header_field = bytearray()
+    header_value = bytearray()
+
+    def on_part_begin() -> None:
+        if len(parts) >= MAX_PARTS:
+            raise BadRequest(f"at most {MAX_PARTS} multipart parts are accepted")
+        parts.append(_Part())
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        parts[-1].headers[bytes(header_field).lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1].data.extend(data[start:end])
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_part_data": on_part_data,
+        },
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except BadRequest:
+        raise
+    except (MultipartParseError, ValueError, IndexError):
+        raise BadRequest("malformed multipart body") from None
+    files = [bytes(p.data) for p in parts if p.name == FILE_FIELD]
+    if not files:
+        raise BadRequest("multipart body has no 'file' field")
+    return files

@@ -1,0 +1,276 @@
+"""The dynamic batcher on its own, with fake run functions (same signature as the session's)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from app.batcher import Batcher, batch_sizes, softmax
+from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+
+SHAPE = (3, 2, 2)
+
+
+def img(value: float) -> np.ndarray:
+    return np.full(SHAPE, value, dtype=np.float32)
+
+
+class Recorder:
+    """A model: logits put all mass on class int(mean of the image); records batch shapes."""
+
+    def __init__(self, gate: threading.Event | None = None, fail_when=None) -> None:
+        self.shapes: list[int] = []
+        self.gate = gate
+        self.fail_when = fail_when
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        self.shapes.append(x.shape[0])
+        if self.fail_when is not None and self.fail_when(x):
+            raise RuntimeError("boom")
+        logits = np.zeros((x.shape[0], 10), dtype=np.float32)
+        logits[np.arange(x.shape[0]), x.reshape(x.shape[0], -1).mean(axis=1).astype(int) % 10] = 50.0
+        return logits
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_batch_sizes_are_powers_of_two_capped_by_max():
+    assert batch_sizes(1) == [1]
+    assert batch_sizes(8) == [1, 2, 4, 8]
+    assert batch_sizes(6) == [1, 2, 4, 6]
+    assert batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+
+
+def test_softmax_rows_sum_to_one_and_keep_order():
+    p = softmax(np.array([[1.0, 3.0, 2.0], [1000.0, 0.0, -1000.0]], dtype=np.float32))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
+    assert list(np.argsort(-p[0])) == [1, 2, 0]
+    assert p[1, 0] == pytest.approx(1.0)
+
+
+def test_each_request_gets_its_own_answer_in_batches_up_to_max():
+    model = Recorder()
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.05, max_queue=100)
+        b.start()
+        results = await asyncio.gather(*(b.submit([img(i)]) for i in range(10)))
+        await b.stop()
+        return results
+
+    results = run(main())
+    assert [int(np.argmax(r[0].probs)) for r in results] == [i % 10 for i in range(10)]
+    assert max(model.shapes) == 4
+    assert sum(model.shapes) == 10
+    assert all(s in (1, 2, 4) for s in model.shapes)  # only fixed shapes reach the model
+    assert results[0][0].batch_size == 4
+
+
+def test_waits_at_most_the_delay_for_a_partial_batch():
+    model = Recorder()
+
+    async def main():
+        b = Batcher("m", model, max_batch=8, max_delay_s=0.02, max_queue=100)
+        b.start()
+        first = await b.submit([img(1)])  # alone: must come back after the delay, not hang
+        # Three items that arrive together with a long delay are batched together.
+        b.max_delay_s = 0.2
+        later = await asyncio.gather(*(b.submit([img(i)]) for i in range(2, 4)))
+        await b.stop()
+        return first, later
+
+    first, later = run(main())
+    assert first[0].batch_size == 1
+    assert [r[0].batch_size for r in later] == [2, 2]
+
+
+def test_without_padding_the_leftover_runs_next_and_with_padding_zeros_fill_the_shape():
+    for pad, expected in ((False, [4, 1]), (True, [8])):
+        gate = threading.Event()
+        model = Recorder(gate)
+
+        async def main():
+            b = Batcher("m", model, max_batch=8, max_delay_s=0.0, max_queue=100, pad=pad)
+            b.start()
+            blocker = asyncio.ensure_future(b.submit([img(0)]))
+            await asyncio.sleep(0.05)  # the blocker is now inside the model
+            rest = asyncio.gather(*(b.submit([img(i)]) for i in range(1, 6)))
+            await asyncio.sleep(0.01)
+            gate.set()
+            out = await rest
+            await blocker
+            await b.stop()
+            return out
+
+        out = run(main())
+        assert model.shapes[1:] == expected, pad
+        assert [int(np.argmax(r[0].probs)) for r in out] == [1, 2, 3, 4, 5]
+
+
+def test_full_queue_is_refused_at_once_and_multi_image_requests_are_all_or_nothing():
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=1, max_delay_s=0.0, max_queue=3)
+        b.start()
+        first = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)  # taken by the loop, blocked in the model
+        queued = [asyncio.ensure_future(b.submit([img(i)])) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await b.submit([img(3), img(4)])  # 2 + 2 > 3: none of them is queued
+        assert b.depth == 2
+        third = asyncio.ensure_future(b.submit([img(5)]))  # exactly fills the queue
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as exc:
+            await b.submit([img(6)])
+        gate.set()
+        results = await asyncio.gather(first, *queued, third)
+        await b.stop()
+        return exc.value, results
+
+    exc, results = run(main())
+    assert exc.status == 503 and exc.headers["Retry-After"]
+    assert [int(np.argmax(r[0].probs)) for r in results] == [0, 1, 2, 5]
+
+
+def test_cancelled_requests_are_skipped_and_do_not_poison_the_batch():
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=8, max_delay_s=0.0, max_queue=100)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.ensure_future(b.submit([img(i)])) for i in range(1, 5)]
+        await asyncio.sleep(0)
+        tasks[1].cancel()  # the client of image 2 went away while queued
+        tasks[2].cancel()
+        gate.set()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        await blocker
+        await b.stop()
+        return done
+
+    done = run(main())
+    assert isinstance(done[1], asyncio.CancelledError) and isinstance(done[2], asyncio.CancelledError)
+    assert int(np.argmax(done[0][0].probs)) == 1 and int(np.argmax(done[3][0].probs)) == 4
+    assert model.shapes == [1, 2]  # the two cancelled images never reached the model
+
+
+def test_a_failing_batch_fails_only_its_own_requests_and_the_loop_goes_on():
+    gate = threading.Event()
+    model = Recorder(gate, fail_when=lambda x: bool((x == 7).any()))
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=100)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)
+        doomed = [asyncio.ensure_future(b.submit([img(v)])) for v in (7, 1)]  # one batch of 2
+        await asyncio.sleep(0)
+        gate.set()
+        failed = await asyncio.gather(*doomed, return_exceptions=True)
+        after = await b.submit([img(3)])
+        await blocker
+        await b.stop()
+        return failed, after
+
+    failed, after = run(main())
+    assert all(isinstance(f, InferenceFailed) and f.status == 503 for f in failed)
+    assert int(np.argmax(after[0].probs)) == 3
+
+
+def test_wrong_output_shape_is_an_inference_failure_not_a_crash():
+    async def main():
+        b = Batcher("m", lambda x: np.zeros((1, 10), np.float32), max_batch=4, max_delay_s=0.05, max_queue=10)
+        b.start()
+        out = await asyncio.gather(b.submit([img(1)]), b.submit([img(2)]), return_exceptions=True)
+        await b.stop()
+        return out
+
+    assert all(isinstance(o, InferenceFailed) for o in run(main()))
+
+
+def test_one_slow_model_does_not_block_another_models_queue():
+    slow_gate = threading.Event()
+    slow, fast = Recorder(slow_gate), Recorder()
+
+    async def main():
+        a = Batcher("slow", slow, max_batch=1, max_delay_s=0.0, max_queue=10)
+        b = Batcher("fast", fast, max_batch=1, max_delay_s=0.0, max_queue=10)
+        a.start()
+        b.start()
+        stuck = asyncio.ensure_future(a.submit([img(1)]))
+        await asyncio.sleep(0.05)
+        answers = [await b.submit([img(i)]) for i in range(3)]  # while `slow` is still inside its model
+        assert not stuck.done()
+        slow_gate.set()
+        await stuck
+        await a.stop()
+        await b.stop()
+        return answers
+
+    answers = run(main())
+    assert [int(np.argmax(r[0].probs)) for r in answers] == [0, 1, 2]
+
+
+def test_requests_past_their_deadline_never_reach_the_model():
+    gate = threading.Event()
+    model = Recorder(gate)
+    expired_counts: list[int] = []
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.05)
+        b.hooks.on_expired = expired_counts.append
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.02)
+        late = asyncio.ensure_future(b.submit([img(5)]))
+        await asyncio.sleep(0.2)  # longer than the deadline, stuck behind the blocker
+        gate.set()
+        out = await asyncio.gather(late, return_exceptions=True)
+        await blocker
+        fresh = await b.submit([img(6)])
+        await b.stop()
+        return out[0], fresh
+
+    late, fresh = run(main())
+    assert isinstance(late, DeadlineExceeded) and late.status == 503
+    assert expired_counts == [1]
+    assert model.shapes == [1, 1]  # the blocker and the fresh one; the late one was dropped
+    assert int(np.argmax(fresh[0].probs)) == 6
+
+
+def test_stop_drains_the_queue_then_refuses_new_work():
+    model = Recorder()
+
+    async def main():
+        b = Batcher("m", model, max_batch=2, max_delay_s=0.01, max_queue=10)
+        b.start()
+        pending = [asyncio.ensure_future(b.submit([img(i)])) for i in range(5)]
+        await asyncio.sleep(0)
+        await b.stop(drain_s=5)
+        results = await asyncio.gather(*pending)
+        with pytest.raises(ShuttingDown):
+            await b.submit([img(1)])
+        return results
+
+    results = run(main())
+    assert [int(np.argmax(r[0].probs)) for r in results] == [0, 1, 2, 3, 4]
+
+
+def test_warm_up_runs_every_batch_shape():
+    model = Recorder()
+    b = Batcher("m", model, max_batch=6)
+    b.warm_up(SHAPE)
+    assert model.shapes == [1, 2, 4, 6]

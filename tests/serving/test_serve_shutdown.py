@@ -1,0 +1,82 @@
+"""`effnet serve` as a real process: SIGTERM mid-burst loses no accepted request and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from serving_helpers import encode, photo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_mid_burst_finishes_queued_requests_and_exits_0(fake_repo):
+    port = free_port()
+    env = {
+        **os.environ,
+        "EFFNET_REPOSITORY": str(fake_repo),
+        "EFFNET_MODELS": "fake",
+        "EFFNET_MAX_BATCH": "32",
+        "EFFNET_MAX_DELAY_MS": "3000",  # requests sit in the queue when the signal arrives
+        "EFFNET_DRAIN_S": "10",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+
+        image = encode(photo((96, 96)))
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                tasks = [
+                    asyncio.create_task(c.post("/classify", content=image, headers={"content-type": "image/jpeg"}))
+                    for _ in range(16)
+                ]
+                # Signal only once every request is accepted and waiting in the queue.
+                while 'effnet_queue_depth{model="fake"} 16.0' not in (await c.get("/metrics")).text:
+                    assert not any(t.done() for t in tasks)
+                    await asyncio.sleep(0.02)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 16
+        assert proc.wait(timeout=30) == 0
+        try:
+            httpx.get(url + "/health/live", timeout=1)
+            raise AssertionError("still accepting after shutdown")
+        except httpx.TransportError:
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
