@@ -10,6 +10,7 @@ import argparse
 import sys
 
 BUILD_COMMANDS = {"build", "variants"}
+EVAL_COMMANDS = {"eval", "report"}
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,12 +25,18 @@ def main(argv: list[str] | None = None) -> int:
         from build.cli import main as build_main
 
         return build_main(argv)
+    if argv and argv[0] in EVAL_COMMANDS:
+        from app.eval_cli import main as eval_main
+
+        return eval_main(argv)
 
     parser = argparse.ArgumentParser(prog="effnet", description="Serve the EfficientNet family.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     for name in sorted(BUILD_COMMANDS):
         sub.add_parser(name, help=f"see `effnet {name} --help` (needs the build extra)")
+    for name in sorted(EVAL_COMMANDS):
+        sub.add_parser(name, help=f"see `effnet {name} --help`")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
