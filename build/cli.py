@@ -10,11 +10,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from build.recipes import LITE_PACKAGES, TORCHVISION_V1
 from build.scaling import (
     DEFAULT_MODEL_SET,
     KNOWN_VARIANTS,
     PAPER_PARAMS_MACS,
     Variant,
+    count_params_macs,
     custom_variant,
     named_variant,
     phi_variant,
@@ -84,13 +86,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def variants_table() -> list[dict]:
-    from build.counting import count_variant
-    from build.weights import LITE_PACKAGES, TORCHVISION_V1
-
     rows = []
     for name in KNOWN_VARIANTS:
         v = named_variant(name)
-        params, macs = count_variant(v)
+        params, macs = count_params_macs(v)
         recipe = TORCHVISION_V1.get(name) or LITE_PACKAGES.get(name)
         paper = PAPER_PARAMS_MACS.get(name)
         rows.append({

@@ -1,16 +1,14 @@
-"""Parameters and multiply-adds, the paper's way.
+"""Parameters and multiply-adds of a built network, measured on its modules.
 
 The paper's "FLOPs" are multiply-adds of the convolutions and the classifier, at the input resolution.
-Counting on the meta device costs no memory or compute, so even B7 is counted instantly.
+`build.scaling.count_params_macs` computes the same from the layout alone (for `effnet variants`);
+tests hold the two to exact agreement.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from build.efficientnet import EfficientNet
-from build.scaling import Variant
 
 
 def count_params(model: nn.Module) -> int:
@@ -44,10 +42,3 @@ def count_macs(model: nn.Module, resolution: int) -> int:
         for h in hooks:
             h.remove()
     return total
-
-
-def count_variant(variant: Variant, resolution: int | None = None) -> tuple[int, int]:
-    """(params, macs) without allocating weights."""
-    with torch.device("meta"):
-        model = EfficientNet(variant)
-    return count_params(model), count_macs(model, resolution or variant.resolution)

@@ -280,3 +280,37 @@ def default_preprocess(variant: Variant) -> dict:
         "mean": list(variant.mean),
         "std": list(variant.std),
     }
+
+
+def _conv_out(size: int, stride: int) -> int:
+    # padding (k - 1) // 2 with odd k: output = ceil(size / stride)
+    return -(-size // stride)
+
+
+def count_params_macs(variant: Variant, resolution: int | None = None, num_classes: int = NUM_CLASSES) -> tuple[int, int]:
+    """(params, multiply-adds for one image) from the layout alone, no network built.
+
+    Convolutions and the classifier count, as in the paper; BatchNorm counts 2 parameters per
+    channel (its statistics are buffers). tests/build checks this against hooks on real modules.
+    """
+    size = _conv_out(resolution or variant.resolution, 2)
+    stem = variant.stem_channels
+    params = 3 * stem * 9 + 2 * stem
+    macs = size * size * 3 * stem * 9
+    for b in variant.blocks():
+        if b.expanded_channels != b.in_channels:
+            params += b.in_channels * b.expanded_channels + 2 * b.expanded_channels
+            macs += size * size * b.in_channels * b.expanded_channels
+        size = _conv_out(size, b.stride)
+        params += b.expanded_channels * b.kernel * b.kernel + 2 * b.expanded_channels
+        macs += size * size * b.expanded_channels * b.kernel * b.kernel
+        if b.se_channels:
+            squeeze = b.expanded_channels * b.se_channels
+            params += 2 * squeeze + b.se_channels + b.expanded_channels
+            macs += 2 * squeeze
+        params += b.expanded_channels * b.out_channels + 2 * b.out_channels
+        macs += size * size * b.expanded_channels * b.out_channels
+    last, head = variant.blocks()[-1].out_channels, variant.head_channels
+    params += last * head + 2 * head + head * num_classes + num_classes
+    macs += size * size * last * head + head * num_classes
+    return params, macs

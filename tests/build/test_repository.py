@@ -37,26 +37,26 @@ def test_tiny_repository_is_complete(tiny_repo):
     assert manifest["params"] > 0 and manifest["macs"] > 0
 
 
-def test_rebuild_is_skipped_unless_forced(tmp_path):
-    repo = tmp_path / "repo"
+def test_rebuild_is_skipped_unless_forced(tiny_repo, copy_repo):
+    repo = copy_repo(tiny_repo, "tiny")  # built by the fixture with exactly these inputs
     args = [sys.executable, "-m", "app", "build", "--width", "0.25", "--depth", "0.25", "--resolution", "64",
-            "--name", "t", "--weights", "random", "--quiet", "--repo", str(repo)]
-    subprocess.run(args, check=True, capture_output=True)
-    first = (repo / "t" / "model.onnx").stat().st_mtime_ns
+            "--name", "tiny", "--weights", "random", "--quiet", "--repo", str(repo)]
+    first = (repo / "tiny" / "model.onnx").stat().st_mtime_ns
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
-    assert "up to date" in out and (repo / "t" / "model.onnx").stat().st_mtime_ns == first
-    subprocess.run(args + ["--force"], check=True, capture_output=True)
-    assert (repo / "t" / "model.onnx").stat().st_mtime_ns != first
+    assert "up to date" in out and (repo / "tiny" / "model.onnx").stat().st_mtime_ns == first
+    out = subprocess.run(args + ["--force"], check=True, capture_output=True, text=True).stdout
+    assert "up to date" not in out and (repo / "tiny" / "model.onnx").stat().st_mtime_ns != first
 
 
 def test_a_crashed_build_leaves_no_half_model_and_keeps_the_old_one(tmp_path, monkeypatch, tiny_repo):
     repo = tmp_path / "repo"
     variant = custom_variant("tiny", 0.25, 0.25, 64)
 
-    def crash(*args, **kwargs):
+    def crash_mid_write(model, crop, path):
+        path.write_bytes(b"half an onnx file")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pipeline, "check_parity", crash)
+    monkeypatch.setattr(pipeline, "export_onnx", crash_mid_write)
     with pytest.raises(RuntimeError, match="disk full"):
         pipeline.build_model(variant, repo, "random")
     assert list(repo.iterdir()) == []  # no model folder, no staging folder

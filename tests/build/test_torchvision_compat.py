@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from build.counting import count_macs, count_params
 from build.efficientnet import EfficientNet
-from build.scaling import custom_variant, named_variant
+from build.scaling import count_params_macs, custom_variant, named_variant, phi_variant
 from build.weights import resolve
 
 DATA = Path(__file__).parent.parent / "data"
@@ -46,3 +47,15 @@ def test_a_torchvision_format_b0_checkpoint_loads_strictly(tmp_path):
     assert torch.equal(model.classifier[1].weight, state["classifier.1.weight"])
     assert weights.pretrained is False  # a user's own file is not claimed to be ImageNet-trained
     assert len(weights.sha256) == 64
+
+
+@pytest.mark.parametrize(
+    "variant, resolution",
+    [(named_variant("b0"), 224), (named_variant("lite2"), 260), (custom_variant("t", 0.25, 0.25, 64), 64),
+     (phi_variant(-1.5), 301)],
+    ids=["b0", "lite2", "tiny", "phi-1.5@301"],
+)
+def test_layout_count_equals_counting_the_real_modules(variant, resolution):
+    """`effnet variants` counts from the layout; the build counts the modules it exports: they must agree."""
+    model = EfficientNet(variant)
+    assert count_params_macs(variant, resolution) == (count_params(model), count_macs(model, resolution))
