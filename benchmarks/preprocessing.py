@@ -1,0 +1,71 @@
+"""Preprocessing alone: a 1920x1080 JPEG to the model's input tensor.
+
+* plain: what a user writes (and the reference transform): full-size decode with Pillow,
+  resize the whole image, centre-crop, ToTensor + Normalize;
+* ours: `app.preprocess.prepare(..., draft=True)`, the service's path (draft decode, resize
+  only the box that survives the crop), and `draft=False` for comparison.
+
+The difference is the mean absolute difference from the plain (reference) tensor, in
+normalised units.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import numpy as np
+from PIL import Image
+
+from app.manifest import Preprocess
+from app.preprocess import prepare
+
+MAX_PIXELS = 50_000_000
+
+
+def reference(data: bytes, pp: Preprocess) -> np.ndarray:
+    """torchvision's eval transform on a PIL image, written out: the plain path."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    new_w, new_h = (pp.resize, int(pp.resize * h / w)) if w <= h else (int(pp.resize * w / h), pp.resize)
+    filt = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST}[pp.interpolation]
+    img = img.resize((new_w, new_h), filt)
+    left, top = int(round((new_w - pp.crop) / 2.0)), int(round((new_h - pp.crop) / 2.0))
+    img = img.crop((left, top, left + pp.crop, top + pp.crop))
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = (a - np.asarray(pp.mean, dtype=np.float32)) / np.asarray(pp.std, dtype=np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # first call: caches, page faults
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000.0 * statistics.median(times)
+
+
+def measure(data: bytes, pp: Preprocess, reps: int) -> dict:
+    ref = reference(data, pp)
+    ours = prepare(data, pp, MAX_PIXELS, draft=True)
+    full = prepare(data, pp, MAX_PIXELS, draft=False)
+    plain_ms = _time(lambda: reference(data, pp), reps)
+    ours_ms = _time(lambda: prepare(data, pp, MAX_PIXELS, draft=True), reps)
+    nodraft_ms = _time(lambda: prepare(data, pp, MAX_PIXELS, draft=False), reps)
+    decode_ms = _time(lambda: Image.open(io.BytesIO(data)).convert("RGB"), reps)
+    return {
+        "resize": pp.resize, "crop": pp.crop, "interpolation": pp.interpolation, "reps": reps,
+        "plain_decode_ms": decode_ms,
+        "plain_ms": plain_ms,
+        "ours_ms": ours_ms,
+        "ours_nodraft_ms": nodraft_ms,
+        "speedup": plain_ms / ours_ms if ours_ms else None,
+        "ours_decoded_size": list(ours.size),
+        "mean_abs_diff": float(np.abs(ours.tensor - ref).mean()),
+        "mean_abs_diff_nodraft": float(np.abs(full.tensor - ref).mean()),
+        "max_abs_diff": float(np.abs(ours.tensor - ref).max()),
+    }
