@@ -41,7 +41,8 @@ def _split(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EFFNET_", extra="ignore")
+    # An empty variable (EFFNET_THREADS= in a compose file) means "use the default", not "invalid".
+    model_config = SettingsConfigDict(env_prefix="EFFNET_", extra="ignore", env_ignore_empty=True)
 
     repository: Path = Path("models")
     # Empty = every model folder found in the repository.
