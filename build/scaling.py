@@ -291,7 +291,7 @@ def count_params_macs(variant: Variant, resolution: int | None = None, num_class
     """(params, multiply-adds for one image) from the layout alone, no network built.
 
     Convolutions and the classifier count, as in the paper; BatchNorm counts 2 parameters per
-    channel (its statistics are buffers). tests/build checks this against hooks on real modules.
+    channel (its statistics are buffers). tests/build_step checks this against hooks on real modules.
     """
     size = _conv_out(resolution or variant.resolution, 2)
     stem = variant.stem_channels

@@ -1,4 +1,4 @@
-"""Writes the torchvision reference fixtures that tests/build checks our EfficientNet against.
+"""Writes the torchvision reference fixtures that tests/build_step checks our EfficientNet against.
 
 torchvision cannot be imported beside the pinned CPU torch, so this runs once, by hand, in a separate
 venv that has torchvision (`pip install torch==2.14.1 torchvision==0.29.1`), and its output is committed:
