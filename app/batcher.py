@@ -46,6 +46,7 @@ class Result:
     queue_s: float
     inference_s: float
     batch_size: int
+    logits: np.ndarray | None = None  # the raw model output row (the V2 protocol endpoint returns it)
 
 
 @dataclass
@@ -229,7 +230,7 @@ class Batcher:
         started = loop.time()
         self._busy = True
         try:
-            probs, seconds = await loop.run_in_executor(self._executor, self._infer, x)
+            probs, seconds, logits = await loop.run_in_executor(self._executor, self._infer, x)
         except asyncio.CancelledError:  # stop() gave up draining: nobody must wait forever
             for item in batch:
                 if not item.future.done():
@@ -245,17 +246,17 @@ class Batcher:
             self._busy = False
         self.batches_run += 1
         self.hooks.on_batch(n, seconds)
-        for row, item in zip(probs, batch):
+        for row, lrow, item in zip(probs, logits, batch):
             queue_s = started - item.enqueued
             self.hooks.on_item(queue_s)
             if not item.future.done():
-                item.future.set_result(Result(row, queue_s, seconds, n))
+                item.future.set_result(Result(row, queue_s, seconds, n, lrow))
 
-    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+    def _infer(self, x: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
         t0 = time.perf_counter()
         logits = self.run(x)
         seconds = time.perf_counter() - t0
         logits = np.asarray(logits)
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"model returned shape {logits.shape} for a batch of {x.shape[0]}")
-        return softmax(logits[: x.shape[0]]), seconds
+        return softmax(logits[: x.shape[0]]), seconds, logits[: x.shape[0]]

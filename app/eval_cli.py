@@ -28,7 +28,11 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Top-1/top-5 accuracy of a built model on a labelled image set, through the served "
         "preprocessing and the exported ONNX; records it as accuracy.measured in the model's manifest.",
     )
-    p.add_argument("--model", required=True, help="model name in the repository (lite0, b0, ...)")
+    p.add_argument("--model", help="model name in the repository (lite0, b0, ...)")
+    p.add_argument("--cascade", help="instead of --model: a confidence cascade, cheapest first (lite0,lite2); reports "
+                   "accuracy, mean MACs per image and the fraction escalated, and records it in <repo>/cascades.json")
+    p.add_argument("--threshold", type=float, default=0.6,
+                   help="--cascade: pass an image on when the top-1 probability is under this (default 0.6)")
     p.add_argument("--data", required=True, type=Path,
                    help="ImageFolder tree (folders named by WordNet id, class index or class name), a CSV of "
                    "path,label, a val.txt, LOC_val_solution.csv or ILSVRC2012_validation_ground_truth.txt, "
@@ -83,6 +87,11 @@ def print_text(d: dict, out=None) -> None:
 
 def run_eval(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
+    if (args.model is None) == (args.cascade is None):
+        print("effnet eval: give --model NAME or --cascade A,B", file=sys.stderr)
+        return EXIT_USAGE
+    if args.cascade is not None:
+        return run_cascade_eval(args)
     from app.eval import (
         DatasetError,
         EvalError,
@@ -131,6 +140,45 @@ def run_eval(argv: list[str]) -> int:
         if written:
             print(f"  recorded as accuracy.measured in {written}")
     return EXIT_OK if result.tally.n else EXIT_FAIL
+
+
+def run_cascade_eval(args: argparse.Namespace) -> int:
+    from app.eval import DatasetError, EvalError, LabelResolver, open_dataset
+    from app.eval.cascade import evaluate_cascade, write_cascade
+    from app.manifest import ManifestError, load_manifest
+
+    names = [n.strip() for n in args.cascade.split(",") if n.strip()]
+    for name in names:
+        if not (args.repo / name / "manifest.json").is_file():
+            print(f"effnet eval: no model {name!r} in {args.repo}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        labels = load_manifest(args.repo / names[0]).labels
+        ds = open_dataset(args.data, LabelResolver(labels), args.format, images=args.images, synsets=args.synsets, name=args.name)
+        d = evaluate_cascade(
+            args.repo, names, ds, args.threshold, batch=args.batch, limit=args.limit, seed=args.seed, device=args.device,
+            threads=args.threads, max_pixels=args.max_pixels, progress=not args.quiet,
+        )
+    except (DatasetError, EvalError, ManifestError) as exc:
+        print(f"effnet eval: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, DatasetError) else EXIT_FAIL
+    d["written"] = str(write_cascade(args.repo, d)) if not args.no_write and d["size"] else None
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return EXIT_OK if d["size"] else EXIT_FAIL
+    w = sys.stdout.write
+    w(f"cascade {d['name']} at threshold {d['threshold']:g} on {d['dataset']}: {d['size']} images scored\n")
+    if d["size"]:
+        w(f"  top-1 {d['top1']:.2f}% {_fmt_ci(d['top1_ci95'])}  top-5 {d['top5']:.2f}% {_fmt_ci(d['top5_ci95'])}\n")
+        w(f"  mean MACs per image {d['mean_macs'] / 1e9:.3f}G; escalated {100 * d['escalated_fraction']:.1f}%\n")
+        for name, m in d["models"].items():
+            w(f"  alone: {name:<12} top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  MACs {m['macs'] / 1e9:.3f}G\n")
+        w("  threshold sweep (threshold: top-1 %, mean GMACs, escalated %):\n")
+        for s in d["sweep"]:
+            w(f"    {s['threshold']:.2f}: {s['top1']:.2f}  {s['mean_macs'] / 1e9:.3f}  {100 * s['escalated_fraction']:.1f}\n")
+    if d["written"]:
+        w(f"  recorded in {d['written']}\n")
+    return EXIT_OK if d["size"] else EXIT_FAIL
 
 
 def report_parser() -> argparse.ArgumentParser:

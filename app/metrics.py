@@ -42,6 +42,14 @@ class Metrics:
         self.model_accuracy = Gauge(
             "effnet_model_accuracy", "ImageNet accuracy in percent", ["model", "metric", "source"], registry=r,
         )
+        # Family features (app/family.py). `cascade` is the comma-joined names of loaded models only.
+        self.cascade_escalations = Counter(
+            "effnet_cascade_escalations", "Images a cascade passed on to its next model",
+            ["cascade", "from_model", "to_model"], registry=r,
+        )
+        self.auto_routed = Counter(
+            "effnet_auto_routed", "model=auto requests by the model chosen", ["model", "budget_missed"], registry=r,
+        )
 
     def model_loaded(self, name: str, manifest: Manifest, provider: str) -> None:
         self.model_info.labels(name, provider, str(manifest.weights.pretrained).lower(), str(manifest.resolution)).set(1)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from app.config import Settings
 from app.errors import ApiError, BadRequest, ErrorResponse, Overloaded, Unavailable, UnknownModel
+from app.family import classify_family, is_family_name
 from app.metrics import CONTENT_TYPE, Metrics
 from app.preprocess import Prepared, prepare
 from app.registry import ModelEntry, Registry
@@ -87,6 +88,8 @@ async def classify(
     model: str | None = Query(None, description="model name from /models; default: the configured default"),
     top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="how many classes to return per image"),
 ) -> Any:
+    if model is not None and is_family_name(model):  # auto, cascade[:a,b]: app/family.py
+        return await classify_family(request, model, top_k)
     st = state_of(request)
     started = time.perf_counter()
     arrived = asyncio.get_running_loop().time()

@@ -24,10 +24,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.config import Settings
 from app.errors import install_handlers
+from app.family import FamilyState
 from app.metrics import Metrics
+from app.oip import router as oip_router
 from app.preprocess import set_max_pixels
 from app.registry import Registry
 from app.routes import State, router
+from app.routing import LatencyRecorder
 from app.security import ApiKeyMiddleware
 
 log = logging.getLogger("effnet.server")
@@ -65,6 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_handlers(app)
     app.include_router(router)
+    app.include_router(oip_router)  # Open Inference Protocol (KServe V2)
+    app.state.family = FamilyState()  # model=auto latency statistics
+    app.add_middleware(LatencyRecorder)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],

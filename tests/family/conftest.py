@@ -1,0 +1,76 @@
+"""Fixtures for the family features (Open Inference Protocol, model=auto, cascades).
+
+Models come from the real build step (tests/conftest.py builds `tiny_repo` and `lite0_repo`;
+`lite2_repo` is built here, into .cache/test-repos like the others, idempotently). Servers
+run on repositories of symlinks, so no model is built twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+for extra in (HERE.parent / "serving", HERE.parent / "eval"):  # serving_helpers, eval_photos
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+from serving_helpers import LiveServer, live_server
+
+from app.config import Settings
+
+# As tests/conftest.py (not importable by name: every conftest module is called `conftest`).
+TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", HERE.parent.parent / ".cache" / "test-repos"))
+
+
+def build(repo: Path, *args: str) -> None:
+    from build.cli import main as build_main
+
+    rc = build_main(["build", "--repo", str(repo), "--quiet", *args])
+    assert rc == 0, f"effnet build {' '.join(args)} failed"
+
+
+def link_repo(dest: Path, *folders: Path) -> Path:
+    """A repository whose model folders are symlinks to already-built ones."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in folders:
+        link = dest / f.name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == f.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(f.resolve(), target_is_directory=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def lite2_repo() -> Path:
+    """Lite2 with its real ImageNet weights (~60 s to build the first time, then cached)."""
+    repo = TEST_REPOS / "lite2"
+    build(repo, "--models", "lite2", "--weights", "pretrained")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def lite_cascade_repo(lite0_repo: Path, lite2_repo: Path, tmp_path_factory) -> Path:
+    return link_repo(tmp_path_factory.mktemp("lite02"), lite0_repo / "lite0", lite2_repo / "lite2")
+
+
+@pytest.fixture(scope="session")
+def tiny_family_repo(tiny_repo: Path, tmp_path_factory) -> Path:
+    return link_repo(tmp_path_factory.mktemp("tinyfam"), tiny_repo / "tiny", tiny_repo / "tiny2")
+
+
+@pytest.fixture(scope="module")
+def family_server(tiny_family_repo: Path) -> Iterator[LiveServer]:
+    """tiny (64 px) and tiny2 (96 px), random weights; `model=cascade` means tiny,tiny2."""
+    settings = Settings(
+        repository=tiny_family_repo, default_model="tiny", threads=1, decode_workers=2,
+        default_cascade=["tiny", "tiny2"], default_budget_ms=1000.0,
+    )
+    with live_server(settings) as srv:
+        yield srv

@@ -1,0 +1,128 @@
+"""Confidence cascades: the decision, the live /classify?model=cascade path, and effnet eval --cascade."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+from serving_helpers import encode, photo
+
+from app.cascade import escalate, parse_cascade
+from app.errors import BadRequest
+
+JPEG_HEADERS = {"Content-Type": "image/jpeg"}
+
+
+def test_decision_and_parsing():
+    p = np.array([0.55, 0.3, 0.15], np.float32)
+    assert escalate(p, 0.6) and not escalate(p, 0.55) and not escalate(p, 0.5)
+    assert parse_cascade("cascade:b0, b4", []) == ["b0", "b4"]
+    assert parse_cascade("cascade", ["lite0", "lite2"]) == ["lite0", "lite2"]
+    for bad in ("cascade:b0", "cascade:b0,b0", "cascade:a,b,c,d,e"):
+        with pytest.raises(BadRequest):
+            parse_cascade(bad, [])
+    with pytest.raises(BadRequest, match="EFFNET_DEFAULT_CASCADE"):
+        parse_cascade("cascade", [])
+
+
+def test_cascade_live(family_server):
+    jpeg = encode(photo())
+    with httpx.Client(base_url=family_server.url, timeout=30) as c:
+        # threshold 1: every image is unsure -> escalated; random weights never reach p = 1.
+        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=1&top_k=3", content=jpeg, headers=JPEG_HEADERS)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "tiny2" and len(body["predictions"]) == 3
+        casc = body["cascade"]
+        assert casc["path"] == ["tiny", "tiny2"] and casc["escalated"] is True and len(casc["top1_scores"]) == 2
+        assert r.headers["X-Effnet-Cascade-Path"] == "tiny,tiny2"
+        # threshold 0: the cheap model's answer stands.
+        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=0", content=jpeg, headers=JPEG_HEADERS)
+        assert r.json()["cascade"]["path"] == ["tiny"] and r.json()["model"] == "tiny"
+        assert r.json()["cascade"]["top1_scores"][0] == pytest.approx(r.json()["predictions"][0]["score"], abs=1e-6)
+        # model=cascade: EFFNET_DEFAULT_CASCADE, EFFNET_CASCADE_THRESHOLD (0.6).
+        r = c.post("/classify?model=cascade", content=jpeg, headers=JPEG_HEADERS)
+        assert r.status_code == 200 and r.json()["cascade"]["models"] == ["tiny", "tiny2"]
+        assert r.json()["cascade"]["threshold"] == 0.6
+        # Multipart: each image decides on its own.
+        files = [("file", ("a.jpg", jpeg, "image/jpeg")), ("file", ("b.png", encode(photo(seed=3), "PNG"), "image/png"))]
+        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=1", files=files)
+        assert r.status_code == 200 and len(r.json()["cascade"]) == 2 and len(r.json()["predictions"]) == 2
+        # Errors keep the service's shape.
+        r = c.post("/classify?model=cascade:tiny,nope", content=jpeg, headers=JPEG_HEADERS)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
+        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=2", content=jpeg, headers=JPEG_HEADERS)
+        assert r.status_code == 422
+        r = c.post("/classify?model=cascade:tiny,tiny2", content=b"nope", headers=JPEG_HEADERS)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+        m = c.get("/metrics").text
+        assert 'effnet_cascade_escalations_total{cascade="tiny,tiny2",from_model="tiny",to_model="tiny2"}' in m
+        assert 'effnet_requests_total{model="tiny2",status="200"}' in m
+    # Each stage fed the latency statistics used by model=auto.
+    assert len(family_server.app.state.family.latency.fresh("tiny2")) >= 3
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    from eval_photos import available, write_set
+
+    found = available()
+    if len(found) < 3:
+        pytest.skip("scikit-image's sample photos are not installed")
+    root = tmp_path_factory.mktemp("photos") / "folder"
+    write_set(root, "folder", found)
+    return root
+
+
+def _eval(capsys, *args):
+    from app.eval_cli import main
+
+    capsys.readouterr()
+    rc = main(["eval", *map(str, args), "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if out.strip() else None), err
+
+
+def test_eval_cascade_agrees_with_its_parts(capsys, tiny_family_repo, photo_dir, tmp_path):
+    rc, d, err = _eval(capsys, "--cascade", "tiny,tiny2", "--threshold", "1", "--repo", tiny_family_repo,
+                       "--data", photo_dir, "--no-write")
+    assert rc == 0, err
+    assert d["escalated_fraction"] == 1.0  # threshold 1: everything goes on, so the cascade is tiny2
+    assert d["top1"] == d["models"]["tiny2"]["top1"]
+    assert d["mean_macs"] == d["models"]["tiny"]["macs"] + d["models"]["tiny2"]["macs"]
+    rc, d0, _ = _eval(capsys, "--cascade", "tiny,tiny2", "--threshold", "0", "--repo", tiny_family_repo,
+                      "--data", photo_dir, "--no-write")
+    assert d0["escalated_fraction"] == 0.0 and d0["top1"] == d0["models"]["tiny"]["top1"]
+    assert d0["mean_macs"] == d0["models"]["tiny"]["macs"]
+    assert d0["sweep"][0]["threshold"] == 0
+    rc, _, err = _eval(capsys, "--model", "tiny", "--cascade", "tiny,tiny2", "--data", photo_dir)
+    assert rc == 2 and "--cascade" in err
+
+
+def test_eval_cascade_lite0_lite2_real_weights(capsys, lite_cascade_repo, photo_dir, tmp_path):
+    """The Lite0 -> Lite2 cascade on real photos, recorded for `effnet report`."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("lite0", "lite2"):
+        (repo / name).symlink_to((lite_cascade_repo / name).resolve())
+    rc, d, err = _eval(capsys, "--cascade", "lite0,lite2", "--threshold", "0.6", "--repo", repo, "--data", photo_dir)
+    assert rc == 0, err
+    assert d["size"] == 5 and d["pretrained"]
+    assert 0.0 <= d["escalated_fraction"] <= 1.0
+    macs0, macs2 = d["models"]["lite0"]["macs"], d["models"]["lite2"]["macs"]
+    assert d["mean_macs"] == pytest.approx(macs0 + d["escalated_fraction"] * macs2, rel=1e-6)
+    assert d["top5"] >= 60  # a correctly wired pair of ~75-78% models (see docs/accuracy.md)
+    recorded = json.loads((repo / "cascades.json").read_text())
+    assert recorded["lite0,lite2@0.6"]["escalated_fraction"] == d["escalated_fraction"]
+    # effnet report puts the point beside the single models.
+    pytest.importorskip("matplotlib")
+    from app.report import write_report
+
+    out = tmp_path / "docs"
+    md = write_report(repo, out).read_text()
+    assert "lite0 → lite2" in md and "cascade" in md.lower()
+    shutil.rmtree(out)

@@ -1,0 +1,142 @@
+"""model=auto: the routing decision on injected latency statistics, and one live request."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from serving_helpers import encode, photo
+
+from app import routing
+from app.routing import Candidate, LatencyStats, choose
+
+LITE0 = Candidate("lite0", 385_000_000, 75.1, "reference")
+LITE2 = Candidate("lite2", 860_000_000, 77.6, "reference")
+LITE4 = Candidate("lite4", 2_640_000_000, 80.4, "reference")
+FAMILY = [LITE0, LITE2, LITE4]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def stats_with(clock=None, **p95_ms: float) -> LatencyStats:
+    """Every model gets 20 samples whose p95 is (about) the given milliseconds."""
+    s = LatencyStats(clock=clock or Clock())
+    for name, ms in p95_ms.items():
+        for _ in range(20):
+            s.observe(name, ms / 1000.0)
+    return s
+
+
+def test_most_accurate_that_fits():
+    s = stats_with(lite0=10, lite2=30, lite4=120)
+    d = choose(FAMILY, 50, s)
+    assert d.chosen == "lite2" and not d.budget_missed
+    assert d.estimated_p95_ms == pytest.approx(30)
+    assert "lite4" in d.reason and "top-1 77.6% (reference)" in d.reason
+    assert choose(FAMILY, 200, s).chosen == "lite4"
+    assert choose(FAMILY, 15, s).chosen == "lite0"
+
+
+def test_load_moves_the_choice_to_cheaper_models():
+    clock = Clock()
+    s = stats_with(clock, lite0=10, lite2=30, lite4=120)
+    assert choose(FAMILY, 50, s).chosen == "lite2"
+    for _ in range(100):  # lite2 is queueing now: its recent requests take 80 ms
+        s.observe("lite2", 0.080)
+    assert choose(FAMILY, 50, s).chosen == "lite0"
+
+
+def test_nothing_fits_falls_back_to_the_fastest_and_says_so():
+    s = stats_with(lite0=60, lite2=90, lite4=300)
+    d = choose(FAMILY, 50, s)
+    assert d.chosen == "lite0" and d.budget_missed
+    assert d.headers()["X-Effnet-Budget-Missed"] == "true"
+    assert "no loaded model fits" in d.reason
+    assert "X-Effnet-Budget-Missed" not in choose(FAMILY, 70, s).headers()
+
+
+def test_cold_start_estimate_from_macs():
+    d = choose(FAMILY, 1000, LatencyStats())  # nothing measured: documented constant
+    want = routing.OVERHEAD_MS + routing.DEFAULT_MS_PER_GMAC * LITE4.macs / 1e9
+    assert d.chosen == "lite4" and d.considered["lite4"] == pytest.approx(want, rel=1e-3)
+    assert "nothing measured" in d.reason
+    # lite0 measured at 12 ms: the others are estimated with k calibrated on it.
+    s = stats_with(lite0=12)
+    k = (12 - routing.OVERHEAD_MS) / (LITE0.macs / 1e9)
+    d = choose(FAMILY, 30, s)
+    assert d.considered["lite2"] == pytest.approx(routing.OVERHEAD_MS + k * LITE2.macs / 1e9, rel=1e-3)
+    assert d.chosen == "lite2" and "calibrated on lite0" in d.reason
+
+
+def test_window_ages_out():
+    clock = Clock()
+    s = stats_with(clock, lite2=500)
+    assert s.p95_ms("lite2") == pytest.approx(500)
+    clock.t += routing.MAX_AGE_S + 1
+    assert s.p95_ms("lite2") is None  # back to the estimate: it may be chosen (and measured) again
+    s.observe("lite2", 0.02)
+    assert s.p95_ms("lite2") is None  # one sample is not a p95
+
+
+def test_random_weights_rank_by_macs_below_pretrained():
+    a = Candidate("tiny", 2_000_000, None, "macs-proxy")
+    b = Candidate("tiny2", 6_000_000, None, "macs-proxy")
+    s = LatencyStats()
+    d = choose([a, b], 1000, s)
+    assert d.chosen == "tiny2" and "MACs" in d.reason and "proxy" in d.reason
+    assert choose([a, b, LITE0], 1000, s).chosen == "lite0"
+
+
+def test_measured_accuracy_needs_a_real_set(tiny_family_repo):
+    from app.manifest import load_manifest
+    from app.registry import ModelEntry
+
+    e = ModelEntry("tiny", tiny_family_repo / "tiny", status="ready", manifest=load_manifest(tiny_family_repo / "tiny"))
+    e.batcher = object()  # only its presence matters here
+    assert routing.candidate(e).accuracy_source == "macs-proxy"  # random weights
+    m = e.manifest.model_copy(deep=True)
+    m.weights.pretrained = True
+    m.accuracy = m.accuracy.model_validate({"reference": {"top1": 75.0}, "measured": {"top1": 60.0, "size": 5}})
+    e.manifest = m
+    assert routing.candidate(e) == Candidate("tiny", m.macs, 75.0, "reference")  # five photos do not override
+    m.accuracy.measured.size = 5000
+    assert routing.candidate(e) == Candidate("tiny", m.macs, 60.0, "measured")
+
+
+# --- live --------------------------------------------------------------------------------
+def test_classify_auto_live(family_server):
+    stats = family_server.app.state.family.latency
+    jpeg = encode(photo())
+    with httpx.Client(base_url=family_server.url, timeout=30) as c:
+        # Plain requests feed the statistics (middleware), per model.
+        for _ in range(routing.MIN_SAMPLES):
+            assert c.post("/classify?model=tiny", content=jpeg, headers={"Content-Type": "image/jpeg"}).status_code == 200
+        assert stats.p95_ms("tiny") is not None
+        # Inject: tiny2 (more MACs, so ranked higher) is slow right now.
+        for _ in range(50):
+            stats.observe("tiny2", 0.400)
+        r = c.post("/classify?model=auto&budget_ms=300", content=jpeg, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "tiny" and body["routing"]["chosen"] == "tiny"
+        assert body["routing"]["budget_ms"] == 300 and body["routing"]["estimated_p95_ms"] <= 300
+        assert r.headers["X-Effnet-Model"] == "tiny" and "X-Effnet-Budget-Missed" not in r.headers
+        assert len(body["predictions"]) == 5
+        # A budget nothing meets: the fastest, flagged.
+        r = c.post("/classify?model=auto&budget_ms=0.001", content=jpeg, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200 and r.headers["X-Effnet-Budget-Missed"] == "true"
+        assert r.json()["routing"]["budget_missed"] is True and r.json()["model"] == "tiny"
+        # No budget: EFFNET_DEFAULT_BUDGET_MS (1000 here) -> tiny2 fits again once fast.
+        for _ in range(100):
+            stats.observe("tiny2", 0.010)
+        r = c.post("/classify?model=auto", content=jpeg, headers={"Content-Type": "image/jpeg"})
+        assert r.json()["routing"]["budget_ms"] == 1000 and r.json()["model"] == "tiny2"
+        r = c.post("/classify?model=auto&budget_ms=-3", content=jpeg, headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+        m = c.get("/metrics").text
+        assert 'effnet_auto_routed_total{budget_missed="true",model="tiny"}' in m
