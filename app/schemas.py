@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 class Prediction(BaseModel):
     index: int = Field(description="class index (logit position)", examples=[281])
-    label: str = Field(examples=["tabby, tabby cat"])
+    label: str = Field(examples=["tabby"])
     score: float = Field(ge=0, le=1, description="softmax probability", examples=[0.62])
 
 
