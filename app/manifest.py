@@ -128,8 +128,10 @@ def load_manifest(folder: Path) -> Manifest:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{MANIFEST_FILE} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{MANIFEST_FILE} is not readable JSON: {type(exc).__name__}") from None
+    except OSError:
+        raise ManifestError(f"{MANIFEST_FILE} cannot be read") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError: say what, not which Python class
+        raise ManifestError(f"{MANIFEST_FILE} is not valid UTF-8 JSON") from None
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -112,6 +112,7 @@ class Registry:
         device_guess = "cuda" if self.settings.device == "cuda" else "cpu"
         table = read_batch_table(self.settings.repository, device_guess)
         for entry in self.entries.values():
+            stage = "load"
             try:
                 await asyncio.to_thread(self._load_blocking, entry, table)
                 assert entry.session is not None and entry.manifest is not None and entry.max_batch
@@ -126,6 +127,7 @@ class Registry:
                     pad=entry.session.device == "cuda",
                     hooks=self.hooks_for(entry.name),
                 )
+                stage = "warm-up"
                 await asyncio.to_thread(batcher.warm_up, (3, crop, crop))
                 batcher.start()
                 entry.batcher = batcher
@@ -135,7 +137,10 @@ class Registry:
             except (ManifestError, SessionError) as exc:
                 entry.fail(str(exc))
             except Exception as exc:  # noqa: BLE001 - e.g. warm-up crashed: this model only
-                entry.fail(f"failed to load: {type(exc).__name__}")
+                # The exception's class and text are internals (ORT's messages name files and
+                # nodes): they go to the log; /models and /health/ready get the stage only.
+                log.error("model %s: %s failed: %s: %s", entry.name, stage, type(exc).__name__, exc)
+                entry.fail("the warm-up run failed" if stage == "warm-up" else "failed to load (see the server log)")
         self.loaded = True
 
     async def close(self, drain_s: float) -> None:

@@ -24,11 +24,14 @@ warmed up before the model reports ready.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+log = logging.getLogger("effnet.sessions")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -36,6 +39,17 @@ CPU = "CPUExecutionProvider"
 
 class SessionError(Exception):
     """The model cannot run here; the message is shown as the model's unavailable reason."""
+
+
+# ORT's exception class names are internals; /models and /health/ready show what they mean.
+# The full ORT message goes to the server log.
+_ORT_FAILURES = {
+    "InvalidProtobuf": "not a valid ONNX file",
+    "InvalidGraph": "the ONNX graph is invalid",
+    "NotImplemented": "the graph uses an operator or type this onnxruntime does not implement",
+    "NoSuchFile": "the file cannot be opened",
+    "EPFail": "the execution provider failed to initialise",
+}
 
 
 @dataclass
@@ -83,7 +97,9 @@ def create_session(path: Path, input_name: str, output_name: str, *, device: str
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options(threads, spinning), providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
-        raise SessionError(f"onnxruntime cannot load the model: {type(exc).__name__}") from None
+        log.error("onnxruntime cannot load %s: %s: %s", path, type(exc).__name__, exc)
+        what = _ORT_FAILURES.get(type(exc).__name__, "onnxruntime refused the graph")
+        raise SessionError(f"onnxruntime cannot load the model: {what}") from None
     inputs = {i.name for i in session.get_inputs()}
     outputs = {o.name for o in session.get_outputs()}
     if input_name not in inputs or output_name not in outputs:
