@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from app import __version__
 from app.errors import (
@@ -55,7 +56,28 @@ PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["classification", "binary_tensor_data"]
 HEADER = "Inference-Header-Content-Length"
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
+class ProtocolErrorBody(BaseModel):
+    error: str
+
+
+def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
+    return {int(c[1:]): {"model": ProtocolErrorBody, "description": d} for c, d in codes.items()}
+
+
+# Declared on the router so every /v2 route's OpenAPI lists the errors it can answer with
+# (schemathesis holds the service to its own spec).
+router = APIRouter(
+    prefix="/v2",
+    tags=["Open Inference Protocol (KServe V2)"],
+    responses=_documented(
+        s400="malformed inference request (header, shapes, data, binary sizes)",
+        s401="EFFNET_API_KEY is set and the request lacks it",
+        s404="unknown model or version",
+        s413="body larger than EFFNET_MAX_BODY_MB",
+        s415="unsupported Content-Encoding",
+        s503="model loading, unavailable, overloaded or shutting down; see Retry-After",
+    ),
+)
 
 
 class ProtocolError(Exception):
@@ -78,9 +100,10 @@ def _entry(request: Request, name: str, version: str | None) -> ModelEntry:
     st = _state(request)
     entry = st.registry.entries.get(name)
     if entry is None:
-        raise ProtocolError(404, f"unknown model {name!r}; available: {', '.join(st.registry.names())}")
+        # The name came from the client: not echoed back.
+        raise ProtocolError(404, f"unknown model; available: {', '.join(st.registry.names())}")
     if version not in (None, "", VERSION):
-        raise ProtocolError(404, f"model {name!r} has no version {version!r}; it has version {VERSION}")
+        raise ProtocolError(404, f"model {name!r} has only version {VERSION}")
     return entry
 
 

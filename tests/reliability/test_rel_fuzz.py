@@ -155,9 +155,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(srv: ServerP
 
 
 def test_schemathesis_on_the_open_inference_protocol_routes(srv: ServerProcess):
-    """The /v2 routes (app/oip.py) fuzzed the same way. No 5xx is a hard requirement; schema
-    findings there are reported as an expected failure until the OpenAPI description or the
-    routes are fixed (they belong to the KServe V2 work, not to this campaign)."""
+    """The /v2 routes (app/oip.py) fuzzed the same way: no 5xx and no schema violation."""
     r = _fuzz(srv, oip=True, other_examples=OIP_EXAMPLES)
     total = sum(r["cases"].values())
     if not total:
@@ -167,8 +165,7 @@ def test_schemathesis_on_the_open_inference_protocol_routes(srv: ServerProcess):
            oip_failures=len(r["failures"]), oip_failure_kinds=dict(kinds), oip_server_errors=r["server_errors"])
     assert r["server_errors"] == 0, r["failures"][:3]
     assert srv.alive(), srv.log()
-    if r["failures"]:
-        pytest.xfail(f"{len(r['failures'])} schema findings on /v2: {dict(kinds)}; first: {r['failures'][0][:600]}")
+    assert not r["failures"], f"{len(r['failures'])} schema findings on /v2: {dict(kinds)}; first: {r['failures'][0][:600]}"
 
 
 # --- Hypothesis on the decode/preprocess path ---------------------------------------------------
