@@ -95,7 +95,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     MALLOC_MMAP_THRESHOLD_=33554432 \
-    MALLOC_TRIM_THRESHOLD_=134217728 \
+    MALLOC_TRIM_THRESHOLD_=67108864 \
+    MALLOC_ARENA_MAX=2 \
     EFFNET_REPOSITORY=/models
 RUN useradd --system --uid 10001 --user-group --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin effnet
@@ -135,7 +136,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     MALLOC_MMAP_THRESHOLD_=33554432 \
-    MALLOC_TRIM_THRESHOLD_=134217728 \
+    MALLOC_TRIM_THRESHOLD_=67108864 \
+    MALLOC_ARENA_MAX=2 \
     EFFNET_REPOSITORY=/models \
     EFFNET_DEVICE=cuda
 # The distribution's Python (3.12 on Ubuntu 24.04); versions follow the pinned base tag,

@@ -15,6 +15,10 @@ Design choices, each for a failure we want to rule out:
   largest allowed size that is available and leaves the rest for the next round, so no
   compute is spent on padding; with `pad=True` (GPU, where a bigger batch is nearly free)
   it pads up with zeros.
+* The delay is spent only while more images are known to be on their way (`incoming`:
+  requests admitted and still decoding). A lone request on an idle model runs at once
+  instead of waiting for company that is not coming; under load the queue fills while
+  the previous batch runs, so batching needs no waiting there either.
 * Cancelled futures (client went away) are dropped before the run; their slot is not
   wasted. Items that waited past the request deadline fail with `DeadlineExceeded`
   instead of spending model time on an answer nobody waits for.
@@ -25,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,6 +108,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy = False
+        self._incoming = 0  # images admitted upstream and still being decoded
         self.batches_run = 0
 
     # --- lifecycle -------------------------------------------------------------------
@@ -136,6 +142,16 @@ class Batcher:
             self.run(np.zeros((n, *shape), dtype=np.float32))
 
     # --- admission -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def incoming(self, n: int) -> Iterator[None]:
+        """Announce n images that will be submitted once decoded, so a partial batch waits for them."""
+        self._incoming += n
+        try:
+            yield
+        finally:
+            self._incoming -= n
+            self._wakeup.set()  # re-check: a batch may have been waiting for these
+
     @property
     def depth(self) -> int:
         return len(self._items)
@@ -185,7 +201,7 @@ class Batcher:
         # The delay counts from the first item's arrival, so an item that already waited
         # through the previous batch's inference is not held back again.
         until = self._items[0].enqueued + self.max_delay_s
-        while len(self._items) < self.max_batch:
+        while len(self._items) < self.max_batch and self._incoming > 0:
             remaining = until - loop.time()
             if remaining <= 0:
                 break

@@ -142,12 +142,13 @@ async def _classify(
 
     manifest = entry.manifest
     loop = asyncio.get_running_loop()
-    prepared: list[Prepared] = await asyncio.gather(
-        *(
-            loop.run_in_executor(st.decode_pool, prepare, data, manifest.preprocess, st.settings.max_image_pixels)
-            for data in images
+    with entry.batcher.incoming(len(images)):
+        prepared: list[Prepared] = await asyncio.gather(
+            *(
+                loop.run_in_executor(st.decode_pool, prepare, data, manifest.preprocess, st.settings.max_image_pixels)
+                for data in images
+            )
         )
-    )
     decode_hist = st.metrics.stage_duration.labels(entry.name, "decode")
     pre_hist = st.metrics.stage_duration.labels(entry.name, "preprocess")
     for p in prepared:

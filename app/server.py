@@ -89,9 +89,12 @@ def tune_malloc() -> None:
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
-        libc.mallopt(m_trim_threshold, 256 * 1024 * 1024)
+        libc.mallopt(m_trim_threshold, 64 * 1024 * 1024)
+        # One malloc arena per thread (a decode pool plus an inference thread per model)
+        # would each keep up to the trim threshold of freed memory; a few shared arenas do not.
+        libc.mallopt(m_arena_max, 2)
     except (OSError, AttributeError):
         pass
 

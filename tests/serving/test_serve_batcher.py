@@ -274,3 +274,31 @@ def test_warm_up_runs_every_batch_shape():
     b = Batcher("m", model, max_batch=6)
     b.warm_up(SHAPE)
     assert model.shapes == [1, 2, 4, 6]
+
+
+def test_a_lone_request_runs_at_once_but_waits_for_announced_images():
+    model = Recorder()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=8, max_delay_s=5.0, max_queue=100)
+        b.start()
+        t0 = loop.time()
+        alone = await b.submit([img(1)])  # nothing else on its way: no reason to wait 5 s
+        alone_s = loop.time() - t0
+
+        async def decoded_later():
+            with b.incoming(1):  # admitted, still decoding
+                await asyncio.sleep(0.05)
+            return await b.submit([img(2)])
+
+        late = asyncio.create_task(decoded_later())
+        await asyncio.sleep(0)  # the announcement is made before the first image arrives
+        first = await b.submit([img(3)])
+        await late
+        await b.stop()
+        return alone_s, alone, first
+
+    alone_s, alone, first = run(main())
+    assert alone[0].batch_size == 1 and alone_s < 2.5
+    assert first[0].batch_size == 2  # it waited for the announced image instead of running alone
