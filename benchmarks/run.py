@@ -234,6 +234,10 @@ def phase_raw(plan: Plan, results: dict) -> None:
         log("  " + ", ".join(f"b{k}: {v['img_per_s']:.1f} img/s" for k, v in r["batches"].items()) + f"; best {b}")
     results["raw"] = raw
     results["batch_sizes"] = write_batch_sizes(plan.repo, raw, best)
+    # `make serve` reads models/: the sizes measured here hold for any weights of the same variant.
+    served = ROOT / "models"
+    if not plan.quick and served.is_dir() and served.resolve() != plan.repo.resolve():
+        results["batch_sizes_served"] = write_batch_sizes(served, raw, best)
 
 
 def write_batch_sizes(repo: Path, raw: dict, best: dict[str, int]) -> dict:
