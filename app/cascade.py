@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.errors import ApiError, BadRequest, Overloaded, Unavailable, UnknownModel
+from app.errors import ApiError, BadRequest, Unavailable, UnknownModel
 
 if TYPE_CHECKING:
     from app.registry import ModelEntry
@@ -52,19 +52,14 @@ async def _stage(st: State, entry: ModelEntry, images: list[bytes], arrived: flo
     """One model over some images, with /classify's checks and metrics: (prepared, results)."""
     from app.preprocess import prepare
 
+    from app.routes import ensure_admissible
+
     name = entry.name
-    if entry.status != "ready" or entry.batcher is None or entry.manifest is None:
-        if entry.status == "loading":
-            raise Unavailable(f"model {name!r} is still loading", retry_after=5)
-        raise Unavailable(f"model {name!r} is unavailable: {entry.reason}", retry_after=30, reason=entry.reason)
-    if st.draining:
-        raise Unavailable("the server is shutting down", retry_after=5)
     started = time.perf_counter()
     status = "500"
     st.inflight[name] = st.inflight.get(name, 0) + 1
     try:
-        if st.inflight[name] > st.settings.max_queue:
-            raise Overloaded(f"model {name!r} has {st.settings.max_queue} requests in flight; retry shortly")
+        ensure_admissible(st, entry)
         loop = asyncio.get_running_loop()
         pp = entry.manifest.preprocess
         prepared = await asyncio.gather(

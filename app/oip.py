@@ -45,9 +45,7 @@ from pydantic import BaseModel
 from app import __version__
 from app.errors import (
     ApiError,
-    Overloaded,
     PayloadTooLarge,
-    Unavailable,
 )
 from app.registry import ModelEntry
 
@@ -94,6 +92,12 @@ def _state(request: Request):
     from app.routes import state_of
 
     return state_of(request)
+
+
+def ensure_admissible(st, entry: ModelEntry) -> None:
+    from app.routes import ensure_admissible as check  # app.routes imports this module's siblings
+
+    check(st, entry)
 
 
 def _entry(request: Request, name: str, version: str | None) -> ModelEntry:
@@ -198,7 +202,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     status = "500"
     st.inflight[name] = st.inflight.get(name, 0) + 1
     try:
-        _check_ready(st, entry)
+        ensure_admissible(st, entry)
         body = await read_body(request, st.settings.max_body_bytes)
         body = _decode_content(body, request.headers.get("content-encoding"), st.settings.max_body_bytes)
         resp, is_image = await _run(st, entry, request, body, arrived)
@@ -224,17 +228,6 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         st.inflight[name] -= 1
         st.metrics.requests.labels(name, status).inc()
         st.metrics.request_duration.labels(name, status).observe(time.perf_counter() - started)
-
-
-def _check_ready(st, entry: ModelEntry) -> None:
-    if entry.status != "ready" or entry.batcher is None or entry.manifest is None:
-        if entry.status == "loading":
-            raise Unavailable(f"model {entry.name!r} is still loading", retry_after=5)
-        raise Unavailable(f"model {entry.name!r} is unavailable: {entry.reason}", retry_after=30)
-    if st.draining:
-        raise Unavailable("the server is shutting down", retry_after=5)
-    if st.inflight[entry.name] > st.settings.max_queue:
-        raise Overloaded(f"model {entry.name!r} has {st.settings.max_queue} requests in flight; retry shortly")
 
 
 def _decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:

@@ -119,18 +119,24 @@ async def classify(
         st.metrics.request_duration.labels(name, status).observe(time.perf_counter() - started)
 
 
-async def _classify(
-    request: Request, st: State, entry: ModelEntry, top_k: int, started: float, arrived: float,
-) -> ClassifyResponse:
+def ensure_admissible(st: State, entry: ModelEntry) -> None:
+    """The checks every inference path (/classify, cascades, /v2) makes before taking a request
+    that is already counted in st.inflight: ready, not draining, not over the admission bound."""
     if entry.status != "ready" or entry.batcher is None or entry.manifest is None:
         if entry.status == "loading":
             raise Unavailable(f"model {entry.name!r} is still loading", retry_after=5)
         raise Unavailable(f"model {entry.name!r} is unavailable: {entry.reason}", retry_after=30, reason=entry.reason)
     if st.draining:
         raise Unavailable("the server is shutting down", retry_after=5)
-    # Refuse before reading the body: under overload the cheapest answer is the fastest.
     if st.inflight[entry.name] > st.settings.max_queue:
         raise Overloaded(f"model {entry.name!r} has {st.settings.max_queue} requests in flight; retry shortly")
+
+
+async def _classify(
+    request: Request, st: State, entry: ModelEntry, top_k: int, started: float, arrived: float,
+) -> ClassifyResponse:
+    # Refuse before reading the body: under overload the cheapest answer is the fastest.
+    ensure_admissible(st, entry)
 
     ctype, params = media_type(request)
     kind = check_media_type(ctype)
