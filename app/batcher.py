@@ -98,6 +98,7 @@ class Batcher:
     max_queue: int = 256
     timeout_s: float = 30.0
     pad: bool = False
+    wait_always: bool = False  # EFFNET_BATCH_WAIT=always: wait the full delay even when nothing is incoming
     hooks: Hooks = field(default_factory=Hooks)
 
     def __post_init__(self) -> None:
@@ -201,7 +202,7 @@ class Batcher:
         # The delay counts from the first item's arrival, so an item that already waited
         # through the previous batch's inference is not held back again.
         until = self._items[0].enqueued + self.max_delay_s
-        while len(self._items) < self.max_batch and self._incoming > 0:
+        while len(self._items) < self.max_batch and (self._incoming > 0 or self.wait_always):
             remaining = until - loop.time()
             if remaining <= 0:
                 break

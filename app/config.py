@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # Filled from EFFNET_MAX_BATCH_<NAME> variables (see _collect_overrides); keys are env_key(name).
     max_batch_overrides: dict[str, int] = Field(default_factory=dict)
     max_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    # "incoming": spend the delay only while admitted requests are still decoding (an idle model
+    # answers a lone request at once); "always": every partial batch waits the full delay.
+    batch_wait: Literal["incoming", "always"] = "incoming"
     max_queue: int = Field(default=256, ge=1)
     max_body_mb: float = Field(default=20.0, gt=0)
     max_image_pixels: int = Field(default=50_000_000, ge=1)

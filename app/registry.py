@@ -122,6 +122,7 @@ class Registry:
                     run=entry.session.run,
                     max_batch=entry.max_batch,
                     max_delay_s=self.settings.max_delay_ms / 1000.0,
+                    wait_always=self.settings.batch_wait == "always",
                     max_queue=self.settings.max_queue,
                     timeout_s=self.settings.request_timeout_s,
                     pad=entry.session.device == "cuda",

@@ -37,6 +37,7 @@ def test_sigterm_mid_burst_loses_no_accepted_request_refuses_new_ones_and_exits_
         "EFFNET_REPOSITORY": str(tiny_repo), "EFFNET_MODELS": "tiny", "EFFNET_DEFAULT_MODEL": "tiny",
         "EFFNET_MAX_BATCH": "32", "EFFNET_MAX_QUEUE": "64",
         "EFFNET_MAX_DELAY_MS": "2500",  # the accepted requests are still queued when the signal comes
+        "EFFNET_BATCH_WAIT": "always",  # ... even once all of them are decoded
         "EFFNET_DRAIN_S": str(DRAIN_S),
     }
     srv = ServerProcess(env, tmp_path / "server.log").start()

@@ -32,6 +32,7 @@ def test_sigterm_mid_burst_finishes_queued_requests_and_exits_0(fake_repo):
         "EFFNET_MODELS": "fake",
         "EFFNET_MAX_BATCH": "32",
         "EFFNET_MAX_DELAY_MS": "3000",  # requests sit in the queue when the signal arrives
+        "EFFNET_BATCH_WAIT": "always",  # ... even once all of them are decoded
         "EFFNET_DRAIN_S": "10",
         "PYTHONPATH": str(ROOT),
     }
