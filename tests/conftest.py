@@ -55,6 +55,14 @@ def lite0_repo() -> Path:
     return repo
 
 
+@pytest.fixture(scope="session")
+def lite2_repo() -> Path:
+    """Lite2 with its real ImageNet weights (the expensive end of the Lite cascades)."""
+    repo = TEST_REPOS / "lite2"
+    build(repo, "--models", "lite2", "--weights", "pretrained")
+    return repo
+
+
 @pytest.fixture
 def copy_repo(tmp_path):
     """Copy a session repository so a test may damage its models."""

@@ -1,13 +1,11 @@
 """Fixtures for the family features (Open Inference Protocol, model=auto, cascades).
 
-Models come from the real build step (tests/conftest.py builds `tiny_repo` and `lite0_repo`;
-`lite2_repo` is built here, into .cache/test-repos like the others, idempotently). Servers
-run on repositories of symlinks, so no model is built twice.
+Models come from the real build step (tests/conftest.py builds `tiny_repo`, `lite0_repo` and
+`lite2_repo`). Servers run on repositories of symlinks, so no model is built twice.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,16 +21,6 @@ from serving_helpers import LiveServer, live_server
 
 from app.config import Settings
 
-# As tests/conftest.py (not importable by name: every conftest module is called `conftest`).
-TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", HERE.parent.parent / ".cache" / "test-repos"))
-
-
-def build(repo: Path, *args: str) -> None:
-    from build.cli import main as build_main
-
-    rc = build_main(["build", "--repo", str(repo), "--quiet", *args])
-    assert rc == 0, f"effnet build {' '.join(args)} failed"
-
 
 def link_repo(dest: Path, *folders: Path) -> Path:
     """A repository whose model folders are symlinks to already-built ones."""
@@ -45,14 +33,6 @@ def link_repo(dest: Path, *folders: Path) -> Path:
             link.unlink()
         link.symlink_to(f.resolve(), target_is_directory=True)
     return dest
-
-
-@pytest.fixture(scope="session")
-def lite2_repo() -> Path:
-    """Lite2 with its real ImageNet weights (~60 s to build the first time, then cached)."""
-    repo = TEST_REPOS / "lite2"
-    build(repo, "--models", "lite2", "--weights", "pretrained")
-    return repo
 
 
 @pytest.fixture(scope="session")
