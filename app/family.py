@@ -79,7 +79,7 @@ async def classify_auto(request: Request, top_k: int) -> Any:
     if isinstance(resp, Response):  # the client went away (499)
         return resp
     fam.latency.observe(decision.chosen, time.perf_counter() - started)
-    body = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
+    body = resp.model_dump(exclude_none=True) if hasattr(resp, "model_dump") else dict(resp)
     body["routing"] = decision.to_dict()
     return JSONResponse(body, headers=decision.headers())
 

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from app.config import Settings
 from app.errors import ApiError, BadRequest, ErrorResponse, Overloaded, Unavailable, UnknownModel
-from app.family import classify_family, is_family_name
+from app.family import MAX_BUDGET_MS, classify_family, is_family_name
 from app.metrics import CONTENT_TYPE, Metrics
 from app.preprocess import Prepared, prepare
 from app.registry import ModelEntry, Registry
@@ -79,6 +79,7 @@ router = APIRouter()
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
+    response_model_exclude_none=True,  # routing/cascade appear only for model=auto / cascade
     summary="Classify one or several images",
     responses=_err(400, 401, 404, 413, 415, 422, 503),
     openapi_extra=CLASSIFY_BODY,
@@ -87,6 +88,9 @@ async def classify(
     request: Request,
     model: str | None = Query(None, description="model name from /models; default: the configured default"),
     top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="how many classes to return per image"),
+    # Read by app/family.py for model=auto / model=cascade; declared here so the OpenAPI shows them.
+    budget_ms: float | None = Query(None, gt=0, le=MAX_BUDGET_MS, description="model=auto: latency budget in ms"),
+    threshold: float | None = Query(None, ge=0, le=1, description="model=cascade: escalate below this top-1 probability"),
 ) -> Any:
     if model is not None and is_family_name(model):  # auto, cascade[:a,b]: app/family.py
         return await classify_family(request, model, top_k)

@@ -32,6 +32,12 @@ class ClassifyResponse(BaseModel):
         "when the request was multipart with more than one `file` field",
     )
     timing_ms: Timing
+    routing: dict | None = Field(
+        None, description="model=auto only: {chosen, budget_ms, estimated_p95_ms, reason, ...}",
+    )
+    cascade: dict | None = Field(
+        None, description="model=cascade only: {path, escalated, top1_scores, ...} (a list when several images)",
+    )
 
 
 class PreprocessInfo(BaseModel):
