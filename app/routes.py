@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.config import Settings
-from app.errors import ApiError, BadRequest, ErrorResponse, Overloaded, Unavailable, UnknownModel
+from app.errors import ApiError, BadRequest, ErrorResponse, Overloaded, ShuttingDown, Unavailable, UnknownModel
 from app.family import MAX_BUDGET_MS, classify_family, is_family_name
 from app.metrics import CONTENT_TYPE, Metrics
 from app.preprocess import Prepared, prepare
@@ -126,12 +126,14 @@ async def classify(
 def ensure_admissible(st: State, entry: ModelEntry) -> None:
     """The checks every inference path (/classify, cascades, /v2) makes before taking a request
     that is already counted in st.inflight: ready, not draining, not over the admission bound."""
+    # Draining first: once shutdown closes the registry, every model also looks "unavailable",
+    # and the client must learn the real reason (retry elsewhere soon, not in 30 s).
+    if st.draining:
+        raise ShuttingDown("the server is shutting down", retry_after=5)
     if entry.status != "ready" or entry.batcher is None or entry.manifest is None:
         if entry.status == "loading":
             raise Unavailable(f"model {entry.name!r} is still loading", retry_after=5)
         raise Unavailable(f"model {entry.name!r} is unavailable: {entry.reason}", retry_after=30, reason=entry.reason)
-    if st.draining:
-        raise Unavailable("the server is shutting down", retry_after=5)
     if st.inflight[entry.name] > st.settings.max_queue:
         raise Overloaded(f"model {entry.name!r} has {st.settings.max_queue} requests in flight; retry shortly")
 

@@ -1,4 +1,5 @@
-"""`effnet serve` as a real process: SIGTERM mid-burst loses no accepted request and exits 0."""
+"""Shutdown: `effnet serve` as a real process loses no accepted request on SIGTERM and exits 0;
+requests that arrive while draining are refused as shutting_down."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
+from app.config import Settings
+from app.errors import ShuttingDown
+from app.metrics import Metrics
+from app.registry import ModelEntry, Registry
+from app.routes import State, ensure_admissible
 from serving_helpers import encode, photo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,3 +89,16 @@ def test_sigterm_mid_burst_finishes_queued_requests_and_exits_0(fake_repo):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_a_request_during_shutdown_is_told_shutting_down_even_after_its_model_is_closed(tmp_path):
+    """Shutdown closes the registry after draining; a late request that still reaches the app must
+    hear the real reason (shutting_down, retry soon elsewhere), not model_unavailable. CI once
+    caught this ordering only by timing; here it is forced."""
+    settings = Settings(repository=tmp_path)
+    st = State(settings, Registry(settings), Metrics(), ThreadPoolExecutor(1), draining=True, inflight={"b0": 1})
+    closed = ModelEntry(name="b0", folder=tmp_path, status="unavailable", reason="closed")
+    with pytest.raises(ShuttingDown) as caught:
+        ensure_admissible(st, closed)
+    assert caught.value.code == "shutting_down" and caught.value.headers["Retry-After"] == "5"
+    st.decode_pool.shutdown()
