@@ -80,6 +80,11 @@ class OnnxInfo(_Open):
     parity: dict | None = None
 
 
+class DerivedFrom(_Open):
+    name: str
+    onnx_sha256: str
+
+
 class Manifest(_Open):
     schema_version: Literal[1]
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
@@ -98,6 +103,9 @@ class Manifest(_Open):
     onnx: OnnxInfo
     labels: list[str] = Field(min_length=1)
     build: dict | None = None
+    # fp16/int8 copies made by `effnet build --precision` from an fp32 model (docs/manifest.md).
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    derived_from: DerivedFrom | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":

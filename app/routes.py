@@ -209,6 +209,7 @@ def model_info(entry: ModelEntry) -> ModelInfo:
                 "measured": m.accuracy.measured.model_dump() if m.accuracy.measured else None,
             },
             pretrained=m.weights.pretrained, weights_source=m.weights.source,
+            precision=m.precision, derived_from=m.derived_from.name if m.derived_from else None,
         )
     if entry.status == "ready" and entry.batcher is not None:
         info.update(provider=entry.provider, max_batch=entry.max_batch, batch_sizes=entry.batcher.sizes)

@@ -69,6 +69,9 @@ class ModelInfo(BaseModel):
     accuracy: AccuracyInfo | None = None
     pretrained: bool | None = None
     weights_source: str | None = None
+    precision: Literal["fp32", "fp16", "int8"] | None = Field(
+        None, description="fp16/int8 are copies of an fp32 model that passed the build's agreement gate")
+    derived_from: str | None = Field(None, description="the fp32 model this copy was made from")
     provider: str | None = None
     max_batch: int | None = None
     batch_sizes: list[int] | None = None

@@ -61,6 +61,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not NAME_PATTERN.match(v.name):
             raise ValueError(f"model name {v.name!r} must match {NAME_PATTERN.pattern}")
     repo = Path(args.repo)
+    precisions = _precisions(args)
+    refused = 0
     for v in variants:
         bar = tqdm(total=len(PHASES), desc=f"{v.name:>8}", unit="phase", leave=True, file=sys.stderr,
                    bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}", disable=args.quiet)
@@ -82,7 +84,53 @@ def cmd_build(args: argparse.Namespace) -> int:
                   f"pretrained={m['weights']['pretrained']}, parity {m['onnx']['parity']['max_abs_diff']:.1e} -> {result.path}")
         else:
             print(f"{v.name}: up to date -> {result.path}")
-    return 0
+        for precision in precisions:
+            refused += not _derive_one(args, repo, v.name, precision)
+    return 1 if refused else 0
+
+
+def _precisions(args: argparse.Namespace) -> list[str]:
+    from build.precision import PRECISIONS
+
+    wanted = [p.strip().lower() for p in args.precision.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in ("fp32", *PRECISIONS)]
+    if unknown:
+        raise ValueError(f"--precision takes fp32, {', '.join(PRECISIONS)}; not {', '.join(unknown)}")
+    derived = [p for p in dict.fromkeys(wanted) if p != "fp32"]
+    if derived and args.check_data is None:
+        raise ValueError("--precision fp16/int8 needs --check-data: labelled photos (any `effnet eval` layout) "
+                         "on which top-1 must not drop")
+    return derived
+
+
+def _derive_one(args: argparse.Namespace, repo: Path, base: str, precision: str) -> bool:
+    """Make base-<precision>; False (and a reason on stderr) when its gates refused it."""
+    from build.precision import PrecisionError, derive, derived_name, remove_stale
+
+    name = derived_name(base, precision)
+    if not args.quiet:
+        print(f"{name}: converting from {base}, then checking against it ...", file=sys.stderr)
+    try:
+        result = derive(
+            repo, base, precision, Path(args.check_data),
+            agreement_data=Path(args.agreement_data) if args.agreement_data else None,
+            calibration_data=Path(args.calibration_data) if args.calibration_data else None,
+            min_agreement=args.min_agreement, force=args.force, seed=args.seed,
+        )
+    except PrecisionError as exc:
+        removed = remove_stale(repo, name, base)
+        print(f"effnet build: {exc}" + (f" (removed the older {name}, made from another {base})" if removed else ""),
+              file=sys.stderr)
+        return False
+    if result.skipped:
+        print(f"{name}: up to date -> {result.path}")
+        return True
+    g = result.manifest["onnx"]["parity"]
+    size = result.manifest["onnx"]["size_bytes"] / 1e6
+    print(f"{name}: {size:.1f} MB, top-1 agrees with {base} on {g['agreement']:.1%} of {g['inputs']} inputs "
+          f"({g['images']} photos x {g['views']} views), top-1 {g['top1_derived']}/{g['labelled']} "
+          f"(fp32 {g['top1_fp32']}) -> {result.path}")
+    return True
 
 
 def variants_table() -> list[dict]:
@@ -143,6 +191,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed for random weights")
     b.add_argument("--force", action="store_true", help="rebuild even when the manifest matches the inputs")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("--precision", default="fp32",
+                   help="comma list of fp32, fp16, int8: also write <name>-fp16 / <name>-int8, each only if it "
+                   "passes its gates (top-1 on --check-data unchanged, >= --min-agreement with fp32)")
+    b.add_argument("--check-data", help="labelled photos for the precision gates (any layout `effnet eval` reads)")
+    b.add_argument("--agreement-data", help="photos on which top-1 agreement with fp32 is measured (default: "
+                   "--check-data); small sets are stretched to ~256 inputs with seeded crops and flips")
+    b.add_argument("--calibration-data", help="int8: photos like the ones it will serve, for activation ranges "
+                   "(keep them apart from the check photos)")
+    b.add_argument("--min-agreement", type=float, default=0.99, help="precision gate (default 0.99)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("variants", help="print the family table (params and MACs) without building")

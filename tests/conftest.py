@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Helper modules other folders' tests share (serving_helpers: fake models, the in-process live
+# server; eval_photos: the labelled package photos). pytest puts only a test's own folder on the path.
+for _helpers in ("serving", "eval"):
+    if str(ROOT / "tests" / _helpers) not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests" / _helpers))
 TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", ROOT / ".cache" / "test-repos"))
 
 # Small random-weight custom variants: real EfficientNet graphs that build in seconds.

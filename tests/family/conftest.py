@@ -6,17 +6,10 @@ Models come from the real build step (tests/conftest.py builds `tiny_repo`, `lit
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
-for extra in (HERE.parent / "serving", HERE.parent / "eval"):  # serving_helpers, eval_photos
-    if str(extra) not in sys.path:
-        sys.path.insert(0, str(extra))
-
 from serving_helpers import LiveServer, live_server
 
 from app.config import Settings
