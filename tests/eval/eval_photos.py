@@ -85,6 +85,26 @@ PHOTOS = (
 # The two photos whose class nobody would argue about: every pretrained Lite model has them in its top-5.
 CORE = ("chelsea", "coffee")
 
+# scikit-image photos left out of the labelled set: int8 calibrates on these, never on the photos it is checked on.
+CALIBRATION_FILES = ("astronaut.png", "motorcycle_left.png", "motorcycle_right.png", "clock_motion.png",
+                     "hubble_deep_field.jpg", "retina.jpg", "page.png", "horse.png")
+
+
+def write_calibration_set(out: Path) -> list[Path]:
+    """Copy the calibration photos that are installed into out; returns the copies."""
+    try:
+        import skimage
+    except ImportError:
+        return []
+    src = Path(skimage.__file__).parent / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for name in CALIBRATION_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            copies.append(out / name)
+    return copies
+
 
 def available(keys: tuple[str, ...] | None = None) -> list[Photo]:
     photos = [p for p in PHOTOS if keys is None or p.key in keys]
