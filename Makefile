@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps models serve test test-deploy bench bench-smoke clean
+.PHONY: install system-deps models serve test test-deploy bench bench-smoke bench-precision clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test-deploy: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# fp16/int8 copies of Lite0 vs fp32 (size, speed, agreement); writes its own block of docs/benchmarks.md.
+bench-precision: install
+	$(PY) -m benchmarks.precision
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
 bench-smoke: install

@@ -14,6 +14,7 @@ from typing import Any
 
 GIB = 1024 * 1024  # KiB per GiB
 MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
+PRECISION_RE = re.compile(r"<!-- precision -->.*?<!-- /precision -->", re.S)  # written by benchmarks.precision
 
 # The issue's targets (issue 5), as numbers.
 SERVICE_VS_RAW = 0.90
@@ -214,6 +215,9 @@ def write(plan, meta: dict, manifests: dict, results: dict) -> list[Path]:
     previous = md_path.read_text() if md_path.is_file() else ""
     m = MANUAL_RE.search(previous)
     manual = m.group(0) if m else "<!-- manual -->\n<!-- /manual -->"
+    precision_block = PRECISION_RE.search(previous)
+    if precision_block:  # make bench-precision's block survives make bench
+        manual = precision_block.group(0) + "\n\n" + manual
     md_path.write_text(markdown(plan, meta, manifests, results, tgt, plotted, png_path.name, manual))
     return [md_path, json_path] + ([png_path] if plotted else [])
 
