@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps models serve test test-deploy bench bench-smoke bench-precision clean
+.PHONY: install system-deps models serve test test-deploy bench bench-smoke bench-precision bench-soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench: install
 # fp16/int8 copies of Lite0 vs fp32 (size, speed, agreement); writes its own block of docs/benchmarks.md.
 bench-precision: install
 	$(PY) -m benchmarks.precision
+
+# RSS over a 10-minute burst with b0..b7 loaded (needs the models make bench builds); its own block too.
+bench-soak: install
+	$(PY) -m benchmarks.soak
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
 bench-smoke: install

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -21,8 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPO = ROOT / ".cache" / "bench-precision"
-BLOCK_RE = re.compile(r"<!-- precision -->.*?<!-- /precision -->", re.S)
-EMPTY_BLOCK = "<!-- precision -->\n<!-- /precision -->"
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -119,18 +116,6 @@ def conclusion(model: str, precision: str, rows: dict) -> str:
     return f"**{model} {precision}**: {size:.0%} of the fp32 file, {faster}; it {verdict}."
 
 
-def write_block(md_path: Path, block: str) -> None:
-    """Replace the precision block of benchmarks.md, or put it before the manual notes."""
-    text = md_path.read_text() if md_path.is_file() else ""
-    if BLOCK_RE.search(text):
-        text = BLOCK_RE.sub(lambda _: block, text)
-    elif "<!-- manual -->" in text:
-        text = text.replace("<!-- manual -->", block + "\n\n<!-- manual -->", 1)
-    else:
-        text = text + "\n" + block + "\n"
-    md_path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.split("\n\n")[0])
@@ -142,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime
 
-    from benchmarks.report import machine_info
+    from benchmarks.report import machine_info, write_owned_block
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
@@ -155,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-precision.json").write_text(json.dumps(data, indent=2) + "\n")
-    write_block(args.out / "benchmarks.md", markdown(data))
+    write_owned_block(args.out / "benchmarks.md", "precision", markdown(data))
     log(f"took {data['run_s']:.0f} s; wrote {args.out / 'benchmarks-precision.json'} and the precision block of "
         f"{args.out / 'benchmarks.md'}")
     return 0

@@ -14,7 +14,23 @@ from typing import Any
 
 GIB = 1024 * 1024  # KiB per GiB
 MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
-PRECISION_RE = re.compile(r"<!-- precision -->.*?<!-- /precision -->", re.S)  # written by benchmarks.precision
+# Blocks other benchmark scripts own (benchmarks.precision, benchmarks.soak): kept as they are.
+OWNED_NAMES = ("precision", "soak")
+OWNED_BLOCKS = [re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S) for name in OWNED_NAMES]
+
+
+def write_owned_block(md_path: Path, name: str, block: str) -> None:
+    """Put `block` (wrapped in <!-- name --> markers) into benchmarks.md: in place of the old one,
+    else before the manual notes. Lets a separate benchmark script own its section."""
+    block_re = OWNED_BLOCKS[OWNED_NAMES.index(name)]
+    text = md_path.read_text() if md_path.is_file() else ""
+    if block_re.search(text):
+        text = block_re.sub(lambda _: block, text)
+    elif "<!-- manual -->" in text:
+        text = text.replace("<!-- manual -->", block + "\n\n<!-- manual -->", 1)
+    else:
+        text += "\n" + block + "\n"
+    md_path.write_text(text)
 
 # The issue's targets (issue 5), as numbers.
 SERVICE_VS_RAW = 0.90
@@ -155,7 +171,10 @@ def targets(plan, results: dict) -> list[dict]:
             if r is None or rw is None or "1" not in rw["batches"] or r.get("p50_ms") is None:
                 add(name, "unmeasured", "not in this run")
                 continue
-            limit = rw["batches"]["1"]["batch_ms_p50"] + P50_SLACK_MS
+            # Raw batch-1 measured right before this window where the run did so, else phase 1's.
+            raw_ms = r.get("raw_b1_ms_adjacent") or rw["batches"]["1"]["batch_ms_p50"]
+            raw_note = " (raw measured just before)" if r.get("raw_b1_ms_adjacent") else ""
+            limit = raw_ms + P50_SLACK_MS
             extra = ""
             if kind == "photo":
                 dec = (prep.get(m) or {}).get("ours_ms")
@@ -165,7 +184,7 @@ def targets(plan, results: dict) -> list[dict]:
                 limit += dec
                 extra = f" + decode {dec:.1f}"
             add(name, "met" if r["p50_ms"] <= limit else "missed",
-                f"{r['p50_ms']:.1f} ms vs {rw['batches']['1']['batch_ms_p50']:.1f} + {P50_SLACK_MS:g}{extra} = {limit:.1f} ms")
+                f"{r['p50_ms']:.1f} ms vs {raw_ms:.1f} + {P50_SLACK_MS:g}{extra} = {limit:.1f} ms{raw_note}")
     # 5. Decode + resize >= 3x faster than plain PIL.
     for m in pick(["b0"]) or ["b0"]:
         p = prep.get(m)
@@ -215,9 +234,9 @@ def write(plan, meta: dict, manifests: dict, results: dict) -> list[Path]:
     previous = md_path.read_text() if md_path.is_file() else ""
     m = MANUAL_RE.search(previous)
     manual = m.group(0) if m else "<!-- manual -->\n<!-- /manual -->"
-    precision_block = PRECISION_RE.search(previous)
-    if precision_block:  # make bench-precision's block survives make bench
-        manual = precision_block.group(0) + "\n\n" + manual
+    for block_re in reversed(OWNED_BLOCKS):
+        if block := block_re.search(previous):
+            manual = block.group(0) + "\n\n" + manual
     md_path.write_text(markdown(plan, meta, manifests, results, tgt, plotted, png_path.name, manual))
     return [md_path, json_path] + ([png_path] if plotted else [])
 
