@@ -241,6 +241,19 @@ def write(plan, meta: dict, manifests: dict, results: dict) -> list[Path]:
     return [md_path, json_path] + ([png_path] if plotted else [])
 
 
+def _overhead_rows(service: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in service:
+        t, raw = r.get("server_timing_ms") or {}, r.get("raw_b1_ms_adjacent")
+        if r["concurrency"] != 1 or raw is None or not t.get("total") or r.get("p50_ms") is None:
+            continue
+        stages = sum(t.get(k, 0.0) for k in ("decode", "preprocess", "queue", "inference"))
+        rows.append([r["model"], r["input"], _f(r["p50_ms"]), _f(raw), _f(r["p50_ms"] - raw), _f(t.get("decode")),
+                     _f(t.get("preprocess")), _f(t.get("queue")), _f(t.get("inference", 0.0) - raw),
+                     _f(t["total"] - stages), _f(r["p50_ms"] - t["total"])])
+    return rows
+
+
 def command(plan) -> str:
     return " ".join(["python -m benchmarks.run", *plan.argv]).strip()
 
@@ -393,6 +406,14 @@ def markdown(plan, meta: dict, manifests: dict, results: dict, tgt: list[dict], 
             "*server CPU*: the server process's CPU time over the window, in % of one core and per image; "
             "*loadgen CPU*: the load generator's own CPU time in % of one core (it shares the cores with the server). "
             "*stages*: mean of the `timing_ms` the server returns (decode+preprocess / queue / inference), sampled from every 10th answer.\n")
+        overhead = _overhead_rows(service)
+        if overhead:
+            add("Where the time over raw ORT goes at 1 client (ms; the server's own `timing_ms`, mean of sampled answers; "
+                "*in handler, other*: thread hops, softmax/top-k, building the answer; *outside handler*: HTTP, "
+                "the load generator, the network stack):\n")
+            add(_table(["model", "input", "p50", "raw batch 1", "over raw", "decode", "preprocess", "queue",
+                        "inference − raw", "in handler, other", "outside handler"], overhead))
+            add("")
     else:
         add("Not run.\n")
 

@@ -222,6 +222,8 @@ def derive(
     if precision == "int8" and calibration_data is None:
         raise PrecisionError("int8 needs --calibration-data: a folder of images like the ones it will serve")
     name = name or derived_name(base, precision)
+    if len(name) > 64:  # the manifest's limit on model names
+        raise PrecisionError(f"{name!r} is longer than 64 characters; give the fp32 model a shorter --name")
     base_folder = repo / base
     base_manifest = load_manifest(base_folder)
     base_onnx = verify_onnx(base_folder, base_manifest)
