@@ -90,9 +90,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _precisions(args: argparse.Namespace) -> list[str]:
-    from build.precision import PRECISIONS
-
     wanted = [p.strip().lower() for p in args.precision.split(",") if p.strip()]
+    if all(p == "fp32" for p in wanted):
+        return []  # the plain build: no import of the derivation code, which needs app/ beside build/
+    try:
+        from build.precision import PRECISIONS
+    except ImportError as exc:
+        raise ValueError(f"--precision needs the whole effnet package (the served preprocessing and eval): {exc}") from exc
     unknown = [p for p in wanted if p not in ("fp32", *PRECISIONS)]
     if unknown:
         raise ValueError(f"--precision takes fp32, {', '.join(PRECISIONS)}; not {', '.join(unknown)}")
