@@ -20,7 +20,7 @@ import math
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,7 +32,7 @@ from app.eval import LabelResolver, evaluate, open_dataset
 from app.manifest import Manifest, Preprocess, load_manifest, verify_onnx
 from app.preprocess import normalise, open_image, prepare, resize_crop
 from app.sessions import create_session
-from build.repository import ONNX_FILE, StagedModel, read_manifest, sha256_of
+from build.repository import ONNX_FILE, StagedModel, is_up_to_date, read_manifest, sha256_of
 
 PRECISIONS = ("fp16", "int8")
 MIN_AGREEMENT = 0.99
@@ -78,15 +78,35 @@ class Gate:
     labelled: int
     dataset: str
     min_agreement: float = MIN_AGREEMENT
-    failures: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        """Why this copy must not ship; empty when it passes."""
+        out = []
+        if self.labelled == 0:
+            out.append(f"no labelled image in {self.dataset} could be scored")
+        if self.top1_derived < self.top1_fp32:
+            out.append(f"top-1 on {self.dataset} fell from {self.top1_fp32} to {self.top1_derived} of {self.labelled}")
+        if self.inputs < MIN_AGREEMENT_INPUTS:
+            out.append(f"agreement measured on only {self.inputs} inputs (at least {MIN_AGREEMENT_INPUTS}); "
+                       "give --agreement-data with more photos")
+        if self.agreement < self.min_agreement:
+            out.append(f"top-1 agrees with fp32 on {self.agreement:.1%} of {self.inputs} inputs "
+                       f"(at least {self.min_agreement:.0%})")
+        return out
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    def at(self, min_agreement: float) -> "Gate":
+        """The same measurements judged at another agreement threshold (the benchmark asks about 99%)."""
+        return replace(self, min_agreement=min_agreement)
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["agreement"] = round(self.agreement, 5)
+        d["failures"] = self.failures
         d["passed"] = self.passed
         return d
 
@@ -97,6 +117,7 @@ class DerivedResult:
     skipped: bool
     path: Path
     manifest: dict | None = None
+    gate: Gate | None = None
 
 
 def image_files(root: Path) -> list[Path]:
@@ -237,9 +258,7 @@ def derive(
         "code": sha256_of(Path(__file__)),
         "data": [_data_digest(agreement_files), _data_digest(calibration_files), str(check_data)],
     }, sort_keys=True).encode()).hexdigest()
-    current = read_manifest(repo, name)
-    if not force and current and current.get("build", {}).get("inputs_digest") == digest \
-            and (repo / name / ONNX_FILE).is_file() and sha256_of(repo / name / ONNX_FILE) == current["onnx"]["sha256"]:
+    if not force and is_up_to_date(repo, name, digest):
         return DerivedResult(name, True, repo / name)
 
     staged = StagedModel(repo, name)
@@ -269,21 +288,13 @@ def derive(
         fp32_eval = evaluate(base_folder, dataset, batch=8, threads=threads, progress=False)
         derived_eval = evaluate(staged.path, dataset, batch=8, threads=threads, progress=False)
 
+        fp32_top1, derived_top1 = fp32_eval.tally.summary(), derived_eval.tally.summary()
         gate = Gate(
             precision=precision, agreement=agree, inputs=len(fp32_logits), images=len(agreement_files),
             views=per_file, max_abs_diff=max_diff, min_agreement=min_agreement,
-            top1_fp32=fp32_eval.tally.summary()["top1_correct"], top1_derived=derived_eval.tally.summary()["top1_correct"],
-            labelled=fp32_eval.tally.summary()["size"], dataset=dataset.name,
+            top1_fp32=fp32_top1["top1_correct"], top1_derived=derived_top1["top1_correct"],
+            labelled=fp32_top1["size"], dataset=dataset.name,
         )
-        if gate.labelled == 0:
-            gate.failures.append(f"no labelled image in {check_data} could be scored")
-        if gate.top1_derived < gate.top1_fp32:
-            gate.failures.append(f"top-1 on {dataset.name} fell from {gate.top1_fp32} to {gate.top1_derived} of {gate.labelled}")
-        if gate.inputs < MIN_AGREEMENT_INPUTS:
-            gate.failures.append(f"agreement measured on only {gate.inputs} inputs (at least {MIN_AGREEMENT_INPUTS}); "
-                                 "give --agreement-data with more photos")
-        if agree < min_agreement:
-            gate.failures.append(f"top-1 agrees with fp32 on {agree:.1%} of {gate.inputs} inputs (at least {min_agreement:.0%})")
         if not gate.passed:
             raise PrecisionError(f"{name} not shipped: " + "; ".join(gate.failures), gate)
 
@@ -294,7 +305,7 @@ def derive(
     except BaseException:
         staged.discard()
         raise
-    return DerivedResult(name, False, path, manifest)
+    return DerivedResult(name, False, path, manifest, gate)
 
 
 def _derived_manifest(base_folder: Path, base: Manifest, name: str, precision: str, onnx_path: Path, digest: str,
