@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, loadgen, python_env, rss_kib
+from benchmarks.run import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, loadgen, python_env, rss_kib, write_photo
 
 SEGMENT_S = 30.0
 WARMUP_S = 8.0
@@ -29,14 +29,6 @@ TARGET = 0.10
 
 def log(msg: str) -> None:
     print(f"[bench-soak] {msg}", file=sys.stderr, flush=True)
-
-
-def photo(path: Path) -> Path:
-    from PIL import Image
-    from skimage import data as skdata
-
-    Image.fromarray(skdata.chelsea()).resize((1920, 1080), Image.Resampling.LANCZOS).save(path, quality=90)
-    return path
 
 
 def gib(kib: int) -> float:
@@ -80,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.report import machine_info, write_owned_block
 
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-        body = photo(Path(tmp) / "photo.jpg")
+        body = write_photo(Path(tmp) / "photo.jpg")
         port = free_port()
         env = {**python_env(), "EFFNET_REPOSITORY": str(args.repo), "EFFNET_MODELS": ",".join(loaded),
                "EFFNET_DEFAULT_MODEL": burst[0]}
