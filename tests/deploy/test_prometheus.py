@@ -23,7 +23,6 @@ import time
 import http.client
 import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -61,16 +60,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 10):
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with _NO_PROXY.open(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+# The same proxy-free urllib client the Docker test's probes use (deploy/ci/probe.py).
+sys.path.insert(0, str(ROOT / "deploy" / "ci"))
+from probe import http as _http  # noqa: E402
 
 
 def _announce_oversized_body(url: str, length: int) -> int:
