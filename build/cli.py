@@ -189,7 +189,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=int, help="explicit input resolution")
     b.add_argument("--lite", action="store_true", help="explicit coefficients on the Lite architecture")
     b.add_argument("--name", help="model name in the repository (custom variants, or one --models entry)")
-    b.add_argument("--weights", default="auto", help="auto | pretrained | random | PATH | URL (default auto)")
+    b.add_argument("--weights", default="auto",
+                   help="auto | pretrained | random | efficientnet_pytorch | efficientnet_pytorch-advprop | PATH | URL "
+                   "(default auto). A PATH/URL may be a torchvision, efficientnet_pytorch or efficientnet-lite-pytorch "
+                   "checkpoint; its layout decides padding and BatchNorm settings")
     b.add_argument("--repo", default="models", help="model repository folder (default models/)")
     b.add_argument("--cache-dir", help="checkpoint download cache (default ~/.cache/effnet/checkpoints or $EFFNET_CACHE)")
     b.add_argument("--seed", type=int, default=0, help="seed for random weights")

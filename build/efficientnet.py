@@ -2,16 +2,61 @@
 
 Module names mirror torchvision's `efficientnet_bN` exactly (`features.{stage}.{i}.block.{k}...`,
 `classifier.1`), so torchvision checkpoints load with strict=True and compute what torchvision computes.
+
+Padding is a property of the weights, not of the architecture:
+
+* `symmetric`: every k x k convolution pads (k - 1) // 2 on each side (torchvision, and our random weights).
+* `same`: TensorFlow's padding="SAME", which the TF-trained checkpoints (efficientnet_pytorch's B0..B8 and the
+  Lite releases) were trained with. A stride-2 convolution on an even input pads less before than after
+  (k=3: 0 and 1; k=5: 1 and 2), so the sampling grid is shifted by one pixel against `symmetric`. The pads
+  depend on the input size, so they are computed once for the resolution the graph is exported at, as the
+  reference implementations do; the exported ONNX graph is static at that resolution anyway.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from build.scaling import BlockSpec, Variant
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu6": nn.ReLU6}
+Padding = Literal["symmetric", "same"]
+PADDINGS: tuple[Padding, ...] = ("symmetric", "same")
+
+
+def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" along one axis: output ceil(size / stride), padding (before, after), after >= before."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class StaticPadConv2d(nn.Conv2d):
+    """A convolution with fixed, possibly asymmetric zero padding (left, right, top, bottom) in front.
+
+    Still an nn.Conv2d, so parameter names and the MAC counter see an ordinary convolution. ONNX Runtime
+    folds the exported Pad into the Conv's own `pads` at load (tests/build_step check that it does).
+    """
+
+    def __init__(self, *args, pads: tuple[int, int, int, int], **kwargs) -> None:
+        super().__init__(*args, padding=0, **kwargs)
+        self.pads = pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pads))
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int, groups: int, in_size: int, padding: Padding) -> nn.Conv2d:
+    if padding == "symmetric":
+        return nn.Conv2d(in_ch, out_ch, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False)
+    before, after = same_pads(in_size, kernel, stride)
+    if before == after:
+        return nn.Conv2d(in_ch, out_ch, kernel, stride, padding=before, groups=groups, bias=False)
+    return StaticPadConv2d(in_ch, out_ch, kernel, stride, groups=groups, bias=False, pads=(before, after, before, after))
 
 
 class ConvBNAct(nn.Sequential):
@@ -26,9 +71,11 @@ class ConvBNAct(nn.Sequential):
         groups: int = 1,
         bn_eps: float = 1e-5,
         activation: type[nn.Module] | None = nn.SiLU,
+        in_size: int = 0,
+        padding: Padding = "symmetric",
     ) -> None:
         layers: list[nn.Module] = [
-            nn.Conv2d(in_ch, out_ch, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False),
+            conv2d(in_ch, out_ch, kernel, stride, groups, in_size, padding),
             nn.BatchNorm2d(out_ch, eps=bn_eps),
         ]
         if activation is not None:
@@ -53,7 +100,9 @@ class SqueezeExcitation(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual: [1x1 expand] -> depthwise kxk -> [squeeze-excitation] -> 1x1 project, + skip."""
 
-    def __init__(self, spec: BlockSpec, bn_eps: float, activation: type[nn.Module]) -> None:
+    def __init__(
+        self, spec: BlockSpec, bn_eps: float, activation: type[nn.Module], in_size: int = 0, padding: Padding = "symmetric",
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         if spec.expanded_channels != spec.in_channels:
@@ -67,6 +116,8 @@ class MBConv(nn.Module):
                 groups=spec.expanded_channels,
                 bn_eps=bn_eps,
                 activation=activation,
+                in_size=in_size,
+                padding=padding,
             )
         )
         if spec.se_channels:
@@ -82,16 +133,37 @@ class MBConv(nn.Module):
 
 
 class EfficientNet(nn.Module):
-    def __init__(self, variant: Variant, num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        variant: Variant,
+        num_classes: int = 1000,
+        padding: Padding = "symmetric",
+        input_size: int | None = None,
+        bn_momentum: float = 0.1,
+    ) -> None:
+        """`input_size` (default: the variant's resolution) is the side the `same` pads are computed for;
+        `bn_momentum` (torch convention) matters only to whoever fine-tunes the module."""
         super().__init__()
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, not {padding!r}")
         self.variant = variant
+        self.padding = padding
         act = ACTIVATIONS[variant.activation]
         eps = variant.bn_eps
         blocks = variant.blocks()
+        size = input_size or variant.resolution
 
-        features: list[nn.Module] = [ConvBNAct(3, variant.stem_channels, 3, 2, bn_eps=eps, activation=act)]
+        features: list[nn.Module] = [
+            ConvBNAct(3, variant.stem_channels, 3, 2, bn_eps=eps, activation=act, in_size=size, padding=padding)
+        ]
+        size = -(-size // 2)
         for stage in range(1, blocks[-1].stage + 1):
-            features.append(nn.Sequential(*(MBConv(b, eps, act) for b in blocks if b.stage == stage)))
+            stage_blocks = []
+            for b in blocks:
+                if b.stage == stage:
+                    stage_blocks.append(MBConv(b, eps, act, in_size=size, padding=padding))
+                    size = -(-size // b.stride)
+            features.append(nn.Sequential(*stage_blocks))
         last_out = blocks[-1].out_channels
         features.append(ConvBNAct(last_out, variant.head_channels, 1, bn_eps=eps, activation=act))
 
@@ -102,6 +174,9 @@ class EfficientNet(nn.Module):
             nn.Linear(variant.head_channels, num_classes),
         )
         self.reset_parameters()
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
 
     def reset_parameters(self) -> None:
         """torchvision's initialisation, so that an untrained model starts where torchvision's does."""

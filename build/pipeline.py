@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ from build.repository import (
     preprocess_for,
 )
 from build.scaling import Variant
-from build.weights import WeightsError, randomize, resolve
+from build.weights import LoadedWeights, WeightsError, randomize, resolve
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,8 @@ def build_model(
         return BuildResult(variant.name, True, repo / variant.name)
 
     on_phase("network")
-    model = EfficientNet(variant)
-    if weights.state_dict:
-        try:
-            model.load_state_dict(weights.state_dict, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise WeightsError(f"{weights.source} does not fit {variant.name}: {first}") from exc
-    else:
-        randomize(model, seed)
-    model.eval()
+    model = network_for(variant, weights, crop, seed)
+    variant = model.variant
 
     on_phase("count")
     params = count_params(model)
@@ -82,3 +74,24 @@ def build_model(
         staged.discard()
         raise
     return BuildResult(variant.name, False, path, manifest)
+
+
+def network_for(variant: Variant, weights: LoadedWeights, crop: int, seed: int = 0) -> EfficientNet:
+    """The PyTorch network that computes what the weights' own library computes, in eval mode.
+
+    The weights' format decides padding and BatchNorm eps (build.checkpoints); the variant everything else.
+    The returned model's `.variant` carries the eps actually used.
+    """
+    fmt = weights.format
+    if fmt.bn_eps is not None:
+        variant = replace(variant, bn_eps=fmt.bn_eps)
+    model = EfficientNet(variant, padding=fmt.padding, input_size=crop, bn_momentum=fmt.bn_momentum)
+    if weights.state_dict:
+        try:
+            model.load_state_dict(weights.state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise WeightsError(f"{weights.source} does not fit {variant.name}: {first}") from exc
+    else:
+        randomize(model, seed)
+    return model.eval()

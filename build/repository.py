@@ -36,8 +36,11 @@ def imagenet_labels() -> list[str]:
 def preprocess_for(variant: Variant, weights: LoadedWeights) -> dict:
     """The eval transform of the weights where published; else the paper's resolution at a 0.875 crop."""
     pre = default_preprocess(variant)
-    if weights.recipe is not None:
-        pre.update(resize=weights.recipe.resize, crop=weights.recipe.crop, interpolation=weights.recipe.interpolation)
+    recipe = weights.recipe
+    if recipe is not None:
+        pre.update(resize=recipe.resize, crop=recipe.crop, interpolation=recipe.interpolation)
+        if recipe.mean is not None and recipe.std is not None:
+            pre.update(mean=list(recipe.mean), std=list(recipe.std))
     return pre
 
 
@@ -48,6 +51,7 @@ def inputs_digest(variant: Variant, weights_spec: str, weights: LoadedWeights, p
         "weights_spec": weights_spec,
         "weights_source": weights.source,
         "weights_sha256": weights.sha256,
+        "weights_format": weights.format.name,
         "preprocess": preprocess,
         "tool": __version__,
         "code": _build_code_digest(),
@@ -117,11 +121,15 @@ def make_manifest(
         "resolution": variant.resolution,
         "dropout": variant.dropout,
         "bn_eps": variant.bn_eps,
+        "padding": weights.format.padding,
         "preprocess": preprocess,
         "params": params,
         "macs": macs,
         "macs_note": "multiply-adds for one image at crop x crop (the paper's 'FLOPs')",
-        "weights": {"source": weights.source, "sha256": weights.sha256, "pretrained": weights.pretrained, "notes": weights.notes},
+        "weights": {
+            "source": weights.source, "sha256": weights.sha256, "pretrained": weights.pretrained,
+            "format": weights.format.name, "notes": weights.notes,
+        },
         "accuracy": {"reference": reference, "measured": None},
         "onnx": {
             "file": ONNX_FILE,

@@ -170,7 +170,10 @@ B_TABLE: dict[str, tuple[float, float, int, float]] = {
 }
 # The phi each B-variant roughly corresponds to (the published table was hand-rounded, so it is
 # recorded for orientation only; the table's coefficients are what is built).
-B_PHI = {"b0": 0.0, "b1": 0.5, "b2": 1.0, "b3": 2.0, "b4": 3.0, "b5": 4.0, "b6": 5.0, "b7": 6.0}
+B_PHI = {"b0": 0.0, "b1": 0.5, "b2": 1.0, "b3": 2.0, "b4": 3.0, "b5": 4.0, "b6": 5.0, "b7": 6.0, "b8": 7.0}
+# B8 is not in the paper: it came with the AdvProp checkpoints (Xie et al., 2020), which efficientnet_pytorch
+# ships. Buildable by name, never part of the default set.
+B8_TABLE: dict[str, tuple[float, float, int, float]] = {"b8": (2.2, 3.6, 672, 0.5)}
 LITE_TABLE: dict[str, tuple[float, float, int, float]] = {
     "lite0": (1.0, 1.0, 224, 0.2),
     "lite1": (1.0, 1.1, 240, 0.2),
@@ -191,13 +194,13 @@ PAPER_PARAMS_MACS = {
 }
 
 DEFAULT_MODEL_SET = tuple(B_TABLE) + ("lite0", "lite1", "lite2")
-KNOWN_VARIANTS = tuple(B_TABLE) + tuple(LITE_TABLE)
+KNOWN_VARIANTS = tuple(B_TABLE) + tuple(B8_TABLE) + tuple(LITE_TABLE)
 
 
 def b_variant(name: str) -> Variant:
-    width, depth, res, dropout = B_TABLE[name]
-    # B5..B7's ImageNet weights are TF ports, trained with BatchNorm eps 1e-3.
-    eps = 1e-3 if name in ("b5", "b6", "b7") else 1e-5
+    width, depth, res, dropout = B_TABLE.get(name) or B8_TABLE[name]
+    # torchvision's B5..B7 weights are TF ports, trained with BatchNorm eps 1e-3 (B8 exists only as one).
+    eps = 1e-3 if name in ("b5", "b6", "b7", "b8") else 1e-5
     return Variant(name, "efficientnet", width, depth, res, dropout, phi=B_PHI[name], bn_eps=eps, base_variant=name)
 
 
@@ -221,7 +224,7 @@ def lite_variant(name: str) -> Variant:
 
 
 def named_variant(name: str) -> Variant:
-    if name in B_TABLE:
+    if name in B_TABLE or name in B8_TABLE:
         return b_variant(name)
     if name in LITE_TABLE:
         return lite_variant(name)
@@ -283,7 +286,7 @@ def default_preprocess(variant: Variant) -> dict:
 
 
 def _conv_out(size: int, stride: int) -> int:
-    # padding (k - 1) // 2 with odd k: output = ceil(size / stride)
+    # Both paddings (symmetric (k - 1) // 2 with odd k, and TF "SAME") give ceil(size / stride).
     return -(-size // stride)
 
 

