@@ -28,7 +28,8 @@ def test_tiny_repository_is_complete(tiny_repo):
     manifest = json.loads((tiny_repo / "tiny" / "manifest.json").read_text())
     assert MANIFEST_KEYS <= set(manifest)
     assert manifest["preprocess"]["crop"] == 64 and manifest["preprocess"]["resize"] == 73
-    assert manifest["weights"] == {"source": "random:seed=0", "sha256": None, "pretrained": False, "notes": []}
+    assert manifest["weights"] == {"source": "random:seed=0", "sha256": None, "pretrained": False, "format": "random", "notes": []}
+    assert manifest["padding"] == "symmetric"
     assert manifest["accuracy"] == {"reference": None, "measured": None}
     assert len(manifest["labels"]) == 1000 and manifest["labels"][281] == "tabby"
     assert manifest["onnx"]["sha256"] == sha256_of(tiny_repo / "tiny" / "model.onnx")
