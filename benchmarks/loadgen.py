@@ -140,20 +140,22 @@ async def _client(host: str, port: int, request: bytes, t_start: float, t_end: f
         writer.close()
 
 
-def build_request(url: str, body: bytes, content_type: str) -> tuple[str, int, bytes]:
+def build_request(url: str, body: bytes, content_type: str, headers: list[str] | None = None) -> tuple[str, int, bytes]:
     parts = urlsplit(url)
+    extra = "".join(f"{name.strip()}: {value.strip()}\r\n" for name, _, value in (h.partition(":") for h in headers or []))
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     head = (
         f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\nAccept: application/json\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\nAccept: application/json\r\n{extra}\r\n"
     ).encode("latin-1")
     return host, port, head + body
 
 
 async def run_load(url: str, body: bytes, content_type: str, concurrency: int, duration: float, warmup: float,
-                   server_pid: int | None = None, sample: int = 10, grace: float = 60.0) -> dict:
-    host, port, request = build_request(url, body, content_type)
+                   server_pid: int | None = None, sample: int = 10, grace: float = 60.0,
+                   headers: list[str] | None = None) -> dict:
+    host, port, request = build_request(url, body, content_type, headers)
     stats = Stats()
     now = time.perf_counter()
     t_start = now + warmup
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--body", required=True, type=Path, help="file sent as the raw request body")
     p.add_argument("--content-type", default="image/jpeg")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE", help="extra request header (repeatable)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0, help="measurement window, seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=60.0, help="seconds to wait for the answers in flight when the window closes")
     args = p.parse_args(argv)
     result = asyncio.run(run_load(args.url, args.body.read_bytes(), args.content_type, args.concurrency,
-                                  args.duration, args.warmup, args.server_pid, max(1, args.sample), args.grace))
+                                  args.duration, args.warmup, args.server_pid, max(1, args.sample), args.grace, args.header))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0
