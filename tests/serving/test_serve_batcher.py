@@ -73,22 +73,38 @@ def test_each_request_gets_its_own_answer_in_batches_up_to_max():
     assert results[0][0].batch_size == 4
 
 
-def test_waits_at_most_the_delay_for_a_partial_batch():
+def test_a_partial_batch_waits_for_announced_images_but_at_most_the_delay():
+    """Images announced (admitted, still decoding) that never arrive hold a batch for the delay, no longer."""
     model = Recorder()
+    delay = 0.3
 
     async def main():
-        b = Batcher("m", model, max_batch=8, max_delay_s=0.02, max_queue=100)
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=8, max_delay_s=delay, max_queue=100)
         b.start()
-        first = await b.submit([img(1)])  # alone: must come back after the delay, not hang
-        # Three items that arrive together with a long delay are batched together.
-        b.max_delay_s = 0.2
-        later = await asyncio.gather(*(b.submit([img(i)]) for i in range(2, 4)))
-        await b.stop()
-        return first, later
+        release = asyncio.Event()
 
-    first, later = run(main())
-    assert first[0].batch_size == 1
-    assert [r[0].batch_size for r in later] == [2, 2]
+        async def announced_but_never_sent():
+            with b.incoming(3):
+                await release.wait()
+
+        announcer = asyncio.create_task(announced_but_never_sent())
+        await asyncio.sleep(0)
+        assert b._incoming == 3  # the wait path is the one under test
+        t0 = loop.time()
+        first = await b.submit([img(1)])
+        waited = loop.time() - t0
+        announced_still = not announcer.done()
+        release.set()
+        await announcer
+        await b.stop()
+        return first, waited, announced_still
+
+    first, waited, announced_still = run(main())
+    assert first[0].batch_size == 1 and model.shapes == [1]
+    assert announced_still  # it ran because the delay was over, not because the announcement ended
+    assert waited >= delay * 0.9  # it did wait for the announced company ...
+    assert waited < delay + 5.0  # ... and not for ever (generous: a bound, not a speed goal)
 
 
 def test_without_padding_the_leftover_runs_next_and_with_padding_zeros_fill_the_shape():
