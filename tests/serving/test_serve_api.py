@@ -85,6 +85,70 @@ def test_multipart_file_field_without_filename_still_counts(client, jpeg_bytes):
     assert r.status_code == 200, r.text
 
 
+def _colour_jpegs(n: int) -> list[bytes]:
+    """n small photos, each tinted differently so the fake model (mean colour -> class) tells them apart."""
+    base = np.asarray(photo((48, 40)), np.float32)
+    tints = np.random.default_rng(7).uniform(0.2, 1.0, (n, 3))
+    return [encode(Image.fromarray(np.clip(base * t, 0, 255).astype(np.uint8)), quality=95) for t in tints]
+
+
+def _top1_direct(fake_repo, name: str, images: list[bytes]) -> list[tuple[int, float]]:
+    """(class, probability) the model file gives each image, by ONNX Runtime on the served preprocessing."""
+    import onnxruntime as ort
+
+    from app.manifest import load_manifest
+    from app.preprocess import prepare
+
+    m = load_manifest(fake_repo / name)
+    session = ort.InferenceSession(str(fake_repo / name / m.onnx.file), providers=["CPUExecutionProvider"])
+    x = np.stack([prepare(data, m.preprocess, 50_000_000).tensor for data in images])
+    logits = session.run(None, {m.onnx.input.name: x})[0].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return [(int(p.argmax()), float(p.max())) for p in probs]
+
+
+def _top1_answers(r: httpx.Response) -> list[tuple[int, float]]:
+    return [(p[0]["index"], p[0]["score"]) for p in r.json()["predictions"]]
+
+
+def _same_answers(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    assert [i for i, _ in got] == [i for i, _ in expected]
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], rtol=0, atol=1e-5)
+    # The order is checkable: (nearly) every image has its own top-1 probability.
+    assert len({round(s, 4) for _, s in expected}) >= len(expected) - 2
+
+
+def test_multipart_with_64_parts_the_most_accepted_answers_every_image_in_order(client, fake_repo):
+    images = _colour_jpegs(64)  # MAX_PARTS (app/uploads.py); 65 is refused (tests/reliability)
+    r = client.post("/classify", params={"top_k": 1},
+                    files=[("file", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)])
+    assert r.status_code == 200, r.text
+    _same_answers(_top1_answers(r), _top1_direct(fake_repo, "fake", images))
+
+
+def test_more_files_than_max_batch_are_split_into_batches_and_answered_in_upload_order(client, server, fake_repo):
+    entry = server.state.registry.entries["fake"]
+    images = _colour_jpegs(3 * entry.max_batch + 1)
+    batches_before = entry.batcher.batches_run
+    r = client.post("/classify", params={"top_k": 1},
+                    files=[("file", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)])
+    assert r.status_code == 200, r.text
+    _same_answers(_top1_answers(r), _top1_direct(fake_repo, "fake", images))
+    assert entry.batcher.batches_run - batches_before >= 4  # no batch is larger than max_batch
+
+
+def test_one_bad_file_among_good_ones_refuses_the_whole_request(client, server, jpeg_bytes):
+    """As the README's error table says: no partial answer, one 400 naming the problem."""
+    batches_before = server.state.registry.entries["fake"].batcher.batches_run
+    files = [("file", ("a.jpg", jpeg_bytes, "image/jpeg")), ("file", ("bad.jpg", b"not an image", "image/jpeg")),
+             ("file", ("c.jpg", jpeg_bytes, "image/jpeg"))]
+    err = error_of(client.post("/classify", files=files), 400, "invalid_image")
+    assert "not a supported image" in err["message"]
+    assert server.state.registry.entries["fake"].batcher.batches_run == batches_before  # the good ones never ran
+    assert client.post("/classify", content=jpeg_bytes, headers=JPEG).status_code == 200
+
+
 # --- classify: every error case ----------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_broken_or_hostile_images_are_400(client, name):
