@@ -90,7 +90,7 @@ class Registry:
         return bool(self.entries) and not self.not_ready()
 
     # --- loading ---------------------------------------------------------------------
-    def _load_blocking(self, entry: ModelEntry, table: dict[str, int]) -> None:
+    def _load_blocking(self, entry: ModelEntry, tables: dict[str, dict[str, int]]) -> None:
         if not re.match(NAME_PATTERN, entry.name) or len(entry.name) > 64:
             raise ManifestError("not a valid model name")
         if not entry.folder.is_dir():
@@ -105,16 +105,19 @@ class Registry:
             onnx_path, manifest.onnx.input.name, manifest.onnx.output.name,
             device=device, threads=self.settings.threads, spinning=self.settings.ort_spinning,
         )
-        entry.max_batch = self.settings.max_batch_for(entry.name, entry.session.device, table)
+        # The batch table of the device that actually runs the graph (auto may pick CUDA, CUDA may fall back).
+        device = entry.session.device
+        if device not in tables:
+            tables[device] = read_batch_table(self.settings.repository, device)
+        entry.max_batch = self.settings.max_batch_for(entry.name, device, tables[device])
 
     async def load_all(self) -> None:
         """Load, warm and start every entry, one at a time (memory and cores are shared)."""
-        device_guess = "cuda" if self.settings.device == "cuda" else "cpu"
-        table = read_batch_table(self.settings.repository, device_guess)
+        tables: dict[str, dict[str, int]] = {}  # batch_sizes.json per device, read once each
         for entry in self.entries.values():
             stage = "load"
             try:
-                await asyncio.to_thread(self._load_blocking, entry, table)
+                await asyncio.to_thread(self._load_blocking, entry, tables)
                 assert entry.session is not None and entry.manifest is not None and entry.max_batch
                 crop = entry.manifest.preprocess.crop
                 batcher = Batcher(
