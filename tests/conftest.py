@@ -1,8 +1,13 @@
-"""Model repositories built by the real build step, shared by every test that needs real ONNX models.
+"""Model repositories built by the real build step, shared by every test that needs real ONNX models,
+and the rule that CI never skips for something missing.
 
 Builds are idempotent (a manifest whose inputs digest matches is skipped), so by default they go to
 .cache/test-repos and later runs reuse them; EFFNET_TEST_REPOS=DIR puts them elsewhere. Tests that
 damage a model copy the repository first (see `copy_repo`).
+
+Under CI=true a skip because a tool or package is missing (tests/prerequisites.py, or a bare
+`pytest.importorskip`) is reported as a failure: CI installs everything through the project's own
+files, so a missing one is a broken install that would otherwise hide behind a green run.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Helper modules other folders' tests share (serving_helpers: fake models, the in-process live
-# server; eval_photos: the labelled package photos). pytest puts only a test's own folder on the path.
-for _helpers in ("serving", "eval"):
+# Helper modules other folders' tests share (prerequisites: skips for missing tools; serving_helpers:
+# fake models, the in-process live server; eval_photos: the labelled package photos). pytest puts
+# only a test's own folder on the path.
+for _helpers in ("", "serving", "eval"):
     if str(ROOT / "tests" / _helpers) not in sys.path:
         sys.path.insert(0, str(ROOT / "tests" / _helpers))
+
+# Under CI=true a skip for a missing tool or package is a failure (the hooks live with the helpers).
+from prerequisites import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
+
 TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", ROOT / ".cache" / "test-repos"))
 
 # Small random-weight custom variants: real EfficientNet graphs that build in seconds.

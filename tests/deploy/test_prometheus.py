@@ -26,6 +26,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from prerequisites import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
@@ -33,13 +34,17 @@ PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 MODELS = ("tiny", "tiny2")
 SCRAPE_S = 1
 
+PROMETHEUS_INSTALL = "make system-deps (Debian's prometheus package, which also has promtool)"
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if os.path.exists("/usr/bin/prometheus") else None)
 PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None)
 
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None,
-    reason="needs the Prometheus server binary: apt-get install -y --no-install-recommends prometheus",
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_prometheus():
+    """Before any other fixture of the module starts a server."""
+    if PROMETHEUS is None:
+        missing("the Prometheus server binary", PROMETHEUS_INSTALL)
+
 
 # Grafana's built-in variables, as Grafana would fill them in for a short time range on a
 # Prometheus scraped every second ($__rate_interval is at least four scrape intervals).
@@ -248,7 +253,7 @@ def scraped(app_server, prometheus):
 # --------------------------------------------------------------------------- tests
 def test_shipped_prometheus_config_is_valid():
     if PROMTOOL is None:
-        pytest.skip("promtool (Debian package prometheus) is not installed")
+        missing("promtool", PROMETHEUS_INSTALL)
     result = subprocess.run([PROMTOOL, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from eval_photos import available, write_set
+from prerequisites import missing
 
 LAYOUTS = ("folder", "csv", "valtxt", "loc", "ilsvrc")
 
@@ -19,7 +20,7 @@ LAYOUTS = ("folder", "csv", "valtxt", "loc", "ilsvrc")
 def photos():
     found = available()
     if len(found) < 3:
-        pytest.skip("scikit-image's sample photos are not installed")
+        missing("scikit-image's sample photos", "scikit-image (test extra)")
     return found
 
 

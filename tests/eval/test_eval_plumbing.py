@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from eval_photos import CLASSES, WNIDS, synthetic_synsets
+from prerequisites import require_module
 
 import app.preprocess
 from app.eval import (
@@ -136,7 +137,7 @@ def test_ground_truth_uses_the_devkit_order_not_the_sorted_order(photo_sets, pho
 
 
 def test_devkit_meta_mat_is_read(tmp_path):
-    sio = pytest.importorskip("scipy.io")
+    sio = require_module("scipy.io", "scipy, which scikit-image (test extra) brings")
     ids = synthetic_synsets()
     rows = [(i, w, "words", 0) for i, w in sorted(ids.items())] + [(1001, "n00001740", "entity", 3)]  # a non-leaf
     rec = np.array(rows, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])

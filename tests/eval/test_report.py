@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytest.importorskip("matplotlib")
-
 from app.eval_cli import main
 
 

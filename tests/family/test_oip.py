@@ -11,13 +11,12 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.http as httpclient
 from serving_helpers import encode, photo
+from tritonclient.utils import InferenceServerException
 
 from app.manifest import load_manifest
 from app.preprocess import prepare
-
-httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException
 
 
 @pytest.fixture(scope="module")
