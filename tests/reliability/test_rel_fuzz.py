@@ -9,6 +9,11 @@ says, invalid input refused) except one, `positive_data_acceptance`: a schema-va
 `/classify` body is "any bytes", and any bytes that are not an image are rightly a 400. To
 still reach the 200 path often, half of the schema-valid `/classify` cases carry a real image.
 
+Every operation the service must have is in the spec, and every operation and generation mode
+ran cases: an operation that ran none fails the test, except the schema-invalid mode of an
+operation no request can be schema-invalid for (no body, no query, only any-string path
+parameters: Hypothesis says Unsatisfiable).
+
 Runs are deterministic (`derandomize`) so CI is reproducible; EFFNET_FUZZ_RANDOM=1 explores
 new inputs and EFFNET_FUZZ_SCALE=4 runs four times as many.
 """
@@ -21,6 +26,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import schemathesis
@@ -83,6 +89,12 @@ def srv(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 OIP = "/v2"  # the Open Inference Protocol (KServe V2) routes: their own error shape, {"error": "<message>"}
+# Operations that must be in the spec and fuzzed (a route that vanished from the OpenAPI fails here).
+REQUIRED = {
+    False: {"POST /classify", "GET /models", "GET /models/{name}", "GET /health/live", "GET /health/ready", "GET /metrics"},
+    True: {"GET /v2", "GET /v2/health/live", "GET /v2/health/ready", "GET /v2/models/{name}", "GET /v2/models/{name}/ready",
+           "POST /v2/models/{name}/infer"},
+}
 
 
 def _check_oip_error(response) -> None:
@@ -97,7 +109,10 @@ def _check_oip_error(response) -> None:
 def _fuzz(srv: ServerProcess, oip: bool, other_examples: int) -> dict:
     """Fuzz every operation of /openapi.json whose path is (oip) or is not under /v2."""
     schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+    invalid_form = _operations_with_an_invalid_form(srv)
     cases: Counter = Counter()
+    operations: list[str] = []
+    unsatisfiable: set[tuple[str, str]] = set()
     statuses: Counter = Counter()
     failures: list[str] = []
 
@@ -124,12 +139,13 @@ def _fuzz(srv: ServerProcess, oip: bool, other_examples: int) -> dict:
         try:
             run()
         except Unsatisfiable:
-            pass  # an operation without parameters or body has no schema-invalid form
+            unsatisfiable.add((op.label, mode.value))  # judged below: only an input-less operation may
 
     for result in schema.get_all_operations():
         op = result.ok()
         if op.path.startswith(OIP) != oip:
             continue
+        operations.append(op.label)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             if op.label == "POST /classify" and mode is GenerationMode.POSITIVE:
                 strategy = _classify_positive(op)
@@ -137,7 +153,33 @@ def _fuzz(srv: ServerProcess, oip: bool, other_examples: int) -> dict:
                 strategy = op.as_strategy(generation_mode=mode)
             campaign(op, mode, strategy, CLASSIFY_EXAMPLES if op.label == "POST /classify" else other_examples)
     server_errors = sum(n for s, n in statuses.items() if s >= 500) + sum("Server error" in f for f in failures)
-    return {"cases": cases, "statuses": statuses, "failures": failures, "server_errors": server_errors}
+    idle = [
+        f"{label} [{mode.value}]" for label in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        if not cases[(label, mode.value)]
+        and not (mode is GenerationMode.NEGATIVE and label not in invalid_form and (label, mode.value) in unsatisfiable)
+    ]
+    return {"cases": cases, "statuses": statuses, "failures": failures, "server_errors": server_errors,
+            "operations": set(operations), "idle": idle}
+
+
+def _operations_with_an_invalid_form(srv: ServerProcess) -> set[str]:
+    """Labels of the operations a schema-invalid request exists for: a request body, a query or
+    header parameter, or a constrained path parameter. A path parameter that is any string (a
+    model name) cannot be made invalid: every value fits."""
+    spec = httpx.get(srv.url + "/openapi.json", timeout=30).json()
+
+    def invalid_form(op: dict) -> bool:
+        any_string = lambda p: p["in"] == "path" and {k: v for k, v in p["schema"].items() if k != "title"} == {"type": "string"}  # noqa: E731
+        return bool(op.get("requestBody")) or any(not any_string(p) for p in op.get("parameters", []))
+
+    return {f"{method.upper()} {path}" for path, ops in spec["paths"].items() for method, op in ops.items()
+            if invalid_form(op)}
+
+
+def _check_coverage(r: dict, oip: bool) -> None:
+    missing = REQUIRED[oip] - r["operations"]
+    assert not missing, f"operations missing from /openapi.json: {sorted(missing)}"
+    assert not r["idle"], f"operations that ran no case: {r['idle']}"
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(srv: ServerProcess):
@@ -147,6 +189,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(srv: ServerP
     record("fuzz", schemathesis_cases=total, schemathesis_by_operation={f"{k[0]} [{k[1]}]": v for k, v in sorted(cases.items())},
            schemathesis_statuses={str(k): v for k, v in sorted(statuses.items())},
            schemathesis_failures=len(failures), schemathesis_server_errors=r["server_errors"])
+    _check_coverage(r, oip=False)
     assert not failures, "\n\n".join(failures[:5])
     assert r["server_errors"] == 0
     assert total >= 200, cases
@@ -158,8 +201,7 @@ def test_schemathesis_on_the_open_inference_protocol_routes(srv: ServerProcess):
     """The /v2 routes (app/oip.py) fuzzed the same way: no 5xx and no schema violation."""
     r = _fuzz(srv, oip=True, other_examples=OIP_EXAMPLES)
     total = sum(r["cases"].values())
-    if not total:
-        pytest.skip("this build serves no /v2 routes")
+    _check_coverage(r, oip=True)
     kinds = Counter(re.findall(r"- (ST\d+ [^\n]+)", "\n".join(r["failures"])))
     record("fuzz", oip_cases=total, oip_statuses={str(k): v for k, v in sorted(r["statuses"].items())},
            oip_failures=len(r["failures"]), oip_failure_kinds=dict(kinds), oip_server_errors=r["server_errors"])
