@@ -35,6 +35,7 @@ system-deps:
 	else echo "system-deps: missing$$missing (run 'sudo make system-deps'); tests that need them will skip"; fi
 
 test: install system-deps
+	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest
 
 # Builds the Docker image on a local debootstrap base, runs it and the compose stack (needs root).

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return build_main(argv)
     if argv and argv[0] in EVAL_COMMANDS:
-        from app.eval_cli import main as eval_main
+        from app.tools.eval_cli import main as eval_main
 
         return eval_main(argv)
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        from app.server import serve
+        from app.api.server import serve
 
         return serve(host=args.host, port=args.port)
     parser.error(f"unknown command {args.command}")

@@ -2,7 +2,7 @@
 
 * plain: what a user writes (and the reference transform): full-size decode with Pillow,
   resize the whole image, centre-crop, ToTensor + Normalize;
-* ours: `app.preprocess.prepare(..., draft=True)`, the service's path (draft decode, resize
+* ours: `app.engine.preprocess.prepare(..., draft=True)`, the service's path (draft decode, resize
   only the box that survives the crop), and `draft=False` for comparison.
 
 The difference is the mean absolute difference from the plain (reference) tensor, in
@@ -18,8 +18,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from app.manifest import Preprocess
-from app.preprocess import prepare
+from app.engine.manifest import Preprocess
+from app.engine.preprocess import prepare
 
 MAX_PIXELS = 50_000_000
 

@@ -1,6 +1,6 @@
 """Raw ONNX Runtime: the limit the service is measured against.
 
-The session comes from `app.sessions.create_session` with the thread settings the server
+The session comes from `app.engine.sessions.create_session` with the thread settings the server
 reads from the environment (`Settings()`), so the only difference from the service is
 everything around `session.run`: HTTP, decode, queueing, batching.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.config import Settings
-from app.manifest import load_manifest, verify_onnx
-from app.sessions import create_session, resolve_device
+from app.core.config import Settings
+from app.engine.manifest import load_manifest, verify_onnx
+from app.engine.sessions import create_session, resolve_device
 
 # A smaller batch wins the tie: within this fraction of the best throughput, lower latency is worth more.
 BEST_BATCH_TOLERANCE = 0.03

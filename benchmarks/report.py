@@ -371,7 +371,7 @@ def markdown(plan, meta: dict, manifests: dict, results: dict, tgt: list[dict], 
     raw = results.get("raw")
     if raw:
         first = next(iter(raw.values()))
-        add(f"`onnxruntime.InferenceSession` created by `app.sessions.create_session` exactly as the server creates it "
+        add(f"`onnxruntime.InferenceSession` created by `app.engine.sessions.create_session` exactly as the server creates it "
             f"({first['provider']}, {first['threads']} intra-op threads, spinning {'on' if first['spinning'] else 'off'}), "
             f"random input, `session.run` in a loop. Latency is the median time of one run.\n")
         sizes = sorted({int(b) for r in raw.values() for b in r["batches"]})
@@ -447,7 +447,7 @@ def markdown(plan, meta: dict, manifests: dict, results: dict, tgt: list[dict], 
     if prep:
         add(f"One 1920×1080 JPEG (quality 90, {prep['photo_bytes'] // 1024} KiB), median of {next(iter(prep['models'].values()))['reps']} "
             f"runs in one thread. *plain*: `Image.open().convert('RGB')`, resize the whole image (shorter side → resize), "
-            f"crop, ToTensor + Normalize — torchvision's eval transform, the reference. *ours*: `app.preprocess.prepare(draft=True)`, "
+            f"crop, ToTensor + Normalize — torchvision's eval transform, the reference. *ours*: `app.engine.preprocess.prepare(draft=True)`, "
             f"the service's path (DCT-domain draft decode when the target is small enough, resize of the crop box only). "
             f"Difference: mean |ours − reference| in normalised units.\n")
         rows = []

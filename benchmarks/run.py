@@ -6,7 +6,7 @@
 
 Phases, in order (each writes its own section; one left out by --phases reads "not run"):
   raw      raw ORT img/s and latency per batch size; the best size goes to <repo>/batch_sizes.json
-  prep     decode + resize of a 1920x1080 JPEG: plain Pillow vs app.preprocess.prepare
+  prep     decode + resize of a 1920x1080 JPEG: plain Pillow vs app.engine.preprocess.prepare
   service  `effnet serve` in a subprocess, the load generator in another, N = 1, 8, 32 clients,
            model-resolution JPEGs and 1920x1080 photos; the server's RSS idle and after the load
   naive    benchmarks/naive_server.py (PyTorch eager, per request) under the same load
@@ -249,7 +249,7 @@ def phase_raw(plan: Plan, results: dict) -> None:
 
 
 def write_batch_sizes(repo: Path, raw: dict, best: dict[str, int]) -> dict:
-    from app.config import BATCH_SIZES_FILE
+    from app.core.config import BATCH_SIZES_FILE
 
     device = next((r["device"] for r in raw.values()), "cpu")
     path = repo / BATCH_SIZES_FILE
@@ -272,7 +272,7 @@ def write_batch_sizes(repo: Path, raw: dict, best: dict[str, int]) -> dict:
 
 
 def phase_prep(plan: Plan, results: dict, inputs: dict[str, Path]) -> None:
-    from app.manifest import load_manifest
+    from app.engine.manifest import load_manifest
     from benchmarks.preprocessing import measure
 
     data = inputs["photo"].read_bytes()
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The server tunes malloc at start-up; do the same here so raw ORT and the preprocessing
     # timings run under the allocator settings the service runs under.
-    from app.server import tune_malloc
+    from app.api.server import tune_malloc
 
     tune_malloc()
     t_run = time.perf_counter()

@@ -27,11 +27,11 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from app.errors import ImageError
-from app.eval import LabelResolver, evaluate, open_dataset
-from app.manifest import Manifest, Preprocess, load_manifest, verify_onnx
-from app.preprocess import normalise, open_image, prepare, resize_crop
-from app.sessions import create_session
+from app.core.errors import ImageError
+from app.tools.eval import LabelResolver, evaluate, open_dataset
+from app.engine.manifest import Manifest, Preprocess, load_manifest, verify_onnx
+from app.engine.preprocess import normalise, open_image, prepare, resize_crop
+from app.engine.sessions import create_session
 from build.repository import ONNX_FILE, StagedModel, is_up_to_date, read_manifest, sha256_of
 
 PRECISIONS = ("fp16", "int8")

@@ -72,6 +72,20 @@ def lite0_repo() -> Path:
 
 
 @pytest.fixture(scope="session")
+def lite1_repo() -> Path:
+    """Lite1 with its real ImageNet weights."""
+    repo = TEST_REPOS / "lite1"
+    build(repo, "--models", "lite1", "--weights", "pretrained")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def effnet_build():
+    """`effnet build --repo REPO --quiet ARGS...`, asserting it succeeds."""
+    return build
+
+
+@pytest.fixture(scope="session")
 def lite2_repo() -> Path:
     """Lite2 with its real ImageNet weights (the expensive end of the Lite cascades)."""
     repo = TEST_REPOS / "lite2"

@@ -54,11 +54,12 @@ def classify(base: str, model: str, image: str, top_k: int = 3) -> int:
         print(f"POST /classify answered {status}: {body[:500]!r}", file=sys.stderr)
         return 1
     answer = json.loads(body)
-    predictions = answer.get("predictions") or []
-    ok = (answer.get("model") == model and len(predictions) == top_k
+    results = answer.get("results") or [{}]
+    predictions = results[0].get("predictions") or []
+    ok = (answer.get("model") == model and len(results) == 1 and len(predictions) == top_k
           and all({"index", "label", "score"} <= set(p) for p in predictions)
           and [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
-          and "total" in answer.get("timing_ms", {}))
+          and "total" in results[0].get("timing_ms", {}))
     print(json.dumps(answer)[:400])
     if not ok:
         print("unexpected /classify answer", file=sys.stderr)

@@ -62,7 +62,7 @@ def test_batch_table_merges(tmp_path: Path) -> None:
     write_batch_sizes(tmp_path, raw, {"b0": 4})
     assert json.loads((tmp_path / "batch_sizes.json").read_text()) == {"cpu": {"b4": 1, "b0": 4}, "cuda": {"b0": 32}}
 
-    from app.config import read_batch_table
+    from app.core.config import read_batch_table
 
     assert read_batch_table(tmp_path, "cpu") == {"b0": 4, "b4": 1}
     assert read_batch_table(tmp_path, "cuda") == {"b0": 32}

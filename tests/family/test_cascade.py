@@ -8,10 +8,10 @@ import httpx
 import numpy as np
 import pytest
 from prerequisites import missing
-from serving_helpers import encode, photo
+from serving_helpers import encode, photo, queue_held
 
-from app.cascade import escalate, parse_cascade
-from app.errors import BadRequest
+from app.policies.cascade import escalate, parse_cascade
+from app.core.errors import BadRequest
 
 JPEG_HEADERS = {"Content-Type": "image/jpeg"}
 
@@ -35,14 +35,18 @@ def test_cascade_live(family_server):
         r = c.post("/classify?model=cascade:tiny,tiny2&threshold=1&top_k=3", content=jpeg, headers=JPEG_HEADERS)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model"] == "tiny2" and len(body["predictions"]) == 3
-        casc = body["cascade"]
+        assert body["model"] == "cascade:tiny,tiny2" and len(body["results"]) == 1
+        res = body["results"][0]
+        assert res["model"] == "tiny2" and len(res["predictions"]) == 3
+        casc = res["cascade"]
         assert casc["path"] == ["tiny", "tiny2"] and casc["escalated"] is True and len(casc["top1_scores"]) == 2
+        assert body["cascade"] == {"models": ["tiny", "tiny2"], "threshold": 1.0}
         assert r.headers["X-Effnet-Cascade-Path"] == "tiny,tiny2"
         # threshold 0: the cheap model's answer stands.
         r = c.post("/classify?model=cascade:tiny,tiny2&threshold=0", content=jpeg, headers=JPEG_HEADERS)
-        assert r.json()["cascade"]["path"] == ["tiny"] and r.json()["model"] == "tiny"
-        assert r.json()["cascade"]["top1_scores"][0] == pytest.approx(r.json()["predictions"][0]["score"], abs=1e-6)
+        res = r.json()["results"][0]
+        assert res["cascade"]["path"] == ["tiny"] and res["model"] == "tiny" and r.headers["X-Effnet-Model"] == "tiny"
+        assert res["cascade"]["top1_scores"][0] == pytest.approx(res["predictions"][0]["score"], abs=1e-6)
         # model=cascade: EFFNET_DEFAULT_CASCADE, EFFNET_CASCADE_THRESHOLD (0.6).
         r = c.post("/classify?model=cascade", content=jpeg, headers=JPEG_HEADERS)
         assert r.status_code == 200 and r.json()["cascade"]["models"] == ["tiny", "tiny2"]
@@ -50,7 +54,7 @@ def test_cascade_live(family_server):
         # Multipart: each image decides on its own.
         files = [("file", ("a.jpg", jpeg, "image/jpeg")), ("file", ("b.png", encode(photo(seed=3), "PNG"), "image/png"))]
         r = c.post("/classify?model=cascade:tiny,tiny2&threshold=1", files=files)
-        assert r.status_code == 200 and len(r.json()["cascade"]) == 2 and len(r.json()["predictions"]) == 2
+        assert r.status_code == 200 and [len(res["cascade"]["path"]) for res in r.json()["results"]] == [2, 2]
         # Errors keep the service's shape.
         r = c.post("/classify?model=cascade:tiny,nope", content=jpeg, headers=JPEG_HEADERS)
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
@@ -61,8 +65,17 @@ def test_cascade_live(family_server):
         m = c.get("/metrics").text
         assert 'effnet_cascade_escalations_total{cascade="tiny,tiny2",from_model="tiny",to_model="tiny2"}' in m
         assert 'effnet_requests_total{model="tiny2",status="200"}' in m
-    # Each stage fed the latency statistics used by model=auto.
-    assert len(family_server.app.state.family.latency.fresh("tiny2")) >= 3
+    # Each stage fed the service-time statistics used by model=auto.
+    assert len(family_server.plane.stats.fresh("tiny2")) >= 3
+
+
+def test_a_cascade_is_refused_before_its_body_is_decoded_when_its_first_model_is_full(family_server):
+    """The body is not an image: decoding it would answer 400. A full first model answers 503 first."""
+    full = family_server.plane.settings.max_queue
+    with httpx.Client(base_url=family_server.url, timeout=30) as c, queue_held(family_server, "tiny", full):
+        r = c.post("/classify?model=cascade:tiny,tiny2", content=b"not an image at all", headers=JPEG_HEADERS)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "overloaded" and int(r.headers["Retry-After"]) >= 1
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +91,7 @@ def photo_dir(tmp_path_factory):
 
 
 def _eval(capsys, *args):
-    from app.eval_cli import main
+    from app.tools.eval_cli import main
 
     capsys.readouterr()
     rc = main(["eval", *map(str, args), "--json", "--quiet"])
@@ -106,8 +119,8 @@ def _lite0_unsure(folder, photo_dir, threshold: float) -> int:
     """Photos whose top-1 probability is under the threshold, by ONNX Runtime on the served preprocessing."""
     import onnxruntime as ort
 
-    from app.manifest import load_manifest
-    from app.preprocess import prepare
+    from app.engine.manifest import load_manifest
+    from app.engine.preprocess import prepare
 
     manifest = load_manifest(folder)
     session = ort.InferenceSession(str(folder / manifest.onnx.file), providers=["CPUExecutionProvider"])
@@ -140,9 +153,20 @@ def test_eval_cascade_lite0_lite2_real_weights(capsys, lite_cascade_repo, photo_
     recorded = json.loads((repo / "cascades.json").read_text())
     assert recorded["lite0,lite2@0.6"]["escalated_fraction"] == d["escalated_fraction"]
     # effnet report puts the point beside the single models.
-    from app.report import write_report
+    from app.tools.report import write_report
 
     out = tmp_path / "docs"
     md = write_report(repo, out).read_text()
     assert "lite0 → lite2" in md and "cascade" in md.lower()
     shutil.rmtree(out)
+
+
+def test_an_overloaded_later_model_keeps_the_earlier_answer_and_says_so(family_server):
+    full = family_server.plane.settings.max_queue
+    with httpx.Client(base_url=family_server.url, timeout=30) as c, queue_held(family_server, "tiny2", full):
+        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=1", content=encode(photo()), headers=JPEG_HEADERS)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    assert res["model"] == "tiny" and res["cascade"]["path"] == ["tiny"]
+    assert res["cascade"]["escalation_skipped"].startswith("tiny2: ")
+    assert r.headers["X-Effnet-Cascade-Degraded"] == "true"

@@ -15,8 +15,8 @@ import tritonclient.http as httpclient
 from serving_helpers import encode, photo
 from tritonclient.utils import InferenceServerException
 
-from app.manifest import load_manifest
-from app.preprocess import prepare
+from app.engine.manifest import load_manifest
+from app.engine.preprocess import prepare
 
 
 @pytest.fixture(scope="module")

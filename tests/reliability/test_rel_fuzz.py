@@ -45,9 +45,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.failures import Failure, FailureGroup
 
-from app.errors import ImageError
-from app.manifest import Preprocess
-from app.preprocess import prepare
+from app.core.errors import ImageError
+from app.engine.manifest import Preprocess
+from app.engine.preprocess import prepare
 
 SCALE = float(os.environ.get("EFFNET_FUZZ_SCALE", "1"))
 DERANDOMIZE = os.environ.get("EFFNET_FUZZ_RANDOM") != "1"
@@ -198,7 +198,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(srv: ServerP
 
 
 def test_schemathesis_on_the_open_inference_protocol_routes(srv: ServerProcess):
-    """The /v2 routes (app/oip.py) fuzzed the same way: no 5xx and no schema violation."""
+    """The /v2 routes (app/api/v2/routes.py) fuzzed the same way: no 5xx and no schema violation."""
     r = _fuzz(srv, oip=True, other_examples=OIP_EXAMPLES)
     total = sum(r["cases"].values())
     _check_coverage(r, oip=True)

@@ -31,7 +31,7 @@ from reliability_helpers import (
 )
 from serving_helpers import live_server, write_model
 
-from app.config import Settings
+from app.core.config import Settings
 
 PHOTO = encode(real_photo((200, 133)), "JPEG")
 
@@ -71,7 +71,7 @@ def test_no_file_path_ever_comes_from_the_request(tmp_path: Path):
            f"0 filesystem accesses under the repository while answering (audit hook)")
 
 
-# pytest resets warning filters per test; this restores the one app.preprocess sets for production.
+# pytest resets warning filters per test; this restores the one app.engine.preprocess sets for production.
 @pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_pillow_pixel_limit_is_set_explicitly_from_settings(tmp_path: Path):
     write_model(tmp_path, "fake")
@@ -106,8 +106,8 @@ SERVE_ONE = textwrap.dedent('''
 
     sys.addaudithook(hook)
     import httpx, uvicorn
-    from app.config import Settings
-    from app.server import create_app
+    from app.core.config import Settings
+    from app.api.server import create_app
 
     app = create_app(Settings(repository=repo, models=["tiny"], threads=1))
     sock = socket.socket(); sock.bind(("127.0.0.1", 0))
@@ -146,7 +146,7 @@ def test_serving_path_imports_no_torch_loads_no_pickle_and_writes_nothing_to_the
 
 
 def test_api_key_is_compared_in_constant_time_and_exemptions_are_configurable(tmp_path: Path):
-    from app.security import ApiKeyMiddleware
+    from app.api.security import ApiKeyMiddleware
 
     source = inspect.getsource(ApiKeyMiddleware._authorised)
     assert "hmac.compare_digest" in source and "== self.key" not in source
@@ -198,14 +198,14 @@ def test_cors_is_off_by_default_and_only_for_configured_origins(tmp_path: Path):
 
 def test_a_bug_in_the_handler_answers_a_plain_500_without_internals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """No path is expected to reach the catch-all; this forces one to show what it would say."""
-    import app.routes
+    from app.engine.dataplane import ImageResult
 
     def broken(*_a, **_k):
         raise KeyError("/work/secret/model.onnx in InferenceSession.run")
 
     write_model(tmp_path, "fake")
     with live_server(Settings(repository=tmp_path, default_model="fake")) as srv:
-        monkeypatch.setattr(app.routes, "_top_k", broken)
+        monkeypatch.setattr(ImageResult, "top", broken)
         r = httpx.post(srv.url + "/classify", content=PHOTO, headers=JPEG, timeout=30)
         monkeypatch.undo()
         after = httpx.post(srv.url + "/classify", content=PHOTO, headers=JPEG, timeout=30)

@@ -73,13 +73,13 @@ def render(d: dict) -> str:
             + _table(ops, ["operation [mode]", "cases"]) + "\n")
     if "oip_cases" in fuzz:
         parts.append(
-            f"The Open Inference Protocol routes (`/v2`, app/oip.py) fuzzed the same way: {fuzz['oip_cases']} cases, "
+            f"The Open Inference Protocol routes (`/v2`, app/api/v2/routes.py) fuzzed the same way: {fuzz['oip_cases']} cases, "
             f"{fuzz['oip_server_errors']} server errors, {fuzz['oip_failures']} schema findings "
             f"({', '.join(f'{k}: {v}' for k, v in fuzz['oip_failure_kinds'].items()) or 'none'}) - reported as an "
             f"expected failure until their OpenAPI description documents the 400/404 answers they give.\n")
     if "decode_cases" in fuzz:
         parts.append(
-            f"**Hypothesis** on `app.preprocess.prepare` with mutated bytes of a real photo (scikit-image's `chelsea`) "
+            f"**Hypothesis** on `app.engine.preprocess.prepare` with mutated bytes of a real photo (scikit-image's `chelsea`) "
             f"encoded as {', '.join(fuzz['decode_formats'])}: bit flips, byte sets, truncations, deletions, insertions, "
             f"repeats and splices across formats, biased to the headers. {fuzz['decode_cases']} cases: "
             f"{fuzz['decode_image_errors']} refused with `ImageError` (400), {fuzz['decode_decoded']} decoded to a "

@@ -1,6 +1,6 @@
 """Five wrong preprocessings, planted to prove the torchvision bound catches each one.
 
-Each is the product's own path (app.preprocess.open_image -> resize/crop -> normalise) with one
+Each is the product's own path (app.engine.preprocess.open_image -> resize/crop -> normalise) with one
 step done wrong, the way such a bug would really be written. Used only by
 tests/serving/test_serve_preprocess.py; nothing here is product code.
 """
@@ -12,8 +12,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from app.manifest import Preprocess
-from app.preprocess import normalise, open_image, resize_crop
+from app.engine.manifest import Preprocess
+from app.engine.preprocess import normalise, open_image, resize_crop
 
 
 def _geometry(size: tuple[int, int], pp: Preprocess) -> tuple[int, int, int, int]:

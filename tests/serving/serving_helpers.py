@@ -23,8 +23,8 @@ import uvicorn
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from app.config import Settings
-from app.server import create_app
+from app.core.config import Settings
+from app.api.server import create_app
 
 LABELS = [f"class {i}" for i in range(1000)]
 MEAN = [0.485, 0.456, 0.406]
@@ -111,8 +111,8 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
-    def state(self):
-        return self.app.state.effnet
+    def plane(self):
+        return self.app.state.plane
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> "LiveServer":
         self.thread.start()
@@ -121,7 +121,7 @@ class LiveServer:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.01)
-        while wait_ready and not self.state.registry.loaded:
+        while wait_ready and not self.plane.registry.loaded:
             if time.monotonic() > deadline:
                 raise RuntimeError("models did not load")
             time.sleep(0.02)
@@ -158,3 +158,25 @@ def photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> Image.Image:
     a += rng.normal(0, 8, a.shape)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
 
+
+
+@contextlib.contextmanager
+def queue_held(srv: LiveServer, model: str, images: int) -> Iterator[None]:
+    """Hold `images` slots of a model's queue from the server's own loop, as requests still decoding would:
+    a real full queue, without racing real requests to fill it."""
+    import asyncio
+
+    batcher = srv.plane.registry.entries[model].batcher
+    loop = batcher._task.get_loop()
+
+    async def reserve():
+        return batcher.reserve(images)
+
+    room = asyncio.run_coroutine_threadsafe(reserve(), loop).result(5)
+    try:
+        yield
+    finally:
+        async def release():
+            room.release()
+
+        asyncio.run_coroutine_threadsafe(release(), loop).result(5)

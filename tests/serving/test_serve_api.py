@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.config import Settings
+from app.core.config import Settings
 from serving_helpers import GOOD, encode, live_server, photo
 from test_serve_preprocess import REFUSED
 
@@ -39,13 +39,15 @@ def test_raw_body_answers_sorted_softmax_predictions(client, jpeg_bytes):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "fake" and body["pretrained"] is False
-    preds = body["predictions"]
+    assert len(body["results"]) == 1 and body["results"][0]["model"] == "fake"
+    preds = body["results"][0]["predictions"]
     assert len(preds) == 7
     scores = [p["score"] for p in preds]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
     assert all(p["label"] == f"class {p['index']}" for p in preds)
-    assert set(body["timing_ms"]) == {"decode", "preprocess", "queue", "inference", "total"}
-    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"]
+    timing = body["results"][0]["timing_ms"]
+    assert set(timing) == {"decode", "preprocess", "queue", "inference", "total"}
+    assert timing["total"] >= timing["inference"]
 
 
 def test_octet_stream_and_explicit_model_and_top_k_1000(client, jpeg_bytes):
@@ -54,28 +56,30 @@ def test_octet_stream_and_explicit_model_and_top_k_1000(client, jpeg_bytes):
         headers={"content-type": "application/octet-stream"},
     )
     assert r.status_code == 200 and r.json()["model"] == "fake2"
-    preds = r.json()["predictions"]
+    preds = r.json()["results"][0]["predictions"]
     assert len(preds) == 1000 and sorted(p["index"] for p in preds) == list(range(1000))
     assert sum(p["score"] for p in preds) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_multipart_one_file_is_a_list_several_files_a_list_per_image_in_order(client):
+def test_one_file_or_several_the_answer_has_the_same_shape_one_result_per_image_in_order(client):
     red, blue = encode(Image.new("RGB", (64, 64), "red")), encode(Image.new("RGB", (64, 64), "blue"), "PNG")
     single = {}
     for name, data in (("red", red), ("blue", blue)):
         r = client.post("/classify", content=data, headers=JPEG)
-        single[name] = r.json()["predictions"][0]["index"]
+        single[name] = r.json()["results"][0]["predictions"][0]["index"]
     assert single["red"] != single["blue"]  # the fake model tells colours apart
 
     one = client.post("/classify", files={"file": ("r.jpg", red, "image/jpeg")})
-    assert one.status_code == 200 and isinstance(one.json()["predictions"][0], dict)
+    assert one.status_code == 200 and len(one.json()["results"]) == 1
+    assert one.json()["results"][0]["predictions"][0]["index"] == single["red"]
 
     many = client.post(
         "/classify", params={"top_k": 2},
         files=[("file", ("b.png", blue, "image/png")), ("note", (None, b"ignored")), ("file", ("r.jpg", red, "image/jpeg"))],
     )
     assert many.status_code == 200, many.text
-    lists = many.json()["predictions"]
+    assert set(many.json()) == set(one.json())  # the same keys whatever the image count
+    lists = [res["predictions"] for res in many.json()["results"]]
     assert [len(x) for x in lists] == [2, 2]
     assert [lists[0][0]["index"], lists[1][0]["index"]] == [single["blue"], single["red"]]
 
@@ -96,8 +100,8 @@ def _top1_direct(fake_repo, name: str, images: list[bytes]) -> list[tuple[int, f
     """(class, probability) the model file gives each image, by ONNX Runtime on the served preprocessing."""
     import onnxruntime as ort
 
-    from app.manifest import load_manifest
-    from app.preprocess import prepare
+    from app.engine.manifest import load_manifest
+    from app.engine.preprocess import prepare
 
     m = load_manifest(fake_repo / name)
     session = ort.InferenceSession(str(fake_repo / name / m.onnx.file), providers=["CPUExecutionProvider"])
@@ -109,7 +113,7 @@ def _top1_direct(fake_repo, name: str, images: list[bytes]) -> list[tuple[int, f
 
 
 def _top1_answers(r: httpx.Response) -> list[tuple[int, float]]:
-    return [(p[0]["index"], p[0]["score"]) for p in r.json()["predictions"]]
+    return [(res["predictions"][0]["index"], res["predictions"][0]["score"]) for res in r.json()["results"]]
 
 
 def _same_answers(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
@@ -120,7 +124,7 @@ def _same_answers(got: list[tuple[int, float]], expected: list[tuple[int, float]
 
 
 def test_multipart_with_64_parts_the_most_accepted_answers_every_image_in_order(client, fake_repo):
-    images = _colour_jpegs(64)  # MAX_PARTS (app/uploads.py); 65 is refused (tests/reliability)
+    images = _colour_jpegs(64)  # MAX_PARTS (app/api/uploads.py); 65 is refused (tests/reliability)
     r = client.post("/classify", params={"top_k": 1},
                     files=[("file", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)])
     assert r.status_code == 200, r.text
@@ -128,7 +132,7 @@ def test_multipart_with_64_parts_the_most_accepted_answers_every_image_in_order(
 
 
 def test_more_files_than_max_batch_are_split_into_batches_and_answered_in_upload_order(client, server, fake_repo):
-    entry = server.state.registry.entries["fake"]
+    entry = server.plane.registry.entries["fake"]
     images = _colour_jpegs(3 * entry.max_batch + 1)
     batches_before = entry.batcher.batches_run
     r = client.post("/classify", params={"top_k": 1},
@@ -140,12 +144,12 @@ def test_more_files_than_max_batch_are_split_into_batches_and_answered_in_upload
 
 def test_one_bad_file_among_good_ones_refuses_the_whole_request(client, server, jpeg_bytes):
     """As the README's error table says: no partial answer, one 400 naming the problem."""
-    batches_before = server.state.registry.entries["fake"].batcher.batches_run
+    batches_before = server.plane.registry.entries["fake"].batcher.batches_run
     files = [("file", ("a.jpg", jpeg_bytes, "image/jpeg")), ("file", ("bad.jpg", b"not an image", "image/jpeg")),
              ("file", ("c.jpg", jpeg_bytes, "image/jpeg"))]
     err = error_of(client.post("/classify", files=files), 400, "invalid_image")
     assert "not a supported image" in err["message"]
-    assert server.state.registry.entries["fake"].batcher.batches_run == batches_before  # the good ones never ran
+    assert server.plane.registry.entries["fake"].batcher.batches_run == batches_before  # the good ones never ran
     assert client.post("/classify", content=jpeg_bytes, headers=JPEG).status_code == 200
 
 
@@ -176,7 +180,7 @@ def test_unknown_model_is_404_listing_models_and_mints_no_metric_series(client, 
     assert model not in err["message"]
     text = client.get("/metrics").text
     labels = set(re.findall(r'model="([^"]*)"', text))
-    assert labels <= set(server.state.registry.names())
+    assert labels <= set(server.plane.registry.names())
 
 
 def test_model_that_failed_to_load_is_503_with_reason(client, jpeg_bytes):
@@ -233,7 +237,7 @@ def test_unknown_path_and_wrong_method_use_the_error_shape(client):
 
 
 def test_inference_failure_is_503_for_that_request_only_and_the_model_recovers(client, server, jpeg_bytes):
-    batcher = server.state.registry.entries["fake"].batcher
+    batcher = server.plane.registry.entries["fake"].batcher
     original = batcher.run
 
     def boom(x):
@@ -336,7 +340,7 @@ def test_api_key_guards_everything_but_health_and_metrics(fake_repo, jpeg_bytes)
 
 def _gated(srv, name: str) -> threading.Event:
     """Make the model block until the returned event is set (it is set at teardown anyway)."""
-    batcher = srv.state.registry.entries[name].batcher
+    batcher = srv.plane.registry.entries[name].batcher
     original, gate = batcher.run, threading.Event()
 
     def run(x):
@@ -415,7 +419,7 @@ def test_256_concurrent_requests_to_b0_all_succeed_in_real_batches(b0_repo):
         # The same image gets the same answer whatever batch it rode in.
         by_image: dict[int, set] = {}
         for i, r in enumerate(responses):
-            by_image.setdefault(i % 8, set()).add(r.json()["predictions"][0]["index"])
+            by_image.setdefault(i % 8, set()).add(r.json()["results"][0]["predictions"][0]["index"])
         assert all(len(v) == 1 for v in by_image.values())
         text = httpx.get(srv.url + "/metrics").text
         total = float(re.search(r'effnet_batch_size_sum\{model="b0"\} (\S+)', text).group(1))
@@ -427,8 +431,8 @@ def test_256_concurrent_requests_to_b0_all_succeed_in_real_batches(b0_repo):
 def test_softmax_scores_match_a_direct_onnxruntime_run(tiny_repo, jpeg_bytes):
     import onnxruntime as ort
 
-    from app.manifest import load_manifest
-    from app.preprocess import prepare
+    from app.engine.manifest import load_manifest
+    from app.engine.preprocess import prepare
 
     m = load_manifest(tiny_repo / "tiny")
     sess = ort.InferenceSession(str(tiny_repo / "tiny" / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -438,6 +442,6 @@ def test_softmax_scores_match_a_direct_onnxruntime_run(tiny_repo, jpeg_bytes):
     probs /= probs.sum()
     with live_server(Settings(repository=tiny_repo, models=["tiny"])) as srv:
         r = httpx.post(srv.url + "/classify", params={"model": "tiny", "top_k": 3}, content=jpeg_bytes, headers=JPEG)
-    preds = r.json()["predictions"]
+    preds = r.json()["results"][0]["predictions"]
     assert [p["index"] for p in preds] == list(np.argsort(-probs)[:3])
     assert [p["score"] for p in preds] == pytest.approx(list(np.sort(probs)[::-1][:3]), abs=1e-5)

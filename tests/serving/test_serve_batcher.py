@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from app.batcher import Batcher, batch_sizes, softmax
-from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from app.engine.batcher import Batcher, batch_sizes, softmax
+from app.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 SHAPE = (3, 2, 2)
 
@@ -85,12 +85,12 @@ def test_a_partial_batch_waits_for_announced_images_but_at_most_the_delay():
         release = asyncio.Event()
 
         async def announced_but_never_sent():
-            with b.incoming(3):
+            with b.reserve(3):  # room held for three images that are never submitted
                 await release.wait()
 
         announcer = asyncio.create_task(announced_but_never_sent())
         await asyncio.sleep(0)
-        assert b._incoming == 3  # the wait path is the one under test
+        assert b.queued == 3  # the wait path is the one under test
         t0 = loop.time()
         first = await b.submit([img(1)])
         waited = loop.time() - t0
@@ -304,9 +304,9 @@ def test_a_lone_request_runs_at_once_but_waits_for_announced_images():
         alone_s = loop.time() - t0
 
         async def decoded_later():
-            with b.incoming(1):  # admitted, still decoding
+            with b.reserve(1) as room:  # admitted, still decoding
                 await asyncio.sleep(0.05)
-            return await b.submit([img(2)])
+                return await room.submit([img(2)])
 
         late = asyncio.create_task(decoded_later())
         await asyncio.sleep(0)  # the announcement is made before the first image arrives

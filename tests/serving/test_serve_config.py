@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings, read_batch_table
-from app.manifest import ManifestError, load_manifest, verify_onnx
+from app.core.config import Settings, read_batch_table
+from app.engine.manifest import ManifestError, load_manifest, verify_onnx
 from serving_helpers import write_model
 
 

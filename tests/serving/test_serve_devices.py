@@ -15,13 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import app.sessions as sessions
-from app.batcher import Batcher, softmax
-from app.config import Settings
-from app.manifest import load_manifest
-from app.preprocess import prepare
-from app.registry import Registry
-from app.sessions import CPU, CUDA, SessionError, create_session, resolve_device
+import app.engine.sessions as sessions
+from app.engine.batcher import Batcher, softmax
+from app.core.config import Settings
+from app.engine.manifest import load_manifest
+from app.engine.preprocess import prepare
+from app.engine.registry import Registry
+from app.engine.sessions import CPU, CUDA, SessionError, create_session, resolve_device
 from serving_helpers import encode, photo
 
 REAL_ORT_SESSION = ort.InferenceSession
@@ -124,8 +124,8 @@ def test_cuda_padding_does_not_change_the_real_rows(tiny_repo):
     async def main():
         b = Batcher("tiny", recorded, max_batch=8, max_delay_s=0.2, max_queue=16, pad=True)
         b.start()
-        with b.incoming(len(images)):  # one request's images, decoded together
-            pending = asyncio.gather(*(b.submit([x]) for x in images))
+        with b.reserve(len(images)) as room:  # one request's images, decoded together
+            pending = asyncio.gather(*(room.submit([x]) for x in images))
             await asyncio.sleep(0)
         out = await pending
         await b.stop()

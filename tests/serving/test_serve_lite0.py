@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from app.config import Settings
-from app.manifest import load_manifest
-from app.preprocess import prepare
+from app.core.config import Settings
+from app.engine.manifest import load_manifest
+from app.engine.preprocess import prepare
 from serving_helpers import encode, live_server
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -33,19 +33,19 @@ def classify(srv, data: bytes) -> dict:
 def test_a_cat_photo_is_a_cat(lite0):
     body = classify(lite0, encode(Image.fromarray(skdata.chelsea()), quality=92))
     assert body["pretrained"] is True
-    assert body["predictions"][0]["index"] in CATS, body["predictions"]
+    assert body["results"][0]["predictions"][0]["index"] in CATS, body["results"]
 
 
 def test_a_coffee_photo_is_espresso_or_cup_and_multipart_agrees(lite0):
     data = encode(Image.fromarray(skdata.coffee()), quality=92)
-    top5 = {p["index"] for p in classify(lite0, data)["predictions"]}
+    top5 = {p["index"] for p in classify(lite0, data)["results"][0]["predictions"]}
     assert top5 & COFFEE, top5
     r = httpx.post(
         lite0.url + "/classify", params={"model": "lite0"},
         files=[("file", ("c.jpg", data, "image/jpeg")), ("file", ("cat.png", encode(Image.fromarray(skdata.chelsea()), "PNG"), "image/png"))],
         timeout=60,
     )
-    coffee, cat = r.json()["predictions"]
+    coffee, cat = (res["predictions"] for res in r.json()["results"])
     assert {p["index"] for p in coffee} & COFFEE and cat[0]["index"] in CATS
 
 

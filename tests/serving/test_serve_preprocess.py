@@ -6,7 +6,7 @@ The bound, without draft, per (photo, model) of the oracle:
     max |ours - torchvision| <= MAX_LEVELS 8-bit levels (one level = 1 / (255 * std) per channel)
     mean |ours - torchvision| <= 1e-3 (normalised units)
 MAX_LEVELS is one level: float32 rounding of the normalisation aside, the server's output is
-torchvision's (app/preprocess.py resizes the whole image and then crops, as torchvision does;
+torchvision's (app/engine/preprocess.py resizes the whole image and then crops, as torchvision does;
 resizing only the box that survives the crop was 2x faster on a 1080p upload but rounded up to two
 levels differently on a few pixels, so it was dropped).
 
@@ -41,9 +41,9 @@ from skimage import data as skdata
 
 import planted_bugs
 import torchvision_oracle as oracle
-from app.errors import ImageError
-from app.manifest import Preprocess
-from app.preprocess import normalise, open_image, prepare, resize_crop, to_rgb
+from app.core.errors import ImageError
+from app.engine.manifest import Preprocess
+from app.engine.preprocess import normalise, open_image, prepare, resize_crop, to_rgb
 from serving_helpers import MEAN, STD, encode, photo
 
 PP = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=MEAN, std=STD)
@@ -143,8 +143,8 @@ def test_draft_keeps_lite0s_top1_on_real_photos(lite0_repo):
     import onnxruntime as ort
     from eval_photos import PHOTOS
 
-    from app.batcher import softmax
-    from app.manifest import load_manifest
+    from app.engine.batcher import softmax
+    from app.engine.manifest import load_manifest
 
     manifest = load_manifest(lite0_repo / "lite0")
     pp = manifest.preprocess

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import Settings
-from app.errors import ShuttingDown
-from app.metrics import Metrics
-from app.registry import ModelEntry, Registry
-from app.routes import State, ensure_admissible
+from app.core.config import Settings
+from app.core.errors import ShuttingDown
+from app.engine.metrics import Metrics
+from app.engine.registry import ModelEntry, Registry
+from app.engine.dataplane import DataPlane
 from serving_helpers import encode, photo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,9 +96,10 @@ def test_a_request_during_shutdown_is_told_shutting_down_even_after_its_model_is
     hear the real reason (shutting_down, retry soon elsewhere), not model_unavailable. CI once
     caught this ordering only by timing; here it is forced."""
     settings = Settings(repository=tmp_path)
-    st = State(settings, Registry(settings), Metrics(), ThreadPoolExecutor(1), draining=True, inflight={"b0": 1})
+    plane = DataPlane(settings, Registry(settings), Metrics(), ThreadPoolExecutor(1))
+    plane.draining = True
     closed = ModelEntry(name="b0", folder=tmp_path, status="unavailable", reason="closed")
     with pytest.raises(ShuttingDown) as caught:
-        ensure_admissible(st, closed)
+        plane.check_admissible(closed)
     assert caught.value.code == "shutting_down" and caught.value.headers["Retry-After"] == "5"
-    st.decode_pool.shutdown()
+    plane.decode_pool.shutdown()

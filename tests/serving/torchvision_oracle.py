@@ -1,6 +1,6 @@
 """torchvision's eval transform on real photos, as recorded by tests/data/generate_preprocess_reference.py.
 
-The outside oracle for app/preprocess.py: the uint8 crops torchvision's Resize + CenterCrop made
+The outside oracle for app/engine/preprocess.py: the uint8 crops torchvision's Resize + CenterCrop made
 (in a venv with torchvision), normalised here exactly as ToTensor + Normalize do, and checked
 against the rows torchvision itself normalised. Nothing here imports the code under test.
 """

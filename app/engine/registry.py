@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app.batcher import Batcher, Hooks
-from app.config import Settings, read_batch_table
-from app.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
-from app.sessions import ModelSession, SessionError, create_session, resolve_device
+from app.engine.batcher import Batcher, Hooks
+from app.core.config import Settings, read_batch_table
+from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
+from app.engine.sessions import ModelSession, SessionError, create_session, resolve_device
 
 log = logging.getLogger("effnet.registry")
 

@@ -75,9 +75,9 @@ class Settings(BaseSettings):
     api_key_exempt: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["/health", "/metrics"])
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty = CORS off
 
-    # model=auto (app/routing.py): the latency budget when the request gives no budget_ms.
+    # model=auto (app/policies/routing.py): the latency budget when the request gives no budget_ms.
     default_budget_ms: float = Field(default=100.0, gt=0)
-    # model=cascade (app/cascade.py): the cascade it means, cheapest first, and the top-1
+    # model=cascade (app/policies/cascade.py): the cascade it means, cheapest first, and the top-1
     # probability under which an image is passed on to the next model.
     default_cascade: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cascade_threshold: float = Field(default=0.6, ge=0, le=1)

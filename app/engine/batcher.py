@@ -15,10 +15,13 @@ Design choices, each for a failure we want to rule out:
   largest allowed size that is available and leaves the rest for the next round, so no
   compute is spent on padding; with `pad=True` (GPU, where a bigger batch is nearly free)
   it pads up with zeros.
-* The delay is spent only while more images are known to be on their way (`incoming`:
-  requests admitted and still decoding). A lone request on an idle model runs at once
-  instead of waiting for company that is not coming; under load the queue fills while
-  the previous batch runs, so batching needs no waiting there either.
+* Queue room is reserved before images are decoded (`reserve`), so a request that will not
+  fit is refused before any decode work is spent on it, and the collector knows how many
+  images are on their way. The delay is spent only while such reserved images are still
+  decoding: a lone request on an idle model runs at once instead of waiting for company
+  that is not coming; under load the queue fills while the previous batch runs, so
+  batching needs no waiting there either. Reserved images that never arrive (the request
+  failed or was cancelled) give their room back when the reservation closes.
 * Cancelled futures (client went away) are dropped before the run; their slot is not
   wasted. Items that waited past the request deadline fail with `DeadlineExceeded`
   instead of spending model time on an answer nobody waits for.
@@ -29,16 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from app.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 log = logging.getLogger("effnet.batcher")
 
@@ -51,7 +53,7 @@ class Result:
     queue_s: float
     inference_s: float
     batch_size: int
-    logits: np.ndarray | None = None  # the raw model output row (the V2 protocol endpoint returns it)
+    logits: np.ndarray  # the raw model output row (the V2 protocol returns it)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future
     enqueued: float  # loop.time()
+    enqueued_pc: float  # time.perf_counter(): uvloop's loop.time() has millisecond resolution, too coarse for queue_s
     deadline: float  # loop.time() after which the answer is no longer worth computing
 
 
@@ -80,6 +83,10 @@ def batch_sizes(max_batch: int) -> list[int]:
     if sizes[-1] != max_batch:
         sizes.append(max_batch)
     return sizes
+
+
+# Smoothing of the recent inference cost per image (seconds), which the router uses to price a queue.
+COST_SMOOTHING = 0.2
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -109,8 +116,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy = False
-        self._incoming = 0  # images admitted upstream and still being decoded
+        self._reserved = 0  # queue room held for images still being decoded
         self.batches_run = 0
+        self.per_image_s = 0.0  # recent inference seconds per image (smoothed); 0 until the first batch
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -143,19 +151,23 @@ class Batcher:
             self.run(np.zeros((n, *shape), dtype=np.float32))
 
     # --- admission -------------------------------------------------------------------
-    @contextlib.contextmanager
-    def incoming(self, n: int) -> Iterator[None]:
-        """Announce n images that will be submitted once decoded, so a partial batch waits for them."""
-        self._incoming += n
-        try:
-            yield
-        finally:
-            self._incoming -= n
-            self._wakeup.set()  # re-check: a batch may have been waiting for these
-
     @property
     def depth(self) -> int:
         return len(self._items)
+
+    @property
+    def queued(self) -> int:
+        """Images queued or reserved: what a new image would wait behind."""
+        return len(self._items) + self._reserved
+
+    def reserve(self, n: int) -> Reservation:
+        """Hold queue room for the n images of one request, or refuse them all (Overloaded)."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        if self.queued + n > self.max_queue:
+            raise Overloaded(f"model {self.name!r} queue is full ({self.max_queue} images); retry shortly")
+        self._reserved += n
+        return Reservation(self, n)
 
     async def submit(self, xs: Sequence[np.ndarray], arrived: float | None = None) -> list[Result]:
         """Queue every image of one request, or none of them; await all results.
@@ -163,14 +175,17 @@ class Batcher:
         `arrived` (loop.time()) is when the request reached the server, so time spent
         decoding counts against the deadline too; default: now.
         """
+        with self.reserve(len(xs)) as room:
+            return await room.submit(xs, arrived)
+
+    async def _enqueue(self, xs: Sequence[np.ndarray], arrived: float | None) -> list[Result]:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        if len(self._items) + len(xs) > self.max_queue:
-            raise Overloaded(f"model {self.name!r} queue is full ({self.max_queue}); retry shortly")
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = (now if arrived is None else arrived) + self.timeout_s
-        items = [_Item(x, loop.create_future(), now, deadline) for x in xs]
+        t = time.perf_counter()
+        items = [_Item(x, loop.create_future(), now, t, deadline) for x in xs]
         self._items.extend(items)
         self.hooks.on_depth(len(self._items))
         self._wakeup.set()
@@ -202,7 +217,7 @@ class Batcher:
         # The delay counts from the first item's arrival, so an item that already waited
         # through the previous batch's inference is not held back again.
         until = self._items[0].enqueued + self.max_delay_s
-        while len(self._items) < self.max_batch and (self._incoming > 0 or self.wait_always):
+        while len(self._items) < self.max_batch and (self._reserved > 0 or self.wait_always):
             remaining = until - loop.time()
             if remaining <= 0:
                 break
@@ -244,7 +259,7 @@ class Batcher:
         x = np.stack([i.x for i in batch])
         if size > n:
             x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)])
-        started = loop.time()
+        started = time.perf_counter()
         self._busy = True
         try:
             probs, seconds, logits = await loop.run_in_executor(self._executor, self._infer, x)
@@ -262,9 +277,11 @@ class Batcher:
         finally:
             self._busy = False
         self.batches_run += 1
+        cost = seconds / n
+        self.per_image_s = cost if not self.per_image_s else (1 - COST_SMOOTHING) * self.per_image_s + COST_SMOOTHING * cost
         self.hooks.on_batch(n, seconds)
         for row, lrow, item in zip(probs, logits, batch):
-            queue_s = started - item.enqueued
+            queue_s = started - item.enqueued_pc
             self.hooks.on_item(queue_s)
             if not item.future.done():
                 item.future.set_result(Result(row, queue_s, seconds, n, lrow))
@@ -277,3 +294,30 @@ class Batcher:
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"model returned shape {logits.shape} for a batch of {x.shape[0]}")
         return softmax(logits[: x.shape[0]]), seconds, logits[: x.shape[0]]
+
+
+class Reservation:
+    """Queue room held for one request's images while they are decoded; a context manager that gives
+    back whatever was not submitted when it closes."""
+
+    def __init__(self, batcher: Batcher, n: int) -> None:
+        self._batcher, self._left = batcher, n
+
+    async def submit(self, xs: Sequence[np.ndarray], arrived: float | None = None) -> list[Result]:
+        if len(xs) > self._left:
+            raise ValueError(f"{len(xs)} images submitted on a reservation of {self._left}")
+        self._left -= len(xs)
+        self._batcher._reserved -= len(xs)
+        return await self._batcher._enqueue(xs, arrived)
+
+    def release(self) -> None:
+        if self._left:
+            self._batcher._reserved -= self._left
+            self._left = 0
+            self._batcher._wakeup.set()  # a partial batch may have been waiting for these
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

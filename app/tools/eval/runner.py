@@ -1,8 +1,8 @@
 """Run a labelled image set through a served model exactly as the server would.
 
-Same code path as `effnet serve`: the manifest is loaded and validated by `app.manifest`,
-the ONNX file is checked against its sha256, the session comes from `app.sessions`, and
-every image goes through `app.preprocess.prepare` (decode, EXIF rotation, draft decoding,
+Same code path as `effnet serve`: the manifest is loaded and validated by `app.engine.manifest`,
+the ONNX file is checked against its sha256, the session comes from `app.engine.sessions`, and
+every image goes through `app.engine.preprocess.prepare` (decode, EXIF rotation, draft decoding,
 resize, crop, normalise) with the server's pixel limit. No torch.
 """
 
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.errors import ImageError
-from app.eval.datasets import Dataset, Sample
-from app.eval.metrics import Tally
-from app.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_onnx
-from app.preprocess import prepare, set_max_pixels
-from app.sessions import create_session, resolve_device
+from app.core.errors import ImageError
+from app.tools.eval.datasets import Dataset, Sample
+from app.tools.eval.metrics import Tally
+from app.engine.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_onnx
+from app.engine.preprocess import prepare, set_max_pixels
+from app.engine.sessions import create_session, resolve_device
 
 
 class EvalError(Exception):
@@ -36,7 +36,7 @@ class EvalError(Exception):
 
 def default_max_pixels() -> int:
     """The server's default EFFNET_MAX_IMAGE_PIXELS, so eval refuses what the server refuses."""
-    from app.config import Settings
+    from app.core.config import Settings
 
     return int(Settings.model_fields["max_image_pixels"].default)
 
@@ -186,8 +186,8 @@ def evaluate(
 ) -> EvalResult:
     if batch < 1:
         raise EvalError("--batch must be at least 1")
-    from app.manifest import ManifestError
-    from app.sessions import SessionError
+    from app.engine.manifest import ManifestError
+    from app.engine.sessions import SessionError
 
     try:
         manifest = load_manifest(folder)

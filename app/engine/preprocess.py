@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from app.errors import ImageError
-from app.manifest import Preprocess
+from app.core.errors import ImageError
+from app.engine.manifest import Preprocess
 
 # Decode what browsers and cameras send; nothing that shells out (EPS -> Ghostscript) or
 # parses documents (PDF). MPO is how Pillow names many phone JPEGs.

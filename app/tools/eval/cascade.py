@@ -2,7 +2,7 @@
 
 Every model of the cascade runs on every image (served preprocessing, the exported ONNX,
 softmax as the batcher computes it); the cascade is then replayed per image with
-`app.cascade.escalate`, the function the server uses, so the threshold picked here means the
+`app.policies.cascade.escalate`, the function the server uses, so the threshold picked here means the
 same online. Running every model on every image costs the sum of the models once, and in
 exchange gives the single models' accuracy on the same images and a threshold sweep.
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.batcher import softmax
-from app.cascade import escalate
-from app.eval.datasets import Dataset
-from app.eval.metrics import wilson
-from app.eval.runner import (
+from app.engine.batcher import softmax
+from app.policies.cascade import escalate
+from app.tools.eval.datasets import Dataset
+from app.tools.eval.metrics import wilson
+from app.tools.eval.runner import (
     EvalError,
     Progress,
     _cores,
@@ -35,9 +35,9 @@ from app.eval.runner import (
     default_max_pixels,
     select,
 )
-from app.manifest import Manifest, ManifestError, load_manifest, verify_onnx
-from app.preprocess import set_max_pixels
-from app.sessions import SessionError, create_session, resolve_device
+from app.engine.manifest import Manifest, ManifestError, load_manifest, verify_onnx
+from app.engine.preprocess import set_max_pixels
+from app.engine.sessions import SessionError, create_session, resolve_device
 
 CASCADES_FILE = "cascades.json"
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

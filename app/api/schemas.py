@@ -14,8 +14,8 @@ class Prediction(BaseModel):
 
 
 class Timing(BaseModel):
-    """Milliseconds. decode/preprocess are summed over the images; queue/inference are the
-    slowest image's; total is the whole request as seen by the handler."""
+    """Milliseconds, for one image: decode, preprocess, waiting for its batch, and the batch's inference
+    run (cascades: summed over the models the image went through); total is the whole request."""
 
     decode: float
     preprocess: float
@@ -24,20 +24,26 @@ class Timing(BaseModel):
     total: float
 
 
-class ClassifyResponse(BaseModel):
-    model: str = Field(examples=["lite0"])
-    pretrained: bool
-    predictions: list[Prediction] | list[list[Prediction]] = Field(
-        description="highest score first; a list of lists (one per image, in upload order) "
-        "when the request was multipart with more than one `file` field",
-    )
+class ImageAnswer(BaseModel):
+    model: str = Field(description="the model that answered this image (in a cascade: the last one it reached)")
+    predictions: list[Prediction] = Field(description="highest score first")
     timing_ms: Timing
-    routing: dict | None = Field(
-        None, description="model=auto only: {chosen, budget_ms, estimated_p95_ms, reason, ...}",
-    )
     cascade: dict | None = Field(
-        None, description="model=cascade only: {path, escalated, top1_scores, ...} (a list when several images)",
+        None, description="model=cascade only: {path, escalated, top1_scores[, escalation_skipped]}",
     )
+
+
+class ClassifyResponse(BaseModel):
+    """The same shape for one image and for many: one entry in `results` per image, in upload order."""
+
+    model: str = Field(examples=["lite0"], description="the model asked for (auto: the one chosen; "
+                       "a cascade: `cascade:a,b`)")
+    pretrained: bool
+    results: list[ImageAnswer]
+    routing: dict | None = Field(
+        None, description="model=auto only: {chosen, budget_ms, estimated_p95_ms, reason, considered[, refused]}",
+    )
+    cascade: dict | None = Field(None, description="model=cascade only: {models, threshold}")
 
 
 class PreprocessInfo(BaseModel):
@@ -69,6 +75,8 @@ class ModelInfo(BaseModel):
     accuracy: AccuracyInfo | None = None
     pretrained: bool | None = None
     weights_source: str | None = None
+    weights_format: str | None = Field(None, description="torchvision, efficientnet_pytorch, efficientnet_lite or random")
+    padding: Literal["symmetric", "same"] | None = Field(None, description="same: TensorFlow's SAME padding")
     precision: Literal["fp32", "fp16", "int8"] | None = Field(
         None, description="fp16/int8 are copies of an fp32 model that passed the build's agreement gate")
     derived_from: str | None = Field(None, description="the fp32 model this copy was made from")

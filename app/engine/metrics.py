@@ -9,8 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
 
-from app.batcher import Hooks
-from app.manifest import Manifest
+from app.engine.batcher import Hooks
+from app.engine.manifest import Manifest
 
 # ~1 ms (a B0 batch on a GPU) to ~10 s (a queued B7 on a CPU), roughly x2 per step.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -42,7 +42,7 @@ class Metrics:
         self.model_accuracy = Gauge(
             "effnet_model_accuracy", "ImageNet accuracy in percent", ["model", "metric", "source"], registry=r,
         )
-        # Family features (app/family.py). `cascade` is the comma-joined names of loaded models only.
+        # Family features (app/policies/routing.py). `cascade` is the comma-joined names of loaded models only.
         self.cascade_escalations = Counter(
             "effnet_cascade_escalations", "Images a cascade passed on to its next model",
             ["cascade", "from_model", "to_model"], registry=r,

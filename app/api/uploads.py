@@ -15,15 +15,21 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.core.config import Settings
+from app.core.errors import BadRequest, ClientGone, PayloadTooLarge, UnsupportedMediaType
 
 RAW_TYPES = ("application/octet-stream",)
 FILE_FIELD = "file"
 MAX_PARTS = 64  # fields of any name; a multipart body is not a place for thousands of parts
 
 
-class ClientGone(Exception):
-    """The client disconnected mid-upload; there is nobody to answer."""
+async def read_images(request: Request, settings: Settings) -> list[bytes]:
+    """The encoded images of a /classify request, in upload order: the raw body, or every `file` part.
+    The media type is checked before a byte of the body is read."""
+    ctype, params = media_type(request)
+    kind = check_media_type(ctype)
+    body = await read_body(request, settings.max_body_bytes)
+    return [body] if kind == "raw" else parse_multipart(body, params)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -1,0 +1,72 @@
+"""The FastAPI app factory.
+
+Lifecycle: startup returns at once and loads models in the background (so liveness answers while a B7
+loads; readiness waits for every model to be loaded and warmed). On SIGTERM uvicorn stops accepting,
+readiness turns 503, in-flight and queued requests get up to EFFNET_DRAIN_S to finish, then the
+batchers stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import __version__
+from app.api import classify, health, models
+from app.api.errors import install_handlers
+from app.api.security import ApiKeyMiddleware
+from app.api.v2 import routes as v2_routes
+from app.core.config import Settings
+from app.engine.dataplane import DataPlane
+from app.engine.metrics import Metrics
+from app.engine.preprocess import set_max_pixels
+from app.engine.registry import Registry
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        set_max_pixels(settings.max_image_pixels)
+        registry = Registry(settings, hooks_for=metrics.hooks)
+        registry.on_ready = lambda e: metrics.model_loaded(e.name, e.manifest, e.provider or "")
+        pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+        app.state.plane = DataPlane(settings, registry, metrics, pool)
+        loader = asyncio.create_task(registry.load_all(), name="load-models")
+        try:
+            yield
+        finally:
+            app.state.plane.draining = True
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+            # uvicorn already waited (up to DRAIN_S) for in-flight requests; whatever is still queued gets
+            # a short last chance, then fails with a 503.
+            await registry.close(drain_s=min(settings.drain_s, 5.0))
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="EfficientNet serving",
+        version=__version__,
+        description="Classify images with the EfficientNet family (B0-B7, Lite0-4, custom variants) on ONNX Runtime.",
+        lifespan=lifespan,
+    )
+    install_handlers(app)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.include_router(v2_routes.router)  # Open Inference Protocol (KServe V2)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+        )
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(), exempt=settings.api_key_exempt)
+    return app

@@ -1,0 +1,73 @@
+"""POST /classify: one model by name, or a policy over several (`auto`, `cascade[:a,b]`).
+
+Thin on purpose: the query is validated here (FastAPI), the body is read by app.api.uploads, and the
+model is run by the data plane (directly, or through app.policies for auto/cascade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from app.api.answers import auto_body, cascade_body, cascade_headers, classify_body
+from app.api.docs import CLASSIFY_BODY, error_responses
+from app.api.state import plane_of
+from app.api.uploads import read_images
+from app.engine.dataplane import DataPlane, ImageResult
+from app.policies.cascade import parse_cascade, run_cascade
+from app.policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
+from app.api.schemas import ClassifyResponse
+
+MAX_TOP_K = 1000
+
+router = APIRouter()
+
+
+def _pretrained(plane: DataPlane, results: list[ImageResult]) -> bool:
+    entries = plane.registry.entries
+    return all(entries[r.model].manifest.weights.pretrained for r in results)
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    summary="Classify one or several images",
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+    openapi_extra=CLASSIFY_BODY,
+)
+async def classify(
+    request: Request,
+    model: str | None = Query(None, description="model name from /models, `auto`, or `cascade[:a,b]`; "
+                              "default: the configured default model"),
+    top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="how many classes to return per image"),
+    budget_ms: float | None = Query(None, gt=0, le=MAX_BUDGET_MS, description="model=auto: latency budget in ms"),
+    threshold: float | None = Query(None, ge=0, le=1, description="model=cascade: escalate below this top-1 probability"),
+) -> Any:
+    plane = plane_of(request)
+    started = time.perf_counter()
+    arrived = asyncio.get_running_loop().time()
+
+    async def read() -> list[bytes]:
+        return await read_images(request, plane.settings)
+
+    if model == "auto":
+        budget = budget_ms if budget_ms is not None else plane.settings.default_budget_ms
+        results, decision = await classify_auto(plane, budget, read, arrived)
+        body = auto_body(results, decision, top_k, started, _pretrained(plane, results))
+        return JSONResponse(body, headers=decision.headers())
+    if model is not None and is_family_name(model):
+        names = parse_cascade(model, plane.settings.default_cascade)
+        cut = threshold if threshold is not None else plane.settings.cascade_threshold
+        outcome = await run_cascade(plane, names, cut, read, arrived)
+        body = cascade_body(outcome, top_k, started, _pretrained(plane, outcome.results))
+        return JSONResponse(body, headers=cascade_headers(outcome))
+
+    entry = plane.entry(model)
+    with plane.open(entry, arrived) as call:
+        results = await call.images(await read())
+    return JSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))

@@ -1,0 +1,68 @@
+"""One JSON error shape for every failure of the JSON API: {"error": {"code", "message", ...extra}}.
+
+Every error the service can answer is an `ApiError` (app/core/errors.py) raised by our own code, so the
+handlers below only translate; the catch-all exists so that a bug can never leak a stack trace, not
+because any path is expected to reach it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import ApiError, ClientGone
+
+log = logging.getLogger("effnet.errors")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["unknown_model"])
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every non-2xx answer."""
+
+    error: ErrorDetail
+
+
+def _json(status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only location and message: pydantic's "input" and "ctx" would echo user input back.
+        details = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()
+        ]
+        return _json(422, "validation_error", "request parameters are invalid", details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        return _json(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _json(500, "internal_error", "internal error")

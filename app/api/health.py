@@ -1,0 +1,46 @@
+"""Liveness, readiness and the Prometheus endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.api.errors import ErrorResponse
+from app.api.schemas import Health
+from app.api.state import plane_of
+from app.engine.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+@router.get("/health/live", response_model=Health, summary="The process is up")
+async def live() -> Health:
+    return Health(status="alive")
+
+
+@router.get(
+    "/health/ready", response_model=Health, summary="Every configured model is loaded and warmed",
+    responses={503: {"model": ErrorResponse, "description": "not ready; `models` maps each name to its reason"}},
+)
+async def ready(request: Request) -> Any:
+    plane = plane_of(request)
+    if plane.draining:
+        return JSONResponse({"error": {"code": "shutting_down", "message": "the server is shutting down"}}, status_code=503)
+    registry = plane.registry
+    if not registry.ready:
+        pending = registry.not_ready()
+        message = "no models configured or found" if not registry.entries else "models not ready: " + ", ".join(sorted(pending))
+        return JSONResponse({"error": {"code": "not_ready", "message": message, "models": pending}}, status_code=503)
+    return Health(status="ready", models=registry.names())
+
+
+@router.get(
+    "/metrics", summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+                     "description": "Prometheus text format"}},
+    response_class=Response,
+)
+async def metrics(request: Request) -> Response:
+    return Response(plane_of(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,47 @@
+"""GET /models and /models/{name}: what the repository holds and how each model is doing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from app.api.docs import error_responses
+from app.api.schemas import ModelInfo, ModelList
+from app.api.state import plane_of
+from app.engine.registry import ModelEntry
+
+router = APIRouter()
+
+
+def model_info(entry: ModelEntry) -> ModelInfo:
+    info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason}
+    m = entry.manifest
+    if m is not None:
+        info.update(
+            family=m.family, variant=m.variant, phi=m.phi, width_mult=m.width_mult, depth_mult=m.depth_mult,
+            resolution=m.resolution,
+            preprocess=m.preprocess.model_dump(include={"resize", "crop", "interpolation", "mean", "std"}),
+            params=m.params, macs=m.macs,
+            accuracy={
+                "reference": m.accuracy.reference.model_dump() if m.accuracy.reference else None,
+                "measured": m.accuracy.measured.model_dump() if m.accuracy.measured else None,
+            },
+            pretrained=m.weights.pretrained, weights_source=m.weights.source,
+            weights_format=getattr(m.weights, "format", None), padding=getattr(m, "padding", None),
+            precision=m.precision, derived_from=m.derived_from.name if m.derived_from else None,
+        )
+    if entry.status == "ready" and entry.batcher is not None:
+        info.update(provider=entry.provider, max_batch=entry.max_batch, batch_sizes=entry.batcher.sizes)
+    return ModelInfo.model_validate(info)
+
+
+@router.get("/models", response_model=ModelList, summary="Models in the repository", responses=error_responses(401))
+async def list_models(request: Request) -> ModelList:
+    reg = plane_of(request).registry
+    return ModelList(default=reg.default_model, models=[model_info(e) for e in reg.entries.values()])
+
+
+@router.get("/models/{name}", response_model=ModelInfo, summary="One model", responses=error_responses(401, 404))
+async def get_model(request: Request, name: str) -> ModelInfo:
+    return model_info(plane_of(request).entry(name))

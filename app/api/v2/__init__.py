@@ -1,0 +1,1 @@
+"""The Open Inference Protocol (KServe V2) over HTTP: codec.py (bodies) and routes.py (endpoints)."""

@@ -1,0 +1,279 @@
+"""The Open Inference Protocol's (KServe V2) inference body: parsing requests, encoding answers.
+
+No web framework here: bytes in, numpy and dataclasses out, and back. The HTTP routes (routes.py) and any
+other transport use it alike.
+
+Inputs (exactly one per request):
+  * FP32 `[N, 3, crop, crop]`: already preprocessed (the manifest's resize/crop/normalise), as JSON
+    `data` (flat row-major or nested) or binary;
+  * BYTES `[N]` (or `[N, 1]`): encoded images (JPEG, PNG, ...), preprocessed by the server exactly like
+    /classify. Binary (tritonclient's default: 4-byte little-endian length + bytes per element), or JSON
+    `data` as base64 strings.
+Outputs: the model's output (`logits`, FP32 `[N, 1000]`, raw logits). With the classification extension
+(`parameters.classification: k` on the requested output, which is what tritonclient's
+`InferRequestedOutput(..., class_count=k)` sends; `class_count` is accepted too) it is BYTES `[N, k]` of
+`"score:index:label"`, best first, where score is the softmax probability (Triton puts the raw output
+value there). Binary tensor data extension: request bodies with `Inference-Header-Content-Length`, and
+binary outputs when asked for (`binary_data` on an output, or `binary_data_output` on the request).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.core.errors import BadRequest, PayloadTooLarge
+from app.engine.manifest import Manifest
+
+VERSION = "1"
+HEADER = "Inference-Header-Content-Length"
+
+
+class ProtocolError(BadRequest):
+    """A malformed inference request (or an unsupported encoding): the protocol's `{"error": ...}` answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Output:
+    name: str
+    class_count: int  # 0: the raw tensor; k: the classification extension's top k
+    binary: bool
+
+
+@dataclass
+class InferInput:
+    request: dict[str, Any]  # the JSON header, for the id and outputs
+    tensors: list[np.ndarray] | None  # FP32 rows [3, crop, crop]
+    images: list[bytes] | None  # BYTES elements: encoded images
+    outputs: list[Output]
+
+
+def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+    enc = (encoding or "identity").strip().lower()
+    if enc == "identity":
+        return body
+    if enc not in ("gzip", "deflate"):
+        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        raise ProtocolError(400, f"the body is not valid {enc} data") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes", limit_bytes=limit)
+    return out
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(400, f"{HEADER} is not a number") from None
+        if not 0 <= n <= len(body):
+            raise ProtocolError(400, f"{HEADER} is {n}, the body has {len(body)} bytes")
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(400, "the inference request header is not valid JSON") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        raise ProtocolError(400, "the inference request must be a JSON object with an 'inputs' list")
+    return req, binary
+
+
+def _shape(t: dict[str, Any]) -> list[int]:
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(400, f"input {t.get('name')!r}: 'shape' must be a list of non-negative integers")
+    return shape
+
+
+def bytes_elements(raw: bytes, where: str, expected: int) -> list[bytes]:
+    """Length-prefixed BYTES elements; refused as soon as there are more than `expected`."""
+    out, off = [], 0
+    while off < len(raw):
+        if len(out) == expected:
+            raise ProtocolError(400, f"{where}: more BYTES elements than its shape's {expected}")
+        if off + 4 > len(raw):
+            raise ProtocolError(400, f"{where}: truncated BYTES element length")
+        (n,) = struct.unpack_from("<I", raw, off)
+        off += 4
+        if off + n > len(raw):
+            raise ProtocolError(400, f"{where}: BYTES element of {n} bytes runs past the data")
+        out.append(raw[off:off + n])
+        off += n
+    return out
+
+
+def _flatten(data: Any, limit: int) -> list[Any]:
+    """Nested JSON lists -> a flat list, refused as soon as it holds more than `limit` items."""
+    if not isinstance(data, list):
+        return [data]
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+            if len(flat) > limit:
+                raise ProtocolError(400, f"'data' holds more than the {limit} values its shape allows")
+        else:
+            stack.pop()
+    return flat
+
+
+def parse_infer(body: bytes, header_length: str | None, manifest: Manifest, max_images: int) -> InferInput:
+    req, binary = _split(body, header_length)
+    inputs = req["inputs"]
+    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ProtocolError(400, f"model {manifest.name!r} takes exactly one input")
+    t = inputs[0]
+    name, dtype, shape = t.get("name"), t.get("datatype"), _shape(t)
+    params = t.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(400, f"input {name!r}: 'parameters' must be an object")
+    if any(k.startswith("shared_memory") for k in params):
+        raise ProtocolError(400, "shared-memory inputs are not supported")
+    size = params.get("binary_data_size")
+    raw = b""
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise ProtocolError(400, f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} binary bytes")
+        raw = binary[:size]
+    elif "data" not in t:
+        raise ProtocolError(400, f"input {name!r} has neither 'data' nor binary data")
+    outputs = requested_outputs(req, manifest.onnx.output.name)
+    if dtype == "FP32":
+        return InferInput(req, _fp32_rows(t, name, shape, size, raw, manifest, max_images), None, outputs)
+    if dtype == "BYTES":
+        return InferInput(req, None, _images(t, name, shape, size, raw, max_images), outputs)
+    raise ProtocolError(400, f"input {name!r}: datatype {dtype!r} is not supported; send FP32 tensors or BYTES images")
+
+
+def _fp32_rows(t, name, shape, size, raw, manifest: Manifest, max_images: int) -> list[np.ndarray]:
+    crop = manifest.preprocess.crop
+    if name != manifest.onnx.input.name:
+        raise ProtocolError(400, f"model {manifest.name!r} has no input {name!r}; its input is {manifest.onnx.input.name!r}")
+    if len(shape) != 4 or shape[1:] != [3, crop, crop] or shape[0] < 1:
+        raise ProtocolError(400, f"input {name!r}: shape {shape} is not [N, 3, {crop}, {crop}]")
+    if shape[0] > max_images:
+        raise ProtocolError(400, f"at most {max_images} images per request")
+    count = int(np.prod(shape))
+    if size is not None:
+        if size != count * 4:
+            raise ProtocolError(400, f"input {name!r}: {size} bytes of binary data for {count} FP32 values")
+        x = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    else:
+        try:
+            x = np.asarray(_flatten(t["data"], count), dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ProtocolError(400, f"input {name!r}: 'data' must hold numbers") from None
+        if x.size != count:
+            raise ProtocolError(400, f"input {name!r}: {x.size} values in 'data' for shape {shape}")
+    x = x.reshape(shape)
+    if not np.isfinite(x).all():
+        raise ProtocolError(400, f"input {name!r} holds NaN or infinite values")
+    return [np.ascontiguousarray(row) for row in x]
+
+
+def _images(t, name, shape, size, raw, max_images: int) -> list[bytes]:
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+        raise ProtocolError(400, f"input {name!r}: BYTES input holds encoded images, shape [N] or [N, 1]; got {shape}")
+    if shape[0] > max_images:
+        raise ProtocolError(400, f"at most {max_images} images per request")
+    if size is not None:
+        images = bytes_elements(raw, f"input {name!r}", shape[0])
+    else:
+        images = []
+        for v in _flatten(t["data"], shape[0]):
+            if not isinstance(v, str):
+                raise ProtocolError(400, f"input {name!r}: JSON BYTES elements must be base64 strings")
+            try:
+                images.append(base64.b64decode(v, validate=True))
+            except (binascii.Error, ValueError):
+                raise ProtocolError(400, f"input {name!r}: JSON BYTES elements must be base64-encoded images") from None
+    if len(images) != shape[0]:
+        raise ProtocolError(400, f"input {name!r}: {len(images)} elements for shape {shape}")
+    return images
+
+
+def requested_outputs(req: dict[str, Any], output_name: str) -> list[Output]:
+    params = req.get("parameters") or {}
+    default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    outs = req.get("outputs")
+    if outs is None:
+        return [Output(output_name, 0, default_binary)]
+    if not isinstance(outs, list) or not outs:
+        raise ProtocolError(400, "'outputs' must be a non-empty list")
+    result = []
+    for o in outs:
+        if not isinstance(o, dict) or o.get("name") != output_name:
+            got = o.get("name") if isinstance(o, dict) else o
+            raise ProtocolError(400, f"unknown output {got!r}; the model's output is {output_name!r}")
+        p = o.get("parameters") or {}
+        if not isinstance(p, dict):
+            raise ProtocolError(400, "output 'parameters' must be an object")
+        if any(k.startswith("shared_memory") for k in p):
+            raise ProtocolError(400, "shared-memory outputs are not supported")
+        k = p.get("classification", p.get("class_count", 0))
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ProtocolError(400, "the classification parameter must be a non-negative integer")
+        result.append(Output(output_name, k, bool(p.get("binary_data", default_binary))))
+    return result
+
+
+def classification_strings(probs: np.ndarray, labels: list[str], k: int) -> list[str]:
+    """Triton's classification extension: per row, the k best as "score:index:label", flattened."""
+    k = min(k, probs.shape[1])
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [f"{probs[r, i]:.6f}:{i}:{labels[i]}" for r in range(probs.shape[0]) for i in idx[r]]
+
+
+def encode_infer(inp: InferInput, model: str, labels: list[str], logits: np.ndarray,
+                 probs: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of the answer; binary outputs follow the JSON header, as the extension says."""
+    out_json: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    n = logits.shape[0]
+    for o in inp.outputs:
+        if o.class_count:
+            strings = classification_strings(probs, labels, o.class_count)
+            t: dict[str, Any] = {"name": o.name, "datatype": "BYTES", "shape": [n, len(strings) // max(n, 1)]}
+            if o.binary:
+                raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+                t["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            else:
+                t["data"] = strings
+        else:
+            t = {"name": o.name, "datatype": "FP32", "shape": list(logits.shape)}
+            if o.binary:
+                raw = logits.astype("<f4").tobytes()
+                t["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            else:
+                t["data"] = logits.astype(np.float32).ravel().tolist()
+        out_json.append(t)
+    resp: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": out_json}
+    if isinstance(inp.request.get("id"), str):
+        resp["id"] = inp.request["id"]
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not chunks:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(chunks), {"content-type": "application/octet-stream", HEADER: str(len(head))}

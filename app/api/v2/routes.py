@@ -1,0 +1,171 @@
+"""Open Inference Protocol (KServe V2) over HTTP, as tritonclient and the KServe SDK speak it.
+
+    GET  /v2                                   server metadata
+    GET  /v2/health/live | /v2/health/ready    200 / 503
+    GET  /v2/models/{m}[/versions/1]           model metadata
+    GET  /v2/models/{m}[/versions/1]/ready     200 / 503 (404: no such model)
+    POST /v2/models/{m}[/versions/1]/infer     inference (body format: app/api/v2/codec.py)
+
+Every inference goes through the data plane like /classify and is counted in the same metrics. Errors
+are the protocol's shape, `{"error": "message"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from app import __version__
+from app.api.state import plane_of
+from app.api.uploads import read_body
+from app.api.v2.codec import HEADER, VERSION, ProtocolError, decode_content, encode_infer, parse_infer
+from app.core.errors import ApiError
+from app.engine.registry import ModelEntry
+
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+
+
+class ProtocolErrorBody(BaseModel):
+    error: str
+
+
+def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
+    return {int(c[1:]): {"model": ProtocolErrorBody, "description": d} for c, d in codes.items()}
+
+
+# Declared on the router so every /v2 route's OpenAPI lists the errors it can answer with
+# (schemathesis holds the service to its own spec).
+router = APIRouter(
+    prefix="/v2",
+    tags=["Open Inference Protocol (KServe V2)"],
+    responses=_documented(
+        s400="malformed inference request (header, shapes, data, binary sizes)",
+        s401="EFFNET_API_KEY is set and the request lacks it",
+        s404="unknown model or version",
+        s413="body larger than EFFNET_MAX_BODY_MB",
+        s415="unsupported Content-Encoding",
+        s503="model loading, unavailable, overloaded or shutting down; see Retry-After",
+    ),
+)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _entry(request: Request, name: str, version: str | None) -> ModelEntry:
+    plane = plane_of(request)
+    entry = plane.registry.entries.get(name)
+    if entry is None:
+        # The name came from the client: not echoed back.
+        raise ProtocolError(404, f"unknown model; available: {', '.join(plane.registry.names())}")
+    if version not in (None, "", VERSION):
+        raise ProtocolError(404, f"model {name!r} has only version {VERSION}")
+    return entry
+
+
+# --- server -----------------------------------------------------------------------------
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "effnet-serve", "version": __version__, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="The process is up")
+async def health_live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Every configured model is loaded and warmed")
+async def health_ready(request: Request) -> JSONResponse:
+    plane = plane_of(request)
+    ready = plane.registry.ready and not plane.draining
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+# --- models -----------------------------------------------------------------------------
+def metadata(entry: ModelEntry) -> dict[str, Any]:
+    m = entry.manifest
+    out: dict[str, Any] = {"name": entry.name, "versions": [VERSION], "platform": PLATFORM}
+    if m is not None:
+        crop = m.preprocess.crop
+        out["inputs"] = [{"name": m.onnx.input.name, "datatype": "FP32", "shape": [-1, 3, crop, crop]}]
+        out["outputs"] = [{"name": m.onnx.output.name, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
+    else:  # not loaded: the manifest could not be read; say what we know
+        out["inputs"], out["outputs"] = [], []
+    return out
+
+
+async def _model_metadata(request: Request, name: str, version: str | None) -> JSONResponse:
+    try:
+        return JSONResponse(metadata(_entry(request, name, version)))
+    except ProtocolError as exc:
+        return _error(exc.status, exc.message)
+
+
+async def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
+    try:
+        entry = _entry(request, name, version)
+    except ProtocolError as exc:
+        return _error(exc.status, exc.message)
+    ready = plane_of(request).is_ready(entry)
+    return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(request: Request, name: str) -> JSONResponse:
+    return await _model_metadata(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)")
+async def model_version_metadata(request: Request, name: str, version: str) -> JSONResponse:
+    return await _model_metadata(request, name, version)
+
+
+@router.get("/models/{name}/ready", summary="Model readiness")
+async def model_ready(request: Request, name: str) -> JSONResponse:
+    return await _model_ready(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)")
+async def model_version_ready(request: Request, name: str, version: str) -> JSONResponse:
+    return await _model_ready(request, name, version)
+
+
+# --- inference --------------------------------------------------------------------------
+@router.post("/models/{name}/infer", summary="Inference")
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference (one version)")
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    plane = plane_of(request)
+    arrived = asyncio.get_running_loop().time()
+    try:
+        entry = _entry(request, name, version)
+        with plane.open(entry, arrived) as call:
+            limit = plane.settings.max_body_bytes
+            body = decode_content(await read_body(request, limit), request.headers.get("content-encoding"), limit)
+            inp = parse_infer(body, request.headers.get(HEADER), entry.manifest, plane.settings.max_queue)
+            results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
+    except ApiError as exc:
+        return _error(exc.status, exc.message, exc.headers)
+    logits = np.stack([r.logits for r in results])
+    probs = np.stack([r.probs for r in results])
+    content, headers = encode_infer(inp, entry.name, entry.manifest.labels, logits, probs)
+    return Response(content, headers=headers)
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+async def not_found(rest: str) -> JSONResponse:
+    return _error(404, f"no such endpoint: /v2/{rest}")

@@ -1,0 +1,1 @@
+"""Settings and the error vocabulary every layer shares; imports nothing of app."""

@@ -1,0 +1,1 @@
+"""Offline tools over the engine: `effnet eval` and `effnet report`."""
