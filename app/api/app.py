@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.api import classify, health, models
 from app.api.errors import install_handlers
+from app.api.gate import AdmissionGate
 from app.api.security import ApiKeyMiddleware
 from app.api.v2 import routes as v2_routes
 from app.core.config import Settings
@@ -63,10 +64,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(v2_routes.router)  # Open Inference Protocol (KServe V2)
+    # Starlette runs the last middleware added first. Innermost: the admission gate, so a refusal still
+    # needs the key. Then the key. Outermost: CORS, so a browser's preflight (which never carries the key)
+    # is answered, and every answer, a 401 included, carries the CORS headers the browser needs to read it.
+    app.add_middleware(AdmissionGate)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(), exempt=settings.api_key_exempt)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+            expose_headers=["Retry-After", "X-Request-Id", "X-Effnet-Model"],
         )
-    if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(), exempt=settings.api_key_exempt)
     return app

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from app.api.answers import auto_body, cascade_body, cascade_headers, classify_body
 from app.api.docs import CLASSIFY_BODY, error_responses
 from app.api.state import plane_of
-from app.api.uploads import read_images
+from app.api.body import Upload, client_timeout_s
 from app.engine.dataplane import DataPlane, ImageResult
 from app.policies.cascade import parse_cascade, run_cascade
 from app.policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
@@ -51,23 +51,26 @@ async def classify(
     plane = plane_of(request)
     started = time.perf_counter()
     arrived = asyncio.get_running_loop().time()
+    timeout_s = client_timeout_s(request)
+    async with Upload(request, plane) as upload:
+        return await upload.guard(_classify(plane, upload, model, top_k, budget_ms, threshold, started, arrived, timeout_s))
 
-    async def read() -> list[bytes]:
-        return await read_images(request, plane.settings)
 
+async def _classify(plane: DataPlane, upload: Upload, model: str | None, top_k: int, budget_ms: float | None,
+                    threshold: float | None, started: float, arrived: float, timeout_s: float | None) -> JSONResponse:
     if model == "auto":
         budget = budget_ms if budget_ms is not None else plane.settings.default_budget_ms
-        results, decision = await classify_auto(plane, budget, read, arrived)
+        results, decision = await classify_auto(plane, budget, upload.images, arrived, timeout_s)
         body = auto_body(results, decision, top_k, started, _pretrained(plane, results))
         return JSONResponse(body, headers=decision.headers())
     if model is not None and is_family_name(model):
         names = parse_cascade(model, plane.settings.default_cascade)
         cut = threshold if threshold is not None else plane.settings.cascade_threshold
-        outcome = await run_cascade(plane, names, cut, read, arrived)
+        outcome = await run_cascade(plane, names, cut, upload.images, arrived, timeout_s)
         body = cascade_body(outcome, top_k, started, _pretrained(plane, outcome.results))
         return JSONResponse(body, headers=cascade_headers(outcome))
 
     entry = plane.entry(model)
-    with plane.open(entry, arrived) as call:
-        results = await call.images(await read())
+    async with plane.open(entry, arrived, timeout_s) as call:
+        results = await call.images(await upload.images())
     return JSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))

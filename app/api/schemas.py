@@ -92,4 +92,6 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["alive", "ready"]
-    models: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list, description="the models that serve")
+    unavailable: dict[str, str] | None = Field(
+        None, description="EFFNET_STRICT_READINESS=false only: models that do not serve, and why")

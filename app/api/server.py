@@ -44,6 +44,8 @@ def serve(host: str, port: int) -> int:
     config = uvicorn.Config(
         app, host=host, port=port, workers=1, timeout_graceful_shutdown=settings.drain_s,
         log_level="info", access_log=False, lifespan="on",
+        # Open connections + requests: beyond this, new requests get uvicorn's 503 at once.
+        limit_concurrency=settings.max_connections,
     )
     server = DrainingServer(config, app)
     # uvicorn re-raises the signal it caught once it has shut down (so the process dies

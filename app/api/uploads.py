@@ -1,10 +1,8 @@
-"""Reading the upload: size-bounded before buffering, raw body or multipart `file` fields.
+"""What an upload holds: its media type, and the `file` parts of a multipart body.
 
-The body is counted while it streams in and refused with 413 the moment it passes the
-limit (and at once when Content-Length already says so), so a client cannot make us
-buffer more than EFFNET_MAX_BODY_MB. Multipart is parsed from that bounded buffer with
-python-multipart's low-level parser, keeping every part in memory: no temp-file
-spooling, and a `file` part counts whether or not the client gave it a filename.
+The body itself is read, within its bounds, by app/api/body.py. Multipart is parsed from that bounded
+buffer with python-multipart's low-level parser, keeping every part in memory: no temp-file spooling,
+and a `file` part counts whether or not the client gave it a filename.
 """
 
 from __future__ import annotations
@@ -13,43 +11,13 @@ from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
-from app.core.config import Settings
-from app.core.errors import BadRequest, ClientGone, PayloadTooLarge, UnsupportedMediaType
+from app.core.errors import BadRequest, UnsupportedMediaType
 
 RAW_TYPES = ("application/octet-stream",)
 FILE_FIELD = "file"
 MAX_PARTS = 64  # fields of any name; a multipart body is not a place for thousands of parts
-
-
-async def read_images(request: Request, settings: Settings) -> list[bytes]:
-    """The encoded images of a /classify request, in upload order: the raw body, or every `file` part.
-    The media type is checked before a byte of the body is read."""
-    ctype, params = media_type(request)
-    kind = check_media_type(ctype)
-    body = await read_body(request, settings.max_body_bytes)
-    return [body] if kind == "raw" else parse_multipart(body, params)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
-        if size > limit:
-            raise PayloadTooLarge(f"body is {size} bytes; the limit is {limit}", limit_bytes=limit)
-    buf = bytearray()
-    try:
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", limit_bytes=limit)
-    except ClientDisconnect:
-        raise ClientGone() from None
-    return bytes(buf)
 
 
 def media_type(request: Request) -> tuple[str, dict[bytes, bytes]]:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.core import limits
+
 log = logging.getLogger("effnet.config")
 
 # Default max batch per device when nothing more specific is configured. On 2 CPU cores
@@ -23,10 +25,7 @@ _OVERRIDE_PREFIX = "EFFNET_MAX_BATCH_"
 
 
 def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return limits.cores()
 
 
 def env_key(model: str) -> str:
@@ -57,11 +56,35 @@ class Settings(BaseSettings):
     # "incoming": spend the delay only while admitted requests are still decoding (an idle model
     # answers a lone request at once); "always": every partial batch waits the full delay.
     batch_wait: Literal["incoming", "always"] = "incoming"
+    # Per model: images queued or held for requests being decoded. The real admission bound.
     max_queue: int = Field(default=256, ge=1)
+    # How long a request may wait for queue room before 503; unset = the queue's own drain time (the
+    # smallest wait that lets a retry storm throttle itself without adding more than one drain of latency).
+    admission_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
+    # Requests still sending their body, across models: generous, so slow uploads cannot lock others out.
+    max_uploads: int = Field(default=1024, ge=1)
+    # uvicorn's bound on open connections + tasks; beyond it new requests get 503 at once.
+    max_connections: int = Field(default=2048, ge=1)
     max_body_mb: float = Field(default=20.0, gt=0)
+    # The whole body must arrive within this, and after the first second at least MIN_UPLOAD_KBPS.
+    body_timeout_s: float = Field(default=15.0, gt=0)
+    min_upload_kbps: float = Field(default=16.0, ge=0)
+    # An oversized upload is read and thrown away up to this much so the client can read its 413
+    # (urllib and requests send the whole body before reading an answer); beyond it the connection closes.
+    max_discard_mb: float = Field(default=128.0, ge=0)
+    # Bytes of bodies and decoded pixels in flight, across requests; default: a quarter of the container's
+    # memory limit (cgroup), at least 256 MB. Beyond it: 503 + Retry-After.
+    max_inflight_mb: float = Field(default_factory=limits.default_inflight_mb, gt=0)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
+    # Requests that waited longer are dropped before inference (503); a client's X-Request-Timeout-Ms
+    # (or Envoy's x-envoy-expected-rq-timeout-ms) can only shorten it.
     request_timeout_s: float = Field(default=30.0, gt=0)
     drain_s: float = Field(default=20.0, ge=0)
+    # true (Triton's default): /health/ready is 503 while any configured model is unavailable; false:
+    # ready once loading is over and at least one model serves (the pod still takes traffic for the others).
+    strict_readiness: bool = True
+    # One access-log line per request (method, path, model, status, images, ms, request id).
+    access_log: bool = True
 
     # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
     threads: int = Field(default_factory=_cores, ge=1)
@@ -72,7 +95,8 @@ class Settings(BaseSettings):
 
     api_key: SecretStr | None = None
     # Path prefixes reachable without the API key.
-    api_key_exempt: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["/health", "/metrics"])
+    api_key_exempt: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/health", "/v2/health", "/metrics"])
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty = CORS off
 
     # model=auto (app/policies/routing.py): the latency budget when the request gives no budget_ms.
@@ -111,6 +135,14 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_discard_bytes(self) -> int:
+        return int(self.max_discard_mb * 1024 * 1024)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * 1024 * 1024)
 
     def max_batch_for(self, model: str, device: str, table: dict[str, int] | None = None) -> int:
         """Most specific wins: EFFNET_MAX_BATCH_<NAME> > batch_sizes.json > EFFNET_MAX_BATCH > device default."""

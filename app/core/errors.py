@@ -48,6 +48,15 @@ class PayloadTooLarge(ApiError):
         super().__init__(message, headers={"Connection": "close"}, **extra)
 
 
+class RequestTimeout(ApiError):
+    """The body did not arrive in time (or too slowly): the connection is closed after the answer."""
+
+    status, code, reject_reason = 408, "request_timeout", "body_timeout"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, headers={"Connection": "close"}, **extra)
+
+
 class UnsupportedMediaType(ApiError):
     status, code, reject_reason = 415, "unsupported_media_type", "unsupported_media_type"
 
@@ -63,6 +72,12 @@ class Unavailable(ApiError):
 
 class Overloaded(Unavailable):
     code, reject_reason = "overloaded", "queue_full"
+
+
+class OverBudget(Overloaded):
+    """The bytes and pixels of requests in flight would exceed EFFNET_MAX_INFLIGHT_MB."""
+
+    reject_reason = "memory"
 
 
 class DeadlineExceeded(Unavailable):

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from app.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
+from app.engine.queue_room import QueueRoom, Reservation
 
 log = logging.getLogger("effnet.batcher")
 
@@ -73,6 +74,7 @@ class Hooks:
     on_item: Callable[[float], None] = lambda queue_s: None
     on_depth: Callable[[int], None] = lambda depth: None
     on_expired: Callable[[int], None] = lambda n: None
+    on_skipped: Callable[[int], None] = lambda n: None  # images dropped because their client left
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -116,7 +118,10 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy = False
-        self._reserved = 0  # queue room held for images still being decoded
+        self._running = 0  # images in the batch being computed: admitted, not yet answered
+        # max_queue bounds every image admitted and not yet answered (queued, reserved or running), so an
+        # admitted image never has more than max_queue / batch batches ahead of it.
+        self.room = QueueRoom(self, self.max_queue, lambda: len(self._items) + self._running)
         self.batches_run = 0
         self.per_image_s = 0.0  # recent inference seconds per image (smoothed); 0 until the first batch
 
@@ -128,6 +133,7 @@ class Batcher:
     async def stop(self, drain_s: float = 0.0) -> None:
         """Refuse new work, give queued items up to drain_s to finish, fail the rest."""
         self._closing = True
+        self.room.close()
         deadline = time.monotonic() + drain_s
         while (self._items or self._busy) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -157,17 +163,12 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        """Images queued or reserved: what a new image would wait behind."""
-        return len(self._items) + self._reserved
+        """Images queued, reserved or running: what a new image would wait behind."""
+        return self.room.used
 
     def reserve(self, n: int) -> Reservation:
-        """Hold queue room for the n images of one request, or refuse them all (Overloaded)."""
-        if self._closing:
-            raise ShuttingDown("the server is shutting down")
-        if self.queued + n > self.max_queue:
-            raise Overloaded(f"model {self.name!r} queue is full ({self.max_queue} images); retry shortly")
-        self._reserved += n
-        return Reservation(self, n)
+        """Hold queue room for the n images of one request now, or refuse them all (Overloaded)."""
+        return self.room.reserve(n)
 
     async def submit(self, xs: Sequence[np.ndarray], arrived: float | None = None) -> list[Result]:
         """Queue every image of one request, or none of them; await all results.
@@ -178,12 +179,14 @@ class Batcher:
         with self.reserve(len(xs)) as room:
             return await room.submit(xs, arrived)
 
-    async def _enqueue(self, xs: Sequence[np.ndarray], arrived: float | None) -> list[Result]:
+    async def _enqueue(self, xs: Sequence[np.ndarray], arrived: float | None, timeout_s: float | None = None) -> list[Result]:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = (now if arrived is None else arrived) + self.timeout_s
+        # The client's own deadline can only shorten the server's.
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = (now if arrived is None else arrived) + timeout
         t = time.perf_counter()
         items = [_Item(x, loop.create_future(), now, t, deadline) for x in xs]
         self._items.extend(items)
@@ -217,7 +220,7 @@ class Batcher:
         # The delay counts from the first item's arrival, so an item that already waited
         # through the previous batch's inference is not held back again.
         until = self._items[0].enqueued + self.max_delay_s
-        while len(self._items) < self.max_batch and (self._reserved > 0 or self.wait_always):
+        while len(self._items) < self.max_batch and (self.room.reserved > 0 or self.wait_always):
             remaining = until - loop.time()
             if remaining <= 0:
                 break
@@ -230,11 +233,12 @@ class Batcher:
 
     def _take(self, now: float) -> list[_Item]:
         live: list[_Item] = []
-        expired = 0
+        expired = skipped = 0
         # Drop dead items first so they do not count towards the batch.
         while self._items and len(live) < self.max_batch:
             item = self._items.popleft()
-            if item.future.done():  # cancelled by a client that went away
+            if item.future.done():  # cancelled: the client went away, its image is not computed
+                skipped += 1
                 continue
             if now > item.deadline:
                 expired += 1
@@ -245,12 +249,16 @@ class Batcher:
             live.append(item)
         if expired:
             self.hooks.on_expired(expired)
+        if skipped:
+            self.hooks.on_skipped(skipped)
         if live and not self.pad:
             n = max(s for s in self.sizes if s <= len(live))
             for item in reversed(live[n:]):  # back to the front of the queue, order kept
                 self._items.appendleft(item)
             live = live[:n]
         self.hooks.on_depth(len(self._items))
+        self._running = len(live)  # still admitted, now in the batch about to run
+        self.room.grant()  # skipped and expired images left: room for whoever waits
         return live
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
@@ -276,6 +284,8 @@ class Batcher:
             return
         finally:
             self._busy = False
+            self._running = 0
+            self.room.grant()  # the batch's images are answered (or failed): their room is free
         self.batches_run += 1
         cost = seconds / n
         self.per_image_s = cost if not self.per_image_s else (1 - COST_SMOOTHING) * self.per_image_s + COST_SMOOTHING * cost
@@ -294,30 +304,3 @@ class Batcher:
         if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"model returned shape {logits.shape} for a batch of {x.shape[0]}")
         return softmax(logits[: x.shape[0]]), seconds, logits[: x.shape[0]]
-
-
-class Reservation:
-    """Queue room held for one request's images while they are decoded; a context manager that gives
-    back whatever was not submitted when it closes."""
-
-    def __init__(self, batcher: Batcher, n: int) -> None:
-        self._batcher, self._left = batcher, n
-
-    async def submit(self, xs: Sequence[np.ndarray], arrived: float | None = None) -> list[Result]:
-        if len(xs) > self._left:
-            raise ValueError(f"{len(xs)} images submitted on a reservation of {self._left}")
-        self._left -= len(xs)
-        self._batcher._reserved -= len(xs)
-        return await self._batcher._enqueue(xs, arrived)
-
-    def release(self) -> None:
-        if self._left:
-            self._batcher._reserved -= self._left
-            self._left = 0
-            self._batcher._wakeup.set()  # a partial batch may have been waiting for these
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

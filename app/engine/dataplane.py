@@ -4,18 +4,29 @@ Every way in (/classify, /v2 over HTTP and gRPC, cascades, `model=auto`) calls t
 module to run a model, so admission, deadlines, metrics and latency samples are decided and recorded in
 one place, in one unit:
 
-    call = plane.open(entry, arrived)     # admitted, or refused at once (503/429): nothing read yet
-    with call:
-        images = await read_the_body()     # the front end's business
-        results = await call.images(images)  # queue room for all of them, or none; decode off the loop
+    async with plane.open(entry, arrived) as call:  # stage 1: admitted, or refused (503): nothing read yet
+        images = await read_the_body()               # the front end's business
+        results = await call.images(images)          # stage 2: queue room for all of them, or none;
+                                                     # then decode off the loop, submit, label
 
-A `Call` counts as in flight from `open` until its `with` block ends; on the way out it records the
-request's status and duration once, whatever happened inside (an answer, a refusal, a client that left).
+Admission has two stages because the image count is only known once the body is in:
+* stage one (open) refuses what is already known to fail (draining, model not ready, too many uploads
+  at once, a queue that stays full for the admission wait), and holds no queue room, so a slow upload
+  cannot lock other clients out;
+* stage two (images/tensors) reserves room for every image of the request, waiting behind earlier
+  requests for at most what is left of the admission wait, before any image is decoded.
+A refused request has waited at most one admission wait (by default the queue's own drain time), which
+throttles clients that retry at once without adding more than a drain to an admitted request's latency.
+
+A `Call` counts as in flight from `open` until its block ends; on the way out it records the request's
+status and duration once, whatever happened inside (an answer, a refusal, a client that left), and the
+images it gave up on before inference as skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -25,6 +36,7 @@ import numpy as np
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, ClientGone, Overloaded, ShuttingDown, Unavailable, UnknownModel
 from app.engine.batcher import Result
+from app.engine.memory import MemoryBudget
 from app.engine.metrics import Metrics
 from app.engine.preprocess import Prepared, prepare
 from app.engine.registry import ModelEntry, Registry
@@ -71,9 +83,11 @@ class DataPlane:
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.stats = ServiceStats()
+        self.memory = MemoryBudget(settings.max_inflight_bytes)
         self.draining = False
         # Requests admitted per model and not yet finished (uploading, decoding or queued).
         self.inflight: dict[str, int] = {}
+        self.uploading = 0  # requests still sending their body, across models
 
     # --- which model -------------------------------------------------------------------
     def entry(self, name: str | None) -> ModelEntry:
@@ -94,11 +108,13 @@ class DataPlane:
         return 0.0 if b is None else 1000.0 * b.queued * b.per_image_s
 
     # --- admission ---------------------------------------------------------------------
-    def open(self, entry: ModelEntry, arrived: float | None = None) -> Call:
-        return Call(self, entry, asyncio.get_running_loop().time() if arrived is None else arrived)
+    def open(self, entry: ModelEntry, arrived: float | None = None, timeout_s: float | None = None) -> Call:
+        """`timeout_s`: the client's own deadline from arrival, which can only shorten EFFNET_REQUEST_TIMEOUT_S."""
+        loop_now = asyncio.get_running_loop().time()
+        return Call(self, entry, loop_now if arrived is None else arrived, timeout_s)
 
     def check_admissible(self, entry: ModelEntry) -> None:
-        """Ready, not draining, and under the per-model bound on requests in flight."""
+        """Ready and not draining: what can be decided without waiting."""
         # Draining first: once shutdown closes the registry every model also looks unavailable, and the
         # client must learn the real reason (retry elsewhere soon, not in 30 s).
         if self.draining:
@@ -107,28 +123,67 @@ class DataPlane:
             if entry.status == "loading":
                 raise Unavailable(f"model {entry.name!r} is still loading", retry_after=5)
             raise Unavailable(f"model {entry.name!r} is unavailable: {entry.reason}", retry_after=30, reason=entry.reason)
-        if self.inflight.get(entry.name, 0) > self.settings.max_queue:
-            raise Overloaded(f"model {entry.name!r} has {self.settings.max_queue} requests in flight; retry shortly")
+
+    def admission_wait_s(self, entry: ModelEntry) -> float:
+        """How long a request may wait for queue room: EFFNET_ADMISSION_WAIT_MS, else the time the full
+        queue takes to drain at the model's recent speed (bounded to 0.05..2 s; 0.25 s before any batch)."""
+        if self.settings.admission_wait_ms is not None:
+            return self.settings.admission_wait_ms / 1000.0
+        b = entry.batcher
+        if b is None or not b.per_image_s:
+            return 0.25
+        return min(2.0, max(0.05, b.max_queue * b.per_image_s))
+
+    async def refusal(self, entry: ModelEntry) -> ApiError | None:
+        """Stage one for a front end that has not routed the request yet: the refusal it would certainly
+        get (draining, not ready, a queue that stays full for the admission wait), recorded; else None."""
+        try:
+            self.check_admissible(entry)
+            await entry.batcher.room.wait_for_room(self.admission_wait_s(entry))
+            return None
+        except ApiError as exc:
+            if isinstance(exc, Overloaded):
+                self.stats.refused(entry.name)
+                exc.headers = {**exc.headers, "Retry-After": str(self.retry_after_s(entry))}
+            if exc.reject_reason:
+                self.metrics.rejected.labels(entry.name, exc.reject_reason).inc()
+            self.metrics.requests.labels(entry.name, str(exc.status)).inc()
+            return exc
+
+    def retry_after_s(self, entry: ModelEntry) -> int:
+        """Whole seconds until the queue would have drained: what Retry-After says when it is full."""
+        b = entry.batcher
+        return max(1, int(b.max_queue * b.per_image_s + 0.999)) if b is not None and b.per_image_s else 1
 
 
 class Call:
     """One request's use of one model. See the module docstring."""
 
-    def __init__(self, plane: DataPlane, entry: ModelEntry, arrived: float) -> None:
-        self.plane, self.entry, self.arrived = plane, entry, arrived
+    def __init__(self, plane: DataPlane, entry: ModelEntry, arrived: float, timeout_s: float | None) -> None:
+        self.plane, self.entry, self.arrived, self.timeout_s = plane, entry, arrived, timeout_s
         self.started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        timeout = plane.settings.request_timeout_s if timeout_s is None else min(timeout_s, plane.settings.request_timeout_s)
+        self._deadline = arrived + timeout
+        # Stage one's wait and stage two's share one admission wait.
+        self._admit_by = loop.time() + plane.admission_wait_s(entry) if entry.batcher is not None else loop.time()
 
-    def __enter__(self) -> Call:
+    def _wait_left(self) -> float:
+        now = asyncio.get_running_loop().time()
+        return max(0.0, min(self._admit_by, self._deadline) - now)
+
+    async def __aenter__(self) -> Call:
         plane, name = self.plane, self.entry.name
         plane.inflight[name] = plane.inflight.get(name, 0) + 1
         try:
             plane.check_admissible(self.entry)
-        except ApiError as exc:
+            await self.entry.batcher.room.wait_for_room(self._wait_left())
+        except BaseException as exc:
             self._close(exc)
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(self, exc_type, exc, tb) -> None:
         self._close(exc)
 
     def _close(self, exc: BaseException | None) -> None:
@@ -141,6 +196,9 @@ class Call:
                 plane.metrics.rejected.labels(name, exc.reject_reason).inc()
             if isinstance(exc, Overloaded):
                 plane.stats.refused(name)
+                # When to come back: no sooner than the full queue would have drained.
+                told = int(exc.headers.get("Retry-After", "1"))
+                exc.headers = {**exc.headers, "Retry-After": str(max(told, plane.retry_after_s(self.entry)))}
         elif isinstance(exc, (ClientGone, asyncio.CancelledError)):
             status = "499"  # nginx's "client closed request": nobody reads the answer
         else:
@@ -156,22 +214,33 @@ class Call:
         if n > limit:  # could never be admitted: not worth a retry
             raise BadRequest(f"at most {limit} images per request")
 
+    async def _reserve(self, n: int):
+        return await self.entry.batcher.room.reserve_within(n, self._wait_left())
+
+    def _skipped(self, n: int, why: str) -> None:
+        self.plane.metrics.images_skipped.labels(self.entry.name, why).inc(n)
+
     async def images(self, data: list[bytes]) -> list[ImageResult]:
         """Encoded images -> answers, in order. Queue room for all of them is held before any is decoded."""
         self._check_count(len(data))
         entry, plane = self.entry, self.plane
         pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
         loop = asyncio.get_running_loop()
-        with entry.batcher.reserve(len(data)) as room:
-            prepared: list[Prepared] = await asyncio.gather(
-                *(loop.run_in_executor(plane.decode_pool, prepare, d, pp, max_pixels) for d in data)
-            )
+        with await self._reserve(len(data)) as room:
+            try:
+                prepared: list[Prepared] = await asyncio.gather(*(
+                    loop.run_in_executor(plane.decode_pool, functools.partial(
+                        prepare, d, pp, max_pixels, budget=plane.memory)) for d in data
+                ))
+            except asyncio.CancelledError:
+                self._skipped(len(data), "client_gone")  # nothing of it reaches the model
+                raise
             decode_hist = plane.metrics.stage_duration.labels(entry.name, "decode")
             pre_hist = plane.metrics.stage_duration.labels(entry.name, "preprocess")
             for p in prepared:
                 decode_hist.observe(p.decode_s)
                 pre_hist.observe(p.preprocess_s)
-            results = await room.submit([p.tensor for p in prepared], self.arrived)
+            results = await room.submit([p.tensor for p in prepared], self.arrived, self._timeout())
         for p, r in zip(prepared, results):
             plane.stats.observe(entry.name, p.decode_s + p.preprocess_s + r.inference_s)
         return [self._result(r, p.decode_s, p.preprocess_s) for p, r in zip(prepared, results)]
@@ -179,9 +248,12 @@ class Call:
     async def tensors(self, xs: list[np.ndarray]) -> list[ImageResult]:
         """Already-preprocessed [3, crop, crop] float32 tensors -> answers, in order."""
         self._check_count(len(xs))
-        with self.entry.batcher.reserve(len(xs)) as room:
-            results = await room.submit(xs, self.arrived)
+        with await self._reserve(len(xs)) as room:
+            results = await room.submit(xs, self.arrived, self._timeout())
         return [self._result(r, 0.0, 0.0) for r in results]
+
+    def _timeout(self) -> float:
+        return self._deadline - self.arrived
 
     def _result(self, r: Result, decode_s: float, preprocess_s: float) -> ImageResult:
         return ImageResult(

@@ -34,6 +34,10 @@ class Metrics:
         self.queue_depth = Gauge("effnet_queue_depth", "Images waiting for a batch", ["model"], registry=r)
         self.requests = Counter("effnet_requests", "Classification requests by HTTP status", ["model", "status"], registry=r)
         self.rejected = Counter("effnet_requests_rejected", "Requests refused, by reason", ["model", "reason"], registry=r)
+        self.images_skipped = Counter(
+            "effnet_images_skipped", "Images admitted but never run because the request ended first, by why",
+            ["model", "reason"], registry=r,
+        )
         self.model_info = Gauge(
             "effnet_model_info", "Loaded model (always 1)", ["model", "provider", "pretrained", "resolution"], registry=r,
         )
@@ -77,7 +81,8 @@ class Metrics:
                 inference.observe(seconds)
 
         # Expired items are counted as rejections by the handler that receives the error.
-        return Hooks(on_batch=on_batch, on_item=queue.observe, on_depth=depth.set)
+        gone = self.images_skipped.labels(name, "client_gone")
+        return Hooks(on_batch=on_batch, on_item=queue.observe, on_depth=depth.set, on_skipped=gone.inc)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

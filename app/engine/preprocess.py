@@ -18,13 +18,15 @@ import io
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from app.core.errors import ImageError
+from app.core.errors import ImageError, OverBudget
 from app.engine.manifest import Preprocess
+from app.engine.memory import MemoryBudget
 
 # Decode what browsers and cameras send; nothing that shells out (EPS -> Ghostscript) or
 # parses documents (PDF). MPO is how Pillow names many phone JPEGs.
@@ -59,8 +61,25 @@ class Prepared:
     size: tuple[int, int]  # decoded (w, h), after draft and EXIF rotation
 
 
-def open_image(data: bytes, max_pixels: int, target_short: int | None = None) -> Image.Image:
-    """Decode to an RGB PIL image (first frame, EXIF orientation applied)."""
+# Bytes per decoded pixel by Pillow mode (unknown modes: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """What decoding and converting this image will hold at its peak, from its header alone.
+
+    The decoded frame, its RGB (or RGBA, for transparency) conversion and the EXIF-rotated copy can be alive
+    at once: twice the decoded size plus 8 bytes a pixel covers them, for every mode.
+    """
+    w, h = img.size
+    return w * h * (2 * _MODE_BYTES.get(img.mode, 4) + 8)
+
+
+def open_image(data: bytes, max_pixels: int, target_short: int | None = None,
+               before_decode: Callable[[Image.Image], None] | None = None) -> Image.Image:
+    """Decode to an RGB PIL image (first frame, EXIF orientation applied). `before_decode` sees the image
+    once its header is read (size and mode known, draft applied) and before any pixel is decoded."""
     if not data:
         raise ImageError("the request body is empty")
     try:
@@ -73,8 +92,10 @@ def open_image(data: bytes, max_pixels: int, target_short: int | None = None) ->
             scale = DRAFT_FACTOR * target_short / min(w, h)
             if scale < 0.5:  # draft can only halve, quarter or eighth
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        if before_decode is not None:
+            before_decode(img)
         img.load()
-    except ImageError:
+    except (ImageError, OverBudget):
         raise
     except Image.DecompressionBombError:
         raise ImageError(f"image exceeds {max_pixels} pixels (decompression bomb guard)") from None
@@ -91,6 +112,11 @@ def open_image(data: bytes, max_pixels: int, target_short: int | None = None) ->
         raise
     except Exception:  # noqa: BLE001
         raise ImageError("the image could not be converted to RGB") from None
+
+
+# round(v / 257) for every 16-bit value, as a table: converting a 50-megapixel 16-bit image costs one
+# byte a pixel of output, not the float64 temporaries of arithmetic (8 bytes a pixel each).
+_U16_TO_U8 = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def _orient(img: Image.Image) -> Image.Image:
@@ -115,15 +141,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        a = np.asarray(img).astype(np.float64)
+        a = np.asarray(img)
         # 16-bit PNGs arrive as I;16 or, from some encoders, I; a genuine 8-bit range stays as is.
-        a = a / 257.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else a
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+        if mode.startswith("I;16") or a.max(initial=0) > 255:
+            u8 = _U16_TO_U8[np.clip(a, 0, 65535).astype(np.uint16, copy=False)]
+        else:
+            u8 = np.clip(a, 0, 255).astype(np.uint8)
+        return Image.fromarray(u8).convert("RGB")
     if mode == "F":
-        a = np.asarray(img).astype(np.float64)
-        a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
-        a = a * 255.0 if a.max(initial=0) <= 1.0 else a  # float images are either [0, 1] or [0, 255]
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.max(initial=0) <= 1.0:  # float images are either [0, 1] or [0, 255]
+            a *= 255.0
+        np.rint(a, out=a)
+        return Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8)).convert("RGB")
     if mode == "P" and "transparency" in img.info or mode in ("PA", "LA", "La", "RGBA", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -164,14 +194,28 @@ def normalise(img: Image.Image, pp: Preprocess) -> np.ndarray:
     return out
 
 
-def prepare(data: bytes, pp: Preprocess, max_pixels: int, *, draft: bool = True) -> Prepared:
-    """The whole path for one upload; runs in the decode thread pool."""
+def prepare(data: bytes, pp: Preprocess, max_pixels: int, *, draft: bool = True,
+            budget: MemoryBudget | None = None) -> Prepared:
+    """The whole path for one upload; runs in the decode thread pool. With a budget, the decoded image's
+    memory is charged before any pixel is decoded (OverBudget when it does not fit) and given back after."""
+    charged = []
+
+    def charge(img: Image.Image) -> None:
+        if budget is not None:
+            need = decoded_bytes(img)
+            budget.take(need, "decoding a {}x{} image".format(*img.size))
+            charged.append(need)
+
     t0 = time.perf_counter()
-    img = open_image(data, max_pixels, pp.resize if draft else None)
-    t1 = time.perf_counter()
     try:
-        tensor = normalise(resize_crop(img, pp), pp)
-    except Exception:  # noqa: BLE001 - e.g. an extreme aspect ratio rounding a side to nothing
-        raise ImageError("the image could not be resized") from None
-    t2 = time.perf_counter()
-    return Prepared(tensor, t1 - t0, t2 - t1, img.size)
+        img = open_image(data, max_pixels, pp.resize if draft else None, charge)
+        t1 = time.perf_counter()
+        try:
+            tensor = normalise(resize_crop(img, pp), pp)
+        except Exception:  # noqa: BLE001 - e.g. an extreme aspect ratio rounding a side to nothing
+            raise ImageError("the image could not be resized") from None
+        t2 = time.perf_counter()
+        return Prepared(tensor, t1 - t0, t2 - t1, img.size)
+    finally:
+        if charged:
+            budget.give(charged[0])

@@ -87,7 +87,14 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        return bool(self.entries) and not self.not_ready()
+        """Ready to take traffic. Strict (EFFNET_STRICT_READINESS, default, as Triton's --strict-readiness):
+        every configured model serves. Not strict: loading is over and at least one model serves, so a pod
+        whose other models serve still gets traffic while one stays broken."""
+        if not self.entries:
+            return False
+        if self.settings.strict_readiness:
+            return not self.not_ready()
+        return self.loaded and any(e.status == "ready" for e in self.entries.values())
 
     # --- loading ---------------------------------------------------------------------
     def _load_blocking(self, entry: ModelEntry, tables: dict[str, dict[str, int]]) -> None:
@@ -148,6 +155,5 @@ class Registry:
         self.loaded = True
 
     async def close(self, drain_s: float) -> None:
-        for entry in self.entries.values():
-            if entry.batcher is not None:
-                await entry.batcher.stop(drain_s)
+        """Stop every model at once: their drains overlap, so several busy models still fit in drain_s."""
+        await asyncio.gather(*(e.batcher.stop(drain_s) for e in self.entries.values() if e.batcher is not None))

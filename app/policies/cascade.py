@@ -64,11 +64,11 @@ class CascadeOutcome:
 
 async def run_cascade(
     plane: DataPlane, names: list[str], threshold: float,
-    read_images: Callable[[], Awaitable[list[bytes]]], arrived: float,
+    read_images: Callable[[], Awaitable[list[bytes]]], arrived: float, timeout_s: float | None = None,
 ) -> CascadeOutcome:
     entries = [plane.entry(n) for n in names]
     label = ",".join(names)  # only loaded names reach here: a bounded label value
-    with plane.open(entries[0], arrived) as call:  # admitted before the body is read
+    async with plane.open(entries[0], arrived, timeout_s) as call:  # admitted before the body is read
         images = await read_images()
         first = await call.images(images)
     n = len(images)
@@ -82,7 +82,7 @@ async def run_cascade(
         for _ in pending:
             plane.metrics.cascade_escalations.labels(label, entries[depth - 1].name, entry.name).inc()
         try:
-            with plane.open(entry, arrived) as call:
+            async with plane.open(entry, arrived, timeout_s) as call:
                 results = await call.images([images[i] for i in pending])
         except Unavailable as exc:
             for i in pending:

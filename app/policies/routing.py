@@ -165,6 +165,7 @@ def choose(candidates: list[Candidate], budget_ms: float, stats: ServiceStats,
 
 async def classify_auto(
     plane: DataPlane, budget_ms: float, read_images: Callable[[], Awaitable[list[bytes]]], arrived: float,
+    timeout_s: float | None = None,
 ) -> tuple[list[ImageResult], Decision]:
     """Try the decision's order until a model admits and answers; the body is read once, by the first."""
     entries = plane.registry.entries
@@ -177,7 +178,7 @@ async def classify_auto(
     refusal: Overloaded | None = None
     for name in decision.order:
         try:
-            with plane.open(entries[name], arrived) as call:
+            async with plane.open(entries[name], arrived, timeout_s) as call:
                 if images is None:
                     images = await read_images()
                 results = await call.images(images)

@@ -135,15 +135,16 @@ def test_full_queue_is_refused_at_once_and_multi_image_requests_are_all_or_nothi
     model = Recorder(gate)
 
     async def main():
-        b = Batcher("m", model, max_batch=1, max_delay_s=0.0, max_queue=3)
+        # max_queue counts every image admitted and not yet answered: the running one too.
+        b = Batcher("m", model, max_batch=1, max_delay_s=0.0, max_queue=4)
         b.start()
         first = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.05)  # taken by the loop, blocked in the model
         queued = [asyncio.ensure_future(b.submit([img(i)])) for i in (1, 2)]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded):
-            await b.submit([img(3), img(4)])  # 2 + 2 > 3: none of them is queued
-        assert b.depth == 2
+            await b.submit([img(3), img(4)])  # 1 running + 2 queued + 2 > 4: none of them is queued
+        assert b.depth == 2 and b.queued == 3
         third = asyncio.ensure_future(b.submit([img(5)]))  # exactly fills the queue
         await asyncio.sleep(0)
         with pytest.raises(Overloaded) as exc:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from app import __version__
 from app.api.state import plane_of
-from app.api.uploads import read_body
+from app.api.body import Upload, client_timeout_s
 from app.api.v2.codec import HEADER, VERSION, ProtocolError, decode_content, encode_infer, parse_infer
 from app.core.errors import ApiError
 from app.engine.registry import ModelEntry
@@ -153,17 +153,34 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     arrived = asyncio.get_running_loop().time()
     try:
         entry = _entry(request, name, version)
-        with plane.open(entry, arrived) as call:
-            limit = plane.settings.max_body_bytes
-            body = decode_content(await read_body(request, limit), request.headers.get("content-encoding"), limit)
-            inp = parse_infer(body, request.headers.get(HEADER), entry.manifest, plane.settings.max_queue)
-            results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
+        timeout_s = client_timeout_s(request)
+        async with Upload(request, plane) as upload:
+            return await upload.guard(_run(plane, upload, request, entry, arrived, timeout_s))
     except ApiError as exc:
         return _error(exc.status, exc.message, exc.headers)
+
+
+async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arrived: float,
+               timeout_s: float | None) -> Response:
+    loop = asyncio.get_running_loop()
+    settings = plane.settings
+    async with plane.open(entry, arrived, timeout_s) as call:
+        body = await upload.body()
+        # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
+        inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry,
+                                         settings.max_body_bytes, settings.max_queue)
+        del body
+        results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
     logits = np.stack([r.logits for r in results])
     probs = np.stack([r.probs for r in results])
-    content, headers = encode_infer(inp, entry.name, entry.manifest.labels, logits, probs)
+    content, headers = await loop.run_in_executor(
+        plane.decode_pool, encode_infer, inp, entry.name, entry.manifest.labels, logits, probs)
     return Response(content, headers=headers)
+
+
+def _decode_and_parse(body: bytes, headers, entry: ModelEntry, limit: int, max_images: int):
+    body = decode_content(body, headers.get("content-encoding"), limit)
+    return parse_infer(body, headers.get(HEADER), entry.manifest, max_images)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)

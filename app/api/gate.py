@@ -1,0 +1,70 @@
+"""The cheapest possible "no": refusals decided before routing and before the body is read.
+
+Under a retry storm most requests are refusals, and each one costs the event loop whatever it takes to
+say no. FastAPI's routing, validation, exception handlers and JSON encoding cost about as much as a real
+answer; this ASGI middleware sits in front of all of it for the two inference routes. It names the model
+from the path and query string alone, asks the data plane whether the request is certainly refused
+(draining, model not ready, queue still full after the admission wait) and, if so, answers from bytes
+encoded once per distinct refusal. Everything else passes through untouched; the routes then admit
+the request properly (the data plane's stage one again, and stage two once the body is in).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import parse_qsl
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.core.errors import ApiError
+
+V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]*)?/infer$")
+
+
+class AdmissionGate:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._encoded: dict[tuple, tuple[bytes, list]] = {}
+
+    def _model(self, scope: Scope) -> tuple[str | None, str] | None:
+        """(model name or None for the default, "json" | "v2") for an inference request, else None."""
+        path = scope.get("path", "")
+        if path == "/classify":
+            model = None
+            for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+                if key == "model":
+                    model = value
+            if model is not None and (model == "auto" or model.startswith("cascade")):
+                return None  # policies over several models decide for themselves
+            return model, "json"
+        m = V2_INFER.match(path)
+        return (m.group(1), "v2") if m else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            target = self._model(scope)
+            plane = getattr(getattr(scope.get("app"), "state", None), "plane", None)
+            if target is not None and plane is not None:
+                name, style = target
+                entry = plane.registry.entries.get(name if name is not None else plane.registry.default_model or "")
+                if entry is not None:
+                    refusal = await plane.refusal(entry)
+                    if refusal is not None:
+                        await self._send(send, refusal, style)
+                        return
+        await self.app(scope, receive, send)
+
+    async def _send(self, send: Send, exc: ApiError, style: str) -> None:
+        key = (style, exc.status, exc.code, exc.message, tuple(sorted(exc.headers.items())))
+        cached = self._encoded.get(key)
+        if cached is None:
+            body = json.dumps(exc.body() if style == "json" else {"error": exc.message}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+            cached = self._encoded[key] = (body, headers)
+            if len(self._encoded) > 1024:  # refusal texts come from a bounded vocabulary; stay bounded anyway
+                self._encoded.clear()
+        body, headers = cached
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

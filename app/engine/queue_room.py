@@ -1,0 +1,164 @@
+"""The admission side of one model's queue: room held for images still being decoded, and the requests
+waiting for room.
+
+A request that finds the queue full may wait a little (FIFO, bounded by the caller) instead of being
+refused at once. Under a retry storm that is what keeps refusals from eating the CPU the model needs:
+a client told "no" after waiting one queue-drain comes back at most that often, where one told "no"
+at once comes back in microseconds. Nobody waits longer than the caller allows, so an admitted request
+never carries more than one drain of waiting on top of its own queueing.
+
+Two kinds of waiting, for the two admission stages of the data plane:
+* `wait_for_room` (before the body is read): returns once at least one image would fit; holds nothing,
+  so slow uploads cannot pin queue room.
+* `reserve_within(n)` (once the image count is known): all n slots or none, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.core.errors import Overloaded, ShuttingDown
+
+# The batcher this room belongs to (its name, its queue, _enqueue); not imported: batcher imports us.
+Batcher = Any
+
+
+@dataclass
+class _Waiter:
+    n: int  # images wanted; 0 = only waiting for room to exist (stage one)
+    future: asyncio.Future
+
+
+class QueueRoom:
+    def __init__(self, batcher: Batcher, capacity: int, queued_items: Callable[[], int]) -> None:
+        self._batcher = batcher
+        self.capacity = capacity
+        self._queued_items = queued_items
+        self.reserved = 0
+        self.closing = False
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    @property
+    def used(self) -> int:
+        return self._queued_items() + self.reserved
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _full(self, name: str) -> Overloaded:
+        return Overloaded(f"model {name!r} queue is full ({self.capacity} images); retry shortly")
+
+    def reserve(self, n: int) -> Reservation:
+        """All n slots now, or Overloaded."""
+        if self.closing:
+            raise ShuttingDown("the server is shutting down")
+        if self.used + n > self.capacity:
+            raise self._full(self._batcher.name)
+        self.reserved += n
+        return Reservation(self._batcher, self, n)
+
+    async def reserve_within(self, n: int, timeout: float) -> Reservation:
+        """All n slots, waiting up to `timeout` s behind earlier waiters; Overloaded when they never come."""
+        if n > self.capacity:
+            raise self._full(self._batcher.name)
+        if not self._waiters or self.closing:
+            try:
+                return self.reserve(n)
+            except Overloaded:
+                if timeout <= 0:
+                    raise
+        return await self._wait(n, timeout)
+
+    async def wait_for_room(self, timeout: float) -> None:
+        """Return once one more image would fit (nothing is held); Overloaded after `timeout` s."""
+        if self.closing:
+            raise ShuttingDown("the server is shutting down")
+        if self.used < self.capacity and not any(w.n for w in self._waiters):
+            return
+        if timeout <= 0:
+            raise self._full(self._batcher.name)
+        await self._wait(0, timeout)
+
+    async def _wait(self, n: int, timeout: float):
+        waiter = _Waiter(n, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                return await waiter.future
+        except TimeoutError:
+            self._leave(waiter)
+            raise self._full(self._batcher.name) from None
+        except BaseException:  # cancelled: the client went away
+            self._leave(waiter)
+            raise
+
+    def _leave(self, waiter: _Waiter) -> None:
+        """Out of the line; room granted in the same instant the caller gave up goes back."""
+        f = waiter.future
+        if f.done() and not f.cancelled() and f.exception() is None:
+            if isinstance(f.result(), Reservation):
+                f.result().release()
+        else:
+            f.cancel()
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def grant(self) -> None:
+        """Room may have freed: hand it to the waiters, in order."""
+        while self._waiters:
+            w = self._waiters[0]
+            if w.future.done():
+                self._waiters.popleft()
+                continue
+            if self.closing:
+                self._waiters.popleft()
+                w.future.set_exception(ShuttingDown("the server is shutting down"))
+                continue
+            if w.n == 0:
+                if self.used >= self.capacity:
+                    break
+                self._waiters.popleft()
+                w.future.set_result(None)
+                continue
+            if self.used + w.n > self.capacity:
+                break
+            self._waiters.popleft()
+            self.reserved += w.n
+            w.future.set_result(Reservation(self._batcher, self, w.n))
+
+    def close(self) -> None:
+        self.closing = True
+        self.grant()
+
+
+class Reservation:
+    """Queue room held for one request's images while they are decoded; a context manager that gives
+    back whatever was not submitted when it closes."""
+
+    def __init__(self, batcher: Batcher, room: QueueRoom, n: int) -> None:
+        self._batcher, self._room, self._left = batcher, room, n
+
+    async def submit(self, xs, arrived: float | None = None, timeout_s: float | None = None):
+        if len(xs) > self._left:
+            raise ValueError(f"{len(xs)} images submitted on a reservation of {self._left}")
+        self._left -= len(xs)
+        self._room.reserved -= len(xs)
+        return await self._batcher._enqueue(xs, arrived, timeout_s)
+
+    def release(self) -> None:
+        if self._left:
+            self._room.reserved -= self._left
+            self._left = 0
+            self._batcher._wakeup.set()  # a partial batch may have been waiting for these
+            self._room.grant()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
