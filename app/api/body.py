@@ -110,12 +110,17 @@ class Upload:
                     await self._discard(received, declared, start)
                     raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", limit_bytes=limit)
                 try:
-                    self._charge(len(chunk))
+                    # Twice: the chunks and the joined body are both alive for a moment.
+                    self._charge(2 * len(chunk))
                 except Overloaded:
                     await self._discard(received, declared, start)
                     raise
                 chunks.append(chunk)
-            return b"".join(chunks)
+            body = b"".join(chunks)
+            del chunks
+            self.plane.memory.give(received)  # the chunks are gone: one copy stays charged
+            self._charged -= received
+            return body
         finally:
             self._finish_upload()
 

@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 
 from app.api.answers import auto_body, cascade_body, cascade_headers, classify_body
+from app.api.fastjson import FastJSONResponse
 from app.api.docs import CLASSIFY_BODY, error_responses
 from app.api.state import plane_of
 from app.api.body import Upload, client_timeout_s
@@ -57,20 +57,20 @@ async def classify(
 
 
 async def _classify(plane: DataPlane, upload: Upload, model: str | None, top_k: int, budget_ms: float | None,
-                    threshold: float | None, started: float, arrived: float, timeout_s: float | None) -> JSONResponse:
+                    threshold: float | None, started: float, arrived: float, timeout_s: float | None) -> FastJSONResponse:
     if model == "auto":
         budget = budget_ms if budget_ms is not None else plane.settings.default_budget_ms
         results, decision = await classify_auto(plane, budget, upload.images, arrived, timeout_s)
         body = auto_body(results, decision, top_k, started, _pretrained(plane, results))
-        return JSONResponse(body, headers=decision.headers())
+        return FastJSONResponse(body, headers=decision.headers())
     if model is not None and is_family_name(model):
         names = parse_cascade(model, plane.settings.default_cascade)
         cut = threshold if threshold is not None else plane.settings.cascade_threshold
         outcome = await run_cascade(plane, names, cut, upload.images, arrived, timeout_s)
         body = cascade_body(outcome, top_k, started, _pretrained(plane, outcome.results))
-        return JSONResponse(body, headers=cascade_headers(outcome))
+        return FastJSONResponse(body, headers=cascade_headers(outcome))
 
     entry = plane.entry(model)
     async with plane.open(entry, arrived, timeout_s) as call:
         results = await call.images(await upload.images())
-    return JSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))
+    return FastJSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))

@@ -41,7 +41,9 @@ def check_media_type(ctype: str) -> str:
 @dataclass
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
-    data: bytearray = field(default_factory=bytearray)
+    # Pieces of the part's data: (start, end) offsets into the body, or bytes copied from the parser's own
+    # buffer (it keeps a little look-behind when a boundary might straddle). One copy per part at the end.
+    pieces: list[tuple[int, int] | bytes] = field(default_factory=list)
 
     @property
     def name(self) -> str | None:
@@ -76,7 +78,7 @@ def parse_multipart(body: bytes, params: dict[bytes, bytes]) -> list[bytes]:
         header_value.clear()
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].data.extend(data[start:end])
+        parts[-1].pieces.append((start, end) if data is body else bytes(data[start:end]))
 
     parser = MultipartParser(
         boundary,
@@ -95,7 +97,8 @@ def parse_multipart(body: bytes, params: dict[bytes, bytes]) -> list[bytes]:
         raise
     except (MultipartParseError, ValueError, IndexError):
         raise BadRequest("malformed multipart body") from None
-    files = [bytes(p.data) for p in parts if p.name == FILE_FIELD]
+    files = [b"".join(body[x[0]:x[1]] if isinstance(x, tuple) else x for x in p.pieces)
+             for p in parts if p.name == FILE_FIELD]
     if not files:
         raise BadRequest("multipart body has no 'file' field")
     return files

@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     batch_wait: Literal["incoming", "always"] = "incoming"
     # Per model: images queued or held for requests being decoded. The real admission bound.
     max_queue: int = Field(default=256, ge=1)
-    # How long a request may wait for queue room before 503; unset = the queue's own drain time (the
-    # smallest wait that lets a retry storm throttle itself without adding more than one drain of latency).
+    # How long a request may wait for queue room before 503; unset = the queue's drain time at the model's
+    # recent speed: a retry storm throttles itself (waiters are woken newest first, so admitted ones barely wait).
     admission_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
     # Requests still sending their body, across models: generous, so slow uploads cannot lock others out.
     max_uploads: int = Field(default=1024, ge=1)
@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # memory limit (cgroup), at least 256 MB. Beyond it: 503 + Retry-After.
     max_inflight_mb: float = Field(default_factory=limits.default_inflight_mb, gt=0)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
+    # The JSON part of a V2 inference request: parsing it holds the GIL, so it is kept small; tensors
+    # beyond it go as binary data (tritonclient's default).
+    max_json_mb: float = Field(default=4.0, gt=0)
     # Requests that waited longer are dropped before inference (503); a client's X-Request-Timeout-Ms
     # (or Envoy's x-envoy-expected-rq-timeout-ms) can only shorten it.
     request_timeout_s: float = Field(default=30.0, gt=0)
@@ -135,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * 1024 * 1024)
 
     @property
     def max_discard_bytes(self) -> int:

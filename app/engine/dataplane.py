@@ -15,8 +15,8 @@ Admission has two stages because the image count is only known once the body is 
   cannot lock other clients out;
 * stage two (images/tensors) reserves room for every image of the request, waiting behind earlier
   requests for at most what is left of the admission wait, before any image is decoded.
-A refused request has waited at most one admission wait (by default the queue's own drain time), which
-throttles clients that retry at once without adding more than a drain to an admitted request's latency.
+A refused request has waited the admission wait (by default the queue's drain time), which throttles
+clients that retry at once; waiters are woken newest first, so an admitted request has waited little.
 
 A `Call` counts as in flight from `open` until its block ends; on the way out it records the request's
 status and duration once, whatever happened inside (an answer, a refusal, a client that left), and the
@@ -125,8 +125,10 @@ class DataPlane:
             raise Unavailable(f"model {entry.name!r} is unavailable: {entry.reason}", retry_after=30, reason=entry.reason)
 
     def admission_wait_s(self, entry: ModelEntry) -> float:
-        """How long a request may wait for queue room: EFFNET_ADMISSION_WAIT_MS, else the time the full
-        queue takes to drain at the model's recent speed (bounded to 0.05..2 s; 0.25 s before any batch)."""
+        """How long a request may wait for queue room: EFFNET_ADMISSION_WAIT_MS, else the time the full queue
+        takes to drain at the model's recent speed (bounded to 0.05..2 s; 0.25 s before any batch). Stage-one
+        waiters are woken newest first (engine/queue_room.py), so this bounds how often a refused client
+        comes back, not how long an admitted one waited."""
         if self.settings.admission_wait_ms is not None:
             return self.settings.admission_wait_ms / 1000.0
         b = entry.batcher
@@ -177,7 +179,8 @@ class Call:
         plane.inflight[name] = plane.inflight.get(name, 0) + 1
         try:
             plane.check_admissible(self.entry)
-            await self.entry.batcher.room.wait_for_room(self._wait_left())
+            # The admission gate (app/api/gate.py) has queued this request fairly already, if it could.
+            await self.entry.batcher.room.wait_for_room(self._wait_left(), in_line=False)
         except BaseException as exc:
             self._close(exc)
             raise

@@ -1,16 +1,18 @@
 """The admission side of one model's queue: room held for images still being decoded, and the requests
 waiting for room.
 
-A request that finds the queue full may wait a little (FIFO, bounded by the caller) instead of being
-refused at once. Under a retry storm that is what keeps refusals from eating the CPU the model needs:
-a client told "no" after waiting one queue-drain comes back at most that often, where one told "no"
-at once comes back in microseconds. Nobody waits longer than the caller allows, so an admitted request
-never carries more than one drain of waiting on top of its own queueing.
+A request that finds the queue full may wait a little (bounded by the caller) instead of being refused at
+once. Under a retry storm that is what keeps refusals from eating the CPU the model needs: a client told
+"no" after a wait comes back at most that often, where one told "no" at once comes back in microseconds.
 
-Two kinds of waiting, for the two admission stages of the data plane:
+Two kinds of waiting, for the two admission stages of the data plane, in two lines:
+* `reserve_within(n)` (once the image count is known): all n slots or none, first come first served.
+  This line is served first: its requests are admitted already and hold a read body.
 * `wait_for_room` (before the body is read): returns once at least one image would fit; holds nothing,
-  so slow uploads cannot pin queue room.
-* `reserve_within(n)` (once the image count is known): all n slots or none, in arrival order.
+  so slow uploads cannot pin queue room. Woken one per free slot, after the first line, newest first:
+  under sustained overload the newest waiter gets the slot and the oldest ones time out, so whoever is
+  admitted has waited little (latency stays near one queue drain) while everyone refused has waited the
+  whole admission wait (so retries stay rare). Without overload nobody waits and the order is moot.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class QueueRoom:
         self._queued_items = queued_items
         self.reserved = 0
         self.closing = False
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._reservers: collections.deque[_Waiter] = collections.deque()  # stage two
+        self._peekers: collections.deque[_Waiter] = collections.deque()  # stage one
 
     @property
     def used(self) -> int:
@@ -48,7 +51,7 @@ class QueueRoom:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        return len(self._reservers) + len(self._peekers)
 
     def _full(self, name: str) -> Overloaded:
         return Overloaded(f"model {name!r} queue is full ({self.capacity} images); retry shortly")
@@ -66,7 +69,7 @@ class QueueRoom:
         """All n slots, waiting up to `timeout` s behind earlier waiters; Overloaded when they never come."""
         if n > self.capacity:
             raise self._full(self._batcher.name)
-        if not self._waiters or self.closing:
+        if not self._reservers or self.closing:
             try:
                 return self.reserve(n)
             except Overloaded:
@@ -74,11 +77,13 @@ class QueueRoom:
                     raise
         return await self._wait(n, timeout)
 
-    async def wait_for_room(self, timeout: float) -> None:
-        """Return once one more image would fit (nothing is held); Overloaded after `timeout` s."""
+    async def wait_for_room(self, timeout: float, in_line: bool = True) -> None:
+        """Return once one more image would fit (nothing is held); Overloaded after `timeout` s.
+        `in_line=False`: a request that has already waited its turn (the admission gate) does not queue
+        behind the others again while there is room."""
         if self.closing:
             raise ShuttingDown("the server is shutting down")
-        if self.used < self.capacity and not any(w.n for w in self._waiters):
+        if self.used < self.capacity and (not in_line or not self.waiting):  # nobody ahead in either line
             return
         if timeout <= 0:
             raise self._full(self._batcher.name)
@@ -86,7 +91,7 @@ class QueueRoom:
 
     async def _wait(self, n: int, timeout: float):
         waiter = _Waiter(n, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        (self._reservers if n else self._peekers).append(waiter)
         try:
             async with asyncio.timeout(timeout):
                 return await waiter.future
@@ -105,31 +110,37 @@ class QueueRoom:
                 f.result().release()
         else:
             f.cancel()
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        line = self._reservers if waiter.n else self._peekers
+        if waiter in line:
+            line.remove(waiter)
 
     def grant(self) -> None:
-        """Room may have freed: hand it to the waiters, in order."""
-        while self._waiters:
-            w = self._waiters[0]
+        """Room may have freed: hand it to the reservers in order, then wake stage-one waiters, newest first,
+        one per slot still free (a woken one holds nothing, so waking them all would send a herd to read
+        bodies for room only a few of them can get)."""
+        while self._reservers:
+            w = self._reservers[0]
             if w.future.done():
-                self._waiters.popleft()
+                self._reservers.popleft()
+            elif self.closing:
+                self._reservers.popleft()
+                w.future.set_exception(ShuttingDown("the server is shutting down"))
+            elif self.used + w.n <= self.capacity:
+                self._reservers.popleft()
+                self.reserved += w.n
+                w.future.set_result(Reservation(self._batcher, self, w.n))
+            else:
+                return  # in order: nobody overtakes the first reserver
+        free = self.capacity - self.used
+        while self._peekers and (free > 0 or self.closing):
+            w = self._peekers.pop()  # newest first: see the module docstring
+            if w.future.done():
                 continue
             if self.closing:
-                self._waiters.popleft()
                 w.future.set_exception(ShuttingDown("the server is shutting down"))
                 continue
-            if w.n == 0:
-                if self.used >= self.capacity:
-                    break
-                self._waiters.popleft()
-                w.future.set_result(None)
-                continue
-            if self.used + w.n > self.capacity:
-                break
-            self._waiters.popleft()
-            self.reserved += w.n
-            w.future.set_result(Reservation(self._batcher, self, w.n))
+            w.future.set_result(None)
+            free -= 1
 
     def close(self) -> None:
         self.closing = True

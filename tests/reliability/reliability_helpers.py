@@ -37,6 +37,7 @@ REPORT: dict[str, Any] = {
     "faults": [],  # one entry per injected fault
     "shutdown": {},
     "security": [],  # one entry per security property checked
+    "hostile": {},  # slow, impatient and malicious clients (test_rel_hostile*.py)
 }
 
 
@@ -185,7 +186,9 @@ class ServerProcess:
         while True:
             assert self.proc.poll() is None, f"server exited {self.proc.returncode}: {self.log()}"
             try:
-                models = httpx.get(self.url + "/models", timeout=2).json()["models"]
+                key = self.env.get("EFFNET_API_KEY")
+                models = httpx.get(self.url + "/models", timeout=2,
+                                   headers={"X-API-Key": key} if key else None).json()["models"]
                 if all(m["status"] != "loading" for m in models):
                     return self
             except (httpx.TransportError, ValueError, KeyError):

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from app.core.errors import BadRequest, PayloadTooLarge
 from app.engine.manifest import Manifest
@@ -75,7 +75,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def _split(body: bytes, header_length: str | None, max_json: int) -> tuple[dict[str, Any], bytes]:
     if header_length is not None:
         try:
             n = int(header_length)
@@ -86,9 +86,14 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
+    if len(head) > max_json:
+        # Parsing JSON holds the GIL (about 9 ms a MB here, with orjson): a bigger header would stall every
+        # other request. Big tensors belong in the binary extension, which tritonclient uses by default.
+        raise PayloadTooLarge(f"the JSON part of the request is {len(head)} bytes; at most {max_json} "
+                              "(EFFNET_MAX_JSON_MB); send large tensors as binary data", limit_bytes=max_json)
     try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
+        req = orjson.loads(head)
+    except (orjson.JSONDecodeError, UnicodeDecodeError):
         raise ProtocolError(400, "the inference request header is not valid JSON") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ProtocolError(400, "the inference request must be a JSON object with an 'inputs' list")
@@ -138,8 +143,9 @@ def _flatten(data: Any, limit: int) -> list[Any]:
     return flat
 
 
-def parse_infer(body: bytes, header_length: str | None, manifest: Manifest, max_images: int) -> InferInput:
-    req, binary = _split(body, header_length)
+def parse_infer(body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
+                max_json: int = 4 << 20) -> InferInput:
+    req, binary = _split(body, header_length, max_json)
     inputs = req["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(400, f"model {manifest.name!r} takes exactly one input")
@@ -180,10 +186,10 @@ def _fp32_rows(t, name, shape, size, raw, manifest: Manifest, max_images: int) -
             raise ProtocolError(400, f"input {name!r}: {size} bytes of binary data for {count} FP32 values")
         x = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     else:
-        try:
-            x = np.asarray(_flatten(t["data"], count), dtype=np.float32)
+        try:  # nested as the shape, or flat: numpy walks it in C
+            x = np.asarray(t["data"], dtype=np.float32).reshape(-1)
         except (TypeError, ValueError):
-            raise ProtocolError(400, f"input {name!r}: 'data' must hold numbers") from None
+            raise ProtocolError(400, f"input {name!r}: 'data' must hold numbers, flat or nested as its shape") from None
         if x.size != count:
             raise ProtocolError(400, f"input {name!r}: {x.size} values in 'data' for shape {shape}")
     x = x.reshape(shape)
@@ -268,12 +274,12 @@ def encode_infer(inp: InferInput, model: str, labels: list[str], logits: np.ndar
                 t["parameters"] = {"binary_data_size": len(raw)}
                 chunks.append(raw)
             else:
-                t["data"] = logits.astype(np.float32).ravel().tolist()
+                t["data"] = logits.astype(np.float32).ravel()  # orjson writes the array itself
         out_json.append(t)
     resp: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": out_json}
     if isinstance(inp.request.get("id"), str):
         resp["id"] = inp.request["id"]
-    head = json.dumps(resp, separators=(",", ":")).encode()
+    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return head, {"content-type": "application/json"}
     return head + b"".join(chunks), {"content-type": "application/octet-stream", HEADER: str(len(head))}

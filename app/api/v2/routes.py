@@ -167,8 +167,7 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
     async with plane.open(entry, arrived, timeout_s) as call:
         body = await upload.body()
         # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
-        inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry,
-                                         settings.max_body_bytes, settings.max_queue)
+        inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry, settings)
         del body
         results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
     logits = np.stack([r.logits for r in results])
@@ -178,9 +177,9 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
     return Response(content, headers=headers)
 
 
-def _decode_and_parse(body: bytes, headers, entry: ModelEntry, limit: int, max_images: int):
-    body = decode_content(body, headers.get("content-encoding"), limit)
-    return parse_infer(body, headers.get(HEADER), entry.manifest, max_images)
+def _decode_and_parse(body: bytes, headers, entry: ModelEntry, settings):
+    body = decode_content(body, headers.get("content-encoding"), settings.max_body_bytes)
+    return parse_infer(body, headers.get(HEADER), entry.manifest, settings.max_queue, settings.max_json_bytes)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)

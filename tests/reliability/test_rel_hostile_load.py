@@ -1,0 +1,221 @@
+"""Hostile load that costs the server real work, against a real `effnet serve` with B0 (random weights).
+
+* 16x overload with immediate retries: 256 closed-loop clients that resend the moment they are refused,
+  against a queue of 32. Goodput (answers 200 per second) must stay >= 0.8 of the capacity measured at
+  16 clients in the same run, accepted p99 within twice the queue's drain time, every refusal 503/429 with
+  Retry-After. The client is raw asyncio sockets with prebuilt bytes: it must cost far less per request
+  than the server, since both share the same two cores.
+* A memory burst (large bodies, 16-bit PNG bombs within the pixel limit, many-part multipart) leaves the
+  server's peak RSS under its configured budget plus the models' footprint, and kills nothing.
+* A flood of hostile /v2 bodies (a gzip bomb of zero-length BYTES elements, oversized element counts, a
+  big JSON FP32 tensor) leaves /health/live answering with p99 under 100 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from reliability_helpers import check_error, encode, metric, real_photo, record, server_process
+
+PHOTO = encode(real_photo((224, 224)), "JPEG", quality=90)
+REQUEST = (b"POST /classify?model=b0 HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: "
+           + str(len(PHOTO)).encode() + b"\r\n\r\n" + PHOTO)
+QUEUE = 32
+CAPACITY_CLIENTS = 16
+OVERLOAD_CLIENTS = 256
+
+
+def b0_env(b0_repo: Path, **extra: str) -> dict[str, str]:
+    return {"EFFNET_REPOSITORY": str(b0_repo), "EFFNET_MODELS": "b0", "EFFNET_THREADS": "2",
+            "EFFNET_DECODE_WORKERS": "2", "EFFNET_MAX_QUEUE": str(QUEUE), **extra}
+
+
+async def _exchange(reader, writer) -> tuple[int, dict[str, str], bytes]:
+    writer.write(REQUEST)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:] if ":" in x)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+async def closed_loop(port: int, clients: int, seconds: float, warmup: float = 2.0) -> dict:
+    """`clients` connections, each resending as soon as it has an answer (refused or not)."""
+    t_start = time.perf_counter() + warmup
+    t_end = t_start + seconds
+    ok_latency: list[float] = []
+    refusals: list[tuple[int, dict, bytes]] = []
+    other: list[str] = []
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                status, headers, body = await _exchange(reader, writer)
+                t1 = time.perf_counter()
+                if t0 >= t_start and t1 <= t_end:
+                    if status == 200:
+                        ok_latency.append(t1 - t0)
+                    elif status in (429, 503):
+                        if len(refusals) < 5000:
+                            refusals.append((status, headers, body))
+                    else:
+                        other.append(f"{status} {body[:200]!r}")
+                if headers.get("connection") == "close":
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    lat = np.sort(np.asarray(ok_latency)) if ok_latency else np.asarray([np.inf])
+    return {"goodput": len(ok_latency) / seconds, "ok": len(ok_latency), "refused": len(refusals),
+            "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+            "refusals": refusals, "other": other}
+
+
+def test_16x_overload_with_immediate_retries_keeps_goodput(b0_repo, tmp_path):
+    with server_process(b0_env(b0_repo), tmp_path / "server.log") as srv:
+        capacity = asyncio.run(closed_loop(srv.port, CAPACITY_CLIENTS, 8.0))
+        storm = asyncio.run(closed_loop(srv.port, OVERLOAD_CLIENTS, 10.0))
+        text = httpx.get(srv.url + "/metrics").text
+        assert srv.alive()
+    drain_s = QUEUE / capacity["goodput"]
+    ratio = storm["goodput"] / capacity["goodput"]
+    record("hostile", overload={
+        "queue": QUEUE, "capacity_clients": CAPACITY_CLIENTS, "storm_clients": OVERLOAD_CLIENTS,
+        "capacity_img_s": round(capacity["goodput"], 1), "storm_goodput_img_s": round(storm["goodput"], 1),
+        "goodput_ratio": round(ratio, 3), "storm_refusals": storm["refused"],
+        "storm_p99_ms": round(storm["p99_s"] * 1000, 1), "drain_ms": round(drain_s * 1000, 1),
+        "refused_total": metric(text, "effnet_requests_rejected_total", model="b0", reason="queue_full"),
+    })
+    assert not storm["other"], storm["other"][:3]
+    assert storm["refused"] > 0
+    for status, headers, body in storm["refusals"][:200]:
+        assert int(headers["retry-after"]) >= 1
+        check_error(status, headers, body)
+    assert ratio >= 0.8, (capacity["goodput"], storm["goodput"])
+    assert storm["p99_s"] <= 2 * drain_s, (storm["p99_s"], drain_s)
+
+
+# --- memory ------------------------------------------------------------------------------------
+def _vm(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def _png16_bomb(w: int, h: int) -> bytes:
+    """A 16-bit grayscale PNG of w x h that compresses to almost nothing."""
+    return encode(Image.fromarray(np.full((h, w), 40000, np.uint16)), "PNG", compress_level=9)
+
+
+def test_a_hostile_memory_burst_stays_within_the_budget(b0_repo, tmp_path):
+    budget_mb = 256
+    env = b0_env(b0_repo, EFFNET_MAX_INFLIGHT_MB=str(budget_mb), EFFNET_MAX_BODY_MB="20",
+                 EFFNET_MAX_IMAGE_PIXELS="50000000", EFFNET_MAX_QUEUE="256")
+    bomb = _png16_bomb(7000, 7000)  # 49 MP: within the pixel limit, ~600 MB if decoded as float64
+    big = b"\xff\xd8" + b"\x00" * (18 * 1024 * 1024)  # an 18 MB "JPEG" that is not one
+    small_bomb = _png16_bomb(2000, 2000)
+    parts = [("file", (f"{i}.png", small_bomb, "image/png")) for i in range(64)]
+    with server_process(env, tmp_path / "server.log") as srv:
+        httpx.post(srv.url + "/classify", content=PHOTO, headers={"content-type": "image/jpeg"}, timeout=30)
+        footprint = _vm(srv.pid, "VmRSS")  # models loaded, warmed, one request served
+        codes: list[int] = []
+        lock = threading.Lock()
+
+        def send(kind: str) -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                for _ in range(3):
+                    if kind == "big":
+                        r = c.post("/classify", content=big, headers={"content-type": "image/jpeg"})
+                    elif kind == "bomb":
+                        r = c.post("/classify", content=bomb, headers={"content-type": "image/png"})
+                    else:
+                        r = c.post("/classify", files=parts)
+                    with lock:
+                        codes.append(r.status_code)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in ["big"] * 16 + ["bomb"] * 4 + ["parts"] * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        peak = _vm(srv.pid, "VmHWM")
+        alive = srv.alive()
+        after = httpx.post(srv.url + "/classify", content=PHOTO, headers={"content-type": "image/jpeg"}, timeout=30)
+    record("hostile", memory={"budget_mb": budget_mb, "footprint_mb": footprint >> 20, "peak_rss_mb": peak >> 20,
+                              "answers": {str(c): codes.count(c) for c in sorted(set(codes))}})
+    assert alive and after.status_code == 200
+    assert set(codes) <= {200, 400, 413, 503}, codes
+    assert peak <= footprint + budget_mb * (1 << 20), (peak >> 20, footprint >> 20)
+
+
+# --- /v2 bodies that are expensive to parse -----------------------------------------------------------
+def _v2(header: dict, binary: bytes = b"") -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    return head + binary, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+
+
+def test_a_flood_of_hostile_v2_bodies_does_not_stall_the_event_loop(b0_repo, tmp_path):
+    zeros = b"\x00\x00\x00\x00" * (5 * 1024 * 1024)  # 5 M zero-length BYTES elements: 20 MB
+    bytes_flood, h1 = _v2({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                       "parameters": {"binary_data_size": len(zeros)}}]}, zeros)
+    gz_flood = gzip.compress(bytes_flood, 9)
+    floats = ",".join(["0.5"] * (3 * 224 * 224))
+    json_fp32 = ('{"inputs":[{"name":"images","datatype":"FP32","shape":[4,3,224,224],"data":['
+                 + ",".join([floats] * 4) + "]}]}").encode()
+    hostile = [
+        (bytes_flood, h1),
+        (gz_flood, {**h1, "Content-Encoding": "gzip"}),
+        (json_fp32, {"Content-Type": "application/json"}),
+        (zlib.compress(json_fp32), {"Content-Type": "application/json", "Content-Encoding": "deflate"}),
+        (struct.pack("<I", 10) * 3, {**h1}),
+    ]
+    env = b0_env(b0_repo, EFFNET_MAX_BODY_MB="20")
+    with server_process(env, tmp_path / "server.log") as srv:
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def flood(i: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                k = i
+                while not stop.is_set():
+                    body, headers = hostile[k % len(hostile)]
+                    statuses.append(c.post("/v2/models/b0/infer", content=body, headers=headers).status_code)
+                    k += 1
+
+        threads = [threading.Thread(target=flood, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        probes: list[float] = []
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            t_end = time.monotonic() + 8.0
+            while time.monotonic() < t_end:
+                t0 = time.perf_counter()
+                assert c.get("/health/live").status_code == 200
+                probes.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert srv.alive()
+    p99 = float(np.percentile(probes, 99)) * 1000
+    record("hostile", v2_flood={"hostile_requests": len(statuses), "statuses": sorted(set(statuses)),
+                                "live_probes": len(probes), "live_p99_ms": round(p99, 1),
+                                "live_max_ms": round(max(probes) * 1000, 1)})
+    assert len(statuses) >= 20
+    assert p99 < 100, p99
