@@ -21,6 +21,7 @@ from app.api import classify, health, models
 from app.api.errors import install_handlers
 from app.api.gate import AdmissionGate
 from app.api.security import ApiKeyMiddleware
+from app.api.v2 import repository as v2_repository
 from app.api.v2 import routes as v2_routes
 from app.core.config import Settings
 from app.engine.dataplane import DataPlane
@@ -38,13 +39,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         set_max_pixels(settings.max_image_pixels)
         registry = Registry(settings, hooks_for=metrics.hooks)
         registry.on_ready = lambda e: metrics.model_loaded(e.name, e.manifest, e.provider or "")
+        registry.on_stopped = metrics.model_stopped
         pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
-        app.state.plane = DataPlane(settings, registry, metrics, pool)
+        plane = app.state.plane = DataPlane(settings, registry, metrics, pool)
         loader = asyncio.create_task(registry.load_all(), name="load-models")
+        plane.control.start()  # EFFNET_MODEL_CONTROL=poll: watch the repository
         try:
             yield
         finally:
-            app.state.plane.draining = True
+            plane.draining = True
+            await plane.control.stop()
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
@@ -63,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2_repository.router)  # the V2 model-repository extension (before the /v2 catch-all)
     app.include_router(v2_routes.router)  # Open Inference Protocol (KServe V2)
     # Starlette runs the last middleware added first. Innermost: the admission gate, so a refusal still
     # needs the key. Then the key. Outermost: CORS, so a browser's preflight (which never carries the key)

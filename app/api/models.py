@@ -15,7 +15,7 @@ router = APIRouter()
 
 
 def model_info(entry: ModelEntry) -> ModelInfo:
-    info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason}
+    info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason, "version": entry.version}
     m = entry.manifest
     if m is not None:
         info.update(

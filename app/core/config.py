@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_model: str = "b0"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # As Triton's --model-control-mode (app/engine/control.py): none, explicit (load/unload requests), poll.
+    model_control: Literal["none", "explicit", "poll"] = "none"
+    poll_s: float = Field(default=5.0, gt=0)
 
     max_batch: int | None = Field(default=None, ge=1, le=1024)
     # Filled from EFFNET_MAX_BATCH_<NAME> variables (see _collect_overrides); keys are env_key(name).

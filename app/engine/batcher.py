@@ -135,7 +135,7 @@ class Batcher:
         self._closing = True
         self.room.close()
         deadline = time.monotonic() + drain_s
-        while (self._items or self._busy) and time.monotonic() < deadline:
+        while (self._items or self._busy or self.room.reserved) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -180,7 +180,8 @@ class Batcher:
             return await room.submit(xs, arrived)
 
     async def _enqueue(self, xs: Sequence[np.ndarray], arrived: float | None, timeout_s: float | None = None) -> list[Result]:
-        if self._closing:
+        # Room reserved before stop() began is honoured while the drain runs; after it, nothing is taken.
+        if self._closing and self._task is None:
             raise ShuttingDown("the server is shutting down")
         loop = asyncio.get_running_loop()
         now = loop.time()

@@ -36,6 +36,7 @@ import numpy as np
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, ClientGone, Overloaded, ShuttingDown, Unavailable, UnknownModel
 from app.engine.batcher import Result
+from app.engine.control import ModelControl
 from app.engine.memory import MemoryBudget
 from app.engine.metrics import Metrics
 from app.engine.preprocess import Prepared, prepare
@@ -80,6 +81,7 @@ class DataPlane:
     def __init__(self, settings: Settings, registry: Registry, metrics: Metrics, decode_pool: Executor) -> None:
         self.settings = settings
         self.registry = registry
+        self.control = ModelControl(registry, metrics, settings.model_control, settings.poll_s)
         self.metrics = metrics
         self.decode_pool = decode_pool
         self.stats = ServiceStats()
@@ -97,6 +99,13 @@ class DataPlane:
         entry = self.registry.entries.get(name) if name is not None else None
         if entry is None:
             raise UnknownModel("unknown model", available=self.registry.names())
+        return entry
+
+    @staticmethod
+    def current(entry: ModelEntry) -> ModelEntry:
+        """The entry that takes new work for this model: a reload's successor once the old one stops."""
+        while entry.successor is not None and (entry.batcher is None or entry.batcher.room.closing):
+            entry = entry.successor
         return entry
 
     def is_ready(self, entry: ModelEntry) -> bool:
@@ -139,6 +148,7 @@ class DataPlane:
     async def refusal(self, entry: ModelEntry) -> ApiError | None:
         """Stage one for a front end that has not routed the request yet: the refusal it would certainly
         get (draining, not ready, a queue that stays full for the admission wait), recorded; else None."""
+        entry = self.current(entry)
         try:
             self.check_admissible(entry)
             await entry.batcher.room.wait_for_room(self.admission_wait_s(entry))
@@ -178,6 +188,7 @@ class Call:
         plane, name = self.plane, self.entry.name
         plane.inflight[name] = plane.inflight.get(name, 0) + 1
         try:
+            self.entry = plane.current(self.entry)
             plane.check_admissible(self.entry)
             # The admission gate (app/api/gate.py) has queued this request fairly already, if it could.
             await self.entry.batcher.room.wait_for_room(self._wait_left(), in_line=False)
@@ -218,6 +229,10 @@ class Call:
             raise BadRequest(f"at most {limit} images per request")
 
     async def _reserve(self, n: int):
+        # Reloaded while this request was being read: the old version takes no new work, its successor does.
+        self.entry = self.plane.current(self.entry)
+        if self.entry.batcher is None:  # unloaded meanwhile
+            self.plane.check_admissible(self.entry)
         return await self.entry.batcher.room.reserve_within(n, self._wait_left())
 
     def _skipped(self, n: int, why: str) -> None:
@@ -226,10 +241,10 @@ class Call:
     async def images(self, data: list[bytes]) -> list[ImageResult]:
         """Encoded images -> answers, in order. Queue room for all of them is held before any is decoded."""
         self._check_count(len(data))
-        entry, plane = self.entry, self.plane
-        pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
         loop = asyncio.get_running_loop()
         with await self._reserve(len(data)) as room:
+            entry, plane = self.entry, self.plane  # after the reservation: a reload may have moved us on
+            pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
             try:
                 prepared: list[Prepared] = await asyncio.gather(*(
                     loop.run_in_executor(plane.decode_pool, functools.partial(

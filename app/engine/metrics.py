@@ -54,9 +54,23 @@ class Metrics:
         self.auto_routed = Counter(
             "effnet_auto_routed", "model=auto requests by the model chosen", ["model", "budget_missed"], registry=r,
         )
+        # Model control (the V2 repository extension, EFFNET_MODEL_CONTROL=poll): names of model folders only.
+        self.model_loads = Counter(
+            "effnet_model_loads", "Model loads and reloads, by outcome (ok, failed)", ["model", "outcome"], registry=r,
+        )
+        self.model_unloads = Counter("effnet_model_unloads", "Models unloaded", ["model"], registry=r)
+        self.model_version = Gauge(
+            "effnet_model_version_info", "The version serving (always 1)", ["model", "version"], registry=r,
+        )
+        self._info_labels: dict[str, tuple] = {}  # the current info series per model, to drop on change
 
     def model_loaded(self, name: str, manifest: Manifest, provider: str) -> None:
-        self.model_info.labels(name, provider, str(manifest.weights.pretrained).lower(), str(manifest.resolution)).set(1)
+        self.model_stopped(name)  # a reload may change any label
+        info = (name, provider, str(manifest.weights.pretrained).lower(), str(manifest.resolution))
+        version = (name, manifest.onnx.sha256[:12])
+        self.model_info.labels(*info).set(1)
+        self.model_version.labels(*version).set(1)
+        self._info_labels[name] = (info, version)
         self.model_macs.labels(name).set(manifest.macs)
         self.model_params.labels(name).set(manifest.params)
         for source in ("reference", "measured"):
@@ -68,6 +82,13 @@ class Metrics:
                 if value is not None:
                     self.model_accuracy.labels(name, metric, source).set(value)
         self.queue_depth.labels(name).set(0)
+
+    def model_stopped(self, name: str) -> None:
+        """The model no longer serves (unloaded, or about to be replaced): its info series go."""
+        labels = self._info_labels.pop(name, None)
+        if labels is not None:
+            self.model_info.remove(*labels[0])
+            self.model_version.remove(*labels[1])
 
     def hooks(self, name: str) -> Hooks:
         batch = self.batch_size.labels(name)

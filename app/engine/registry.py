@@ -1,9 +1,14 @@
-"""Which models exist, which of them serve, and why the others do not.
+"""Which models exist, which of them serve, and why the others do not; loading, reloading, unloading.
 
-A model that cannot be served (missing or corrupt file, checksum mismatch, invalid
-manifest, ORT refuses the graph, warm-up fails) is disabled alone with a reason that
-`/models` and `/health/ready` show; the rest of the repository keeps serving.
-Loading runs in the background so `/health/live` answers while big models load.
+A model that cannot be served (missing or corrupt file, checksum mismatch, invalid manifest, ORT refuses
+the graph, warm-up fails) is disabled alone with a reason that `/models` and `/health/ready` show; the rest
+of the repository keeps serving. Loading runs in the background so `/health/live` answers while big models
+load.
+
+A reload builds and warms the new version beside the old one, then swaps the registry's entry in one step:
+requests that already hold the old entry finish on it (a request that had not reserved queue room yet
+follows `successor` to the new one), new requests get the new one, and the old batcher drains and stops.
+A reload whose new files are broken leaves the old version serving and says why.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ log = logging.getLogger("effnet.registry")
 Status = Literal["loading", "ready", "unavailable"]
 
 
+UNLOADED = "unloaded"  # the reason of a model stopped on request (not a failure: readiness ignores it)
+
+
+class ControlError(Exception):
+    """A load or unload could not be done; the message says why and is safe to show."""
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -36,10 +48,16 @@ class ModelEntry:
     session: ModelSession | None = None
     batcher: Batcher | None = None
     max_batch: int | None = None
+    successor: ModelEntry | None = None  # set when a reload replaced this entry
 
     @property
     def provider(self) -> str | None:
         return self.session.provider if self.session else None
+
+    @property
+    def version(self) -> str | None:
+        """Changes whenever the model's ONNX file changes: the first 12 hex digits of its sha256."""
+        return self.manifest.onnx.sha256[:12] if self.manifest is not None else None
 
     def fail(self, reason: str) -> None:
         self.status, self.reason = "unavailable", reason
@@ -47,18 +65,26 @@ class ModelEntry:
         log.error("model %s unavailable: %s", self.name, reason)
 
 
-def discover(settings: Settings) -> list[str]:
-    """The configured names, or every complete model folder in the repository."""
-    if settings.models:
-        return list(dict.fromkeys(settings.models))
-    root = settings.repository
+def model_folders(root: Path) -> list[str]:
+    """Every complete model folder in the repository. Hidden folders are the build's temporary ones (it
+    renames a folder into place only once complete); a folder without a manifest is not a model."""
     if not root.is_dir():
         return []
-    # Hidden folders are the build's temporary ones; a folder without a manifest is not a model.
     return sorted(
         p.name for p in root.iterdir()
         if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
     )
+
+
+def discover(settings: Settings) -> list[str]:
+    """The configured names, or every complete model folder in the repository."""
+    if settings.models:
+        return list(dict.fromkeys(settings.models))
+    return model_folders(settings.repository)
+
+
+def valid_name(name: str) -> bool:
+    return bool(re.match(NAME_PATTERN, name)) and len(name) <= 64
 
 
 class Registry:
@@ -70,6 +96,9 @@ class Registry:
         }
         self.loaded = False  # every entry reached ready or unavailable
         self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
+        self.on_stopped: Callable[[str], None] = lambda name: None  # a model stopped serving (unload)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task] = set()  # old versions draining after a swap
 
     # --- queries ---------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -83,7 +112,9 @@ class Registry:
         return ready[0] if ready else next(iter(self.entries), None)
 
     def not_ready(self) -> dict[str, str]:
-        return {n: (e.reason or e.status) for n, e in self.entries.items() if e.status != "ready"}
+        """Models that should serve and do not, with why (a model unloaded on request is not among them)."""
+        return {n: (e.reason or e.status) for n, e in self.entries.items()
+                if e.status != "ready" and e.reason != UNLOADED}
 
     @property
     def ready(self) -> bool:
@@ -93,12 +124,12 @@ class Registry:
         if not self.entries:
             return False
         if self.settings.strict_readiness:
-            return not self.not_ready()
+            return not self.not_ready() and any(e.status == "ready" for e in self.entries.values())
         return self.loaded and any(e.status == "ready" for e in self.entries.values())
 
     # --- loading ---------------------------------------------------------------------
     def _load_blocking(self, entry: ModelEntry, tables: dict[str, dict[str, int]]) -> None:
-        if not re.match(NAME_PATTERN, entry.name) or len(entry.name) > 64:
+        if not valid_name(entry.name):
             raise ManifestError("not a valid model name")
         if not entry.folder.is_dir():
             raise ManifestError(f"no folder {entry.name!r} in the repository")
@@ -118,42 +149,117 @@ class Registry:
             tables[device] = read_batch_table(self.settings.repository, device)
         entry.max_batch = self.settings.max_batch_for(entry.name, device, tables[device])
 
+    async def _bring_up(self, entry: ModelEntry, tables: dict[str, dict[str, int]]) -> None:
+        """Load, warm and start one entry; on failure it is marked unavailable with a reason."""
+        stage = "load"
+        try:
+            await asyncio.to_thread(self._load_blocking, entry, tables)
+            assert entry.session is not None and entry.manifest is not None and entry.max_batch
+            crop = entry.manifest.preprocess.crop
+            batcher = Batcher(
+                name=entry.name,
+                run=entry.session.run,
+                max_batch=entry.max_batch,
+                max_delay_s=self.settings.max_delay_ms / 1000.0,
+                wait_always=self.settings.batch_wait == "always",
+                max_queue=self.settings.max_queue,
+                timeout_s=self.settings.request_timeout_s,
+                pad=entry.session.device == "cuda",
+                hooks=self.hooks_for(entry.name),
+            )
+            stage = "warm-up"
+            await asyncio.to_thread(batcher.warm_up, (3, crop, crop))
+            batcher.start()
+            entry.batcher = batcher
+            entry.status = "ready"
+            log.info("model %s (version %s) ready on %s, max batch %d", entry.name, entry.version, entry.provider,
+                     entry.max_batch)
+        except (ManifestError, SessionError) as exc:
+            entry.fail(str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. warm-up crashed: this model only
+            # The exception's class and text are internals (ORT's messages name files and
+            # nodes): they go to the log; /models and /health/ready get the stage only.
+            log.error("model %s: %s failed: %s: %s", entry.name, stage, type(exc).__name__, exc)
+            entry.fail("the warm-up run failed" if stage == "warm-up" else "failed to load (see the server log)")
+
     async def load_all(self) -> None:
         """Load, warm and start every entry, one at a time (memory and cores are shared)."""
         tables: dict[str, dict[str, int]] = {}  # batch_sizes.json per device, read once each
-        for entry in self.entries.values():
-            stage = "load"
-            try:
-                await asyncio.to_thread(self._load_blocking, entry, tables)
-                assert entry.session is not None and entry.manifest is not None and entry.max_batch
-                crop = entry.manifest.preprocess.crop
-                batcher = Batcher(
-                    name=entry.name,
-                    run=entry.session.run,
-                    max_batch=entry.max_batch,
-                    max_delay_s=self.settings.max_delay_ms / 1000.0,
-                    wait_always=self.settings.batch_wait == "always",
-                    max_queue=self.settings.max_queue,
-                    timeout_s=self.settings.request_timeout_s,
-                    pad=entry.session.device == "cuda",
-                    hooks=self.hooks_for(entry.name),
-                )
-                stage = "warm-up"
-                await asyncio.to_thread(batcher.warm_up, (3, crop, crop))
-                batcher.start()
-                entry.batcher = batcher
-                entry.status = "ready"
-                self.on_ready(entry)
-                log.info("model %s ready on %s, max batch %d", entry.name, entry.provider, entry.max_batch)
-            except (ManifestError, SessionError) as exc:
-                entry.fail(str(exc))
-            except Exception as exc:  # noqa: BLE001 - e.g. warm-up crashed: this model only
-                # The exception's class and text are internals (ORT's messages name files and
-                # nodes): they go to the log; /models and /health/ready get the stage only.
-                log.error("model %s: %s failed: %s: %s", entry.name, stage, type(exc).__name__, exc)
-                entry.fail("the warm-up run failed" if stage == "warm-up" else "failed to load (see the server log)")
+        for entry in list(self.entries.values()):
+            async with self._lock(entry.name):
+                if self.entries.get(entry.name) is not entry:  # loaded or replaced meanwhile (model control)
+                    continue
+                await self._bring_up(entry, tables)
+                if entry.status == "ready":
+                    self.on_ready(entry)
         self.loaded = True
+
+    # --- model control -----------------------------------------------------------------
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load `name` from its folder, or reload it: the new version is warmed beside the old one and swapped
+        in at once. Raises ControlError (the old version, if any, keeps serving)."""
+        if not valid_name(name):
+            raise ControlError("not a valid model name")
+        folder = self.settings.repository / name
+        async with self._lock(name):
+            old = self.entries.get(name)
+            new = ModelEntry(name, folder)
+            if old is None:
+                self.entries[name] = new  # visible as LOADING while it loads
+            await self._bring_up(new, {})
+            if new.status != "ready":
+                if old is None or old.status != "ready":
+                    self.entries[name] = new
+                raise ControlError(f"model {name!r} could not be loaded: {new.reason}"
+                                   + ("; the previous version keeps serving" if old is not None and old.status == "ready" else ""))
+            self.entries[name] = new
+            if old is not None and old is not new:
+                old.successor = new
+                self._retire(old)
+            self.on_ready(new)
+            return new
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name` once its queued work is done; it stays listed as unavailable ("unloaded")."""
+        async with self._lock(name):
+            entry = self.entries.get(name)
+            if entry is None:
+                raise ControlError(f"model {name!r} is not loaded")
+            entry.status, entry.reason = "unavailable", UNLOADED
+            batcher, entry.batcher = entry.batcher, None
+            self.on_stopped(name)
+            if batcher is not None:
+                await batcher.stop(self.settings.drain_s)
+            entry.session = None
+
+    def _retire(self, old: ModelEntry) -> None:
+        """Let the replaced version finish what it holds, then stop it, in the background."""
+        if old.batcher is None:
+            return
+        task = asyncio.get_running_loop().create_task(old.batcher.stop(self.settings.drain_s), name=f"retire-{old.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def index(self) -> list[dict[str, str]]:
+        """Every model folder in the repository and every model known, as the V2 repository extension lists
+        them: name, and for those loaded or tried, version, state (READY, UNAVAILABLE, LOADING) and reason."""
+        out = []
+        for name in sorted(set(model_folders(self.settings.repository)) | set(self.entries)):
+            e = self.entries.get(name)
+            row: dict[str, str] = {"name": name}
+            if e is not None:
+                if e.version:
+                    row["version"] = e.version
+                row["state"] = {"ready": "READY", "loading": "LOADING"}.get(e.status, "UNAVAILABLE")
+                if e.reason:
+                    row["reason"] = e.reason
+            out.append(row)
+        return out
 
     async def close(self, drain_s: float) -> None:
         """Stop every model at once: their drains overlap, so several busy models still fit in drain_s."""
-        await asyncio.gather(*(e.batcher.stop(drain_s) for e in self.entries.values() if e.batcher is not None))
+        await asyncio.gather(*(e.batcher.stop(drain_s) for e in self.entries.values() if e.batcher is not None),
+                             *self._retiring)

@@ -50,7 +50,9 @@ def test_health_and_metadata(triton, family_server):
     assert triton.is_model_ready("tiny2", model_version="1")
     assert not triton.is_model_ready("nope")
     meta = triton.get_model_metadata("tiny")
-    assert meta["name"] == "tiny" and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+    sha = json.loads((family_server.plane.registry.entries["tiny"].folder / "manifest.json").read_text())["onnx"]["sha256"]
+    assert meta["name"] == "tiny" and meta["versions"] == [sha[:12]] and meta["platform"] == "onnxruntime_onnx"
+    assert triton.is_model_ready("tiny", model_version=sha[:12])  # the version follows the ONNX file
     assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 1000]}]
     assert triton.get_model_metadata("tiny2")["inputs"][0]["shape"] == [-1, 3, 96, 96]

@@ -18,41 +18,21 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 
 from app import __version__
 from app.api.state import plane_of
+from app.api.v2.errors import V2_ERRORS
 from app.api.body import Upload, client_timeout_s
 from app.api.v2.codec import HEADER, VERSION, ProtocolError, decode_content, encode_infer, parse_infer
 from app.core.errors import ApiError
 from app.engine.registry import ModelEntry
 
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["classification", "binary_tensor_data"]
+# Not "statistics": perf_analyzer polls /v2/models/{m}/stats when a server lists it.
+EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration"]
 
 
-class ProtocolErrorBody(BaseModel):
-    error: str
-
-
-def _documented(**codes: str) -> dict[int | str, dict[str, Any]]:
-    return {int(c[1:]): {"model": ProtocolErrorBody, "description": d} for c, d in codes.items()}
-
-
-# Declared on the router so every /v2 route's OpenAPI lists the errors it can answer with
-# (schemathesis holds the service to its own spec).
-router = APIRouter(
-    prefix="/v2",
-    tags=["Open Inference Protocol (KServe V2)"],
-    responses=_documented(
-        s400="malformed inference request (header, shapes, data, binary sizes)",
-        s401="EFFNET_API_KEY is set and the request lacks it",
-        s404="unknown model or version",
-        s413="body larger than EFFNET_MAX_BODY_MB",
-        s415="unsupported Content-Encoding",
-        s503="model loading, unavailable, overloaded or shutting down; see Retry-After",
-    ),
-)
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -65,8 +45,9 @@ def _entry(request: Request, name: str, version: str | None) -> ModelEntry:
     if entry is None:
         # The name came from the client: not echoed back.
         raise ProtocolError(404, f"unknown model; available: {', '.join(plane.registry.names())}")
-    if version not in (None, "", VERSION):
-        raise ProtocolError(404, f"model {name!r} has only version {VERSION}")
+    if version not in (None, "", VERSION, entry.version):
+        # "1" stays accepted: before versions followed the ONNX file, every model was version 1.
+        raise ProtocolError(404, f"model {name!r} serves version {entry.version or VERSION} only")
     return entry
 
 
@@ -91,7 +72,7 @@ async def health_ready(request: Request) -> JSONResponse:
 # --- models -----------------------------------------------------------------------------
 def metadata(entry: ModelEntry) -> dict[str, Any]:
     m = entry.manifest
-    out: dict[str, Any] = {"name": entry.name, "versions": [VERSION], "platform": PLATFORM}
+    out: dict[str, Any] = {"name": entry.name, "versions": [entry.version or VERSION], "platform": PLATFORM}
     if m is not None:
         crop = m.preprocess.crop
         out["inputs"] = [{"name": m.onnx.input.name, "datatype": "FP32", "shape": [-1, 3, crop, crop]}]
@@ -115,6 +96,41 @@ async def _model_ready(request: Request, name: str, version: str | None) -> JSON
         return _error(exc.status, exc.message)
     ready = plane_of(request).is_ready(entry)
     return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
+
+
+def model_config(entry: ModelEntry, plane) -> dict[str, Any]:
+    """Triton's model configuration (the fields perf_analyzer and Triton clients read); dims leave out the
+    batch axis, as Triton's do."""
+    m = entry.manifest
+    out: dict[str, Any] = {"name": entry.name, "platform": PLATFORM, "backend": "onnxruntime",
+                           "max_batch_size": entry.max_batch or 0}
+    if m is not None:
+        crop = m.preprocess.crop
+        out["input"] = [{"name": m.onnx.input.name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                         "dims": [3, crop, crop]}]
+        out["output"] = [{"name": m.onnx.output.name, "data_type": "TYPE_FP32", "dims": [len(m.labels)]}]
+    out["dynamic_batching"] = {"max_queue_delay_microseconds": int(plane.settings.max_delay_ms * 1000)}
+    if entry.batcher is not None:
+        out["dynamic_batching"]["preferred_batch_size"] = entry.batcher.sizes
+    out["version_policy"] = {"latest": {"num_versions": 1}}
+    return out
+
+
+async def _model_config(request: Request, name: str, version: str | None) -> JSONResponse:
+    try:
+        return JSONResponse(model_config(_entry(request, name, version), plane_of(request)))
+    except ProtocolError as exc:
+        return _error(exc.status, exc.message)
+
+
+@router.get("/models/{name}/config", summary="Model configuration (Triton's extension)")
+async def model_config_route(request: Request, name: str) -> JSONResponse:
+    return await _model_config(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Model configuration (one version)")
+async def model_version_config(request: Request, name: str, version: str) -> JSONResponse:
+    return await _model_config(request, name, version)
 
 
 @router.get("/models/{name}", summary="Model metadata")

@@ -1,0 +1,170 @@
+"""Model control (the V2 repository extension, EFFNET_MODEL_CONTROL): models loaded, reloaded and unloaded
+while the server runs, by request (explicit) or by watching the repository (poll), with real clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.http as triton_http
+from serving_helpers import encode, live_server, photo, write_model
+from tritonclient.utils import InferenceServerException
+
+from app.core.config import Settings
+
+JPEG = {"Content-Type": "image/jpeg"}
+PHOTO = encode(photo())
+
+
+def publish(repo: Path, name: str, seed: int, crop: int = 32) -> Path:
+    """Write a model the way the build does: into a hidden folder, renamed into place once complete."""
+    staging = repo / f".staging-{name}-{seed}"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_model(staging.parent, staging.name, crop=crop, resize=crop + 4, seed=seed)
+    manifest = (staging / "manifest.json").read_text().replace(f'"name": "{staging.name}"', f'"name": "{name}"')
+    (staging / "manifest.json").write_text(manifest)
+    final = repo / name
+    if final.exists():
+        old = repo / f".old-{name}"
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+    return final
+
+
+def version(c: httpx.Client, name: str) -> str:
+    return c.get(f"/v2/models/{name}").json()["versions"][0]
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    r = tmp_path / "repo"
+    r.mkdir()
+    publish(r, "alpha", seed=0)
+    return r
+
+
+def test_explicit_load_serve_reload_unload_with_tritonclient(repo):
+    settings = Settings(repository=repo, model_control="explicit", threads=1, decode_workers=2)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        publish(repo, "beta", seed=1)  # built while the server runs
+        client = triton_http.InferenceServerClient(srv.url.removeprefix("http://"))
+        index = {row["name"]: row for row in client.get_model_repository_index()}
+        assert index["alpha"]["state"] == "READY" and index["beta"] == {"name": "beta"}  # never loaded
+        assert c.post("/classify?model=beta", content=PHOTO, headers=JPEG).status_code == 404
+
+        client.load_model("beta")
+        assert client.is_model_ready("beta")
+        assert c.post("/classify?model=beta", content=PHOTO, headers=JPEG).status_code == 200
+        v1 = version(c, "beta")
+
+        publish(repo, "beta", seed=2)  # rebuilt: a new ONNX file
+        client.load_model("beta")
+        v2 = version(c, "beta")
+        assert v2 != v1 and c.get("/models/beta").json()["status"] == "ready"
+
+        client.unload_model("beta")
+        assert not client.is_model_ready("beta")
+        rows = {row["name"]: row for row in c.post("/v2/repository/index").json()}
+        assert rows["beta"]["state"] == "UNAVAILABLE" and rows["beta"]["reason"] == "unloaded"
+        assert c.post("/v2/repository/index", json={"ready": True}).json() == [rows["alpha"]]
+        assert c.get("/health/ready").status_code == 200  # an unloaded model does not make the pod unready
+        r = c.post("/classify?model=beta", content=PHOTO, headers=JPEG)
+        assert r.status_code == 503 and "unloaded" in r.json()["error"]["message"]
+
+        metrics = c.get("/metrics").text
+        assert 'effnet_model_loads_total{model="beta",outcome="ok"} 2.0' in metrics
+        assert 'effnet_model_unloads_total{model="beta"} 1.0' in metrics
+        assert f'effnet_model_version_info{{model="alpha",version="{version(c, "alpha")}"}} 1.0' in metrics
+        assert 'model="beta"' not in "\n".join(l for l in metrics.splitlines() if l.startswith("effnet_model_info"))
+
+
+def test_a_broken_reload_keeps_the_old_version_serving_and_says_why(repo):
+    settings = Settings(repository=repo, model_control="explicit", threads=1)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        before = version(c, "alpha")
+        (repo / "alpha" / "model.onnx").write_bytes(b"not an onnx file")  # its checksum no longer matches
+        r = c.post("/v2/repository/models/alpha/load")
+        assert r.status_code == 400
+        assert "does not match" in r.json()["error"] and "previous version keeps serving" in r.json()["error"]
+        assert version(c, "alpha") == before
+        assert c.post("/classify?model=alpha", content=PHOTO, headers=JPEG).status_code == 200
+        assert 'effnet_model_loads_total{model="alpha",outcome="failed"} 1.0' in c.get("/metrics").text
+
+
+def test_a_reload_under_steady_load_loses_no_request(repo):
+    settings = Settings(repository=repo, model_control="explicit", threads=1, decode_workers=2)
+    with live_server(settings) as srv:
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                while not stop.is_set():
+                    statuses.append(c.post("/classify?model=alpha", content=PHOTO, headers=JPEG).status_code)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            versions = {version(c, "alpha")}
+            for seed in (5, 6, 7):
+                publish(repo, "alpha", seed=seed)
+                assert c.post("/v2/repository/models/alpha/load").status_code == 200
+                versions.add(version(c, "alpha"))
+                time.sleep(0.2)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert len(versions) == 4  # every rebuild was swapped in
+    assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+
+
+def test_poll_mode_follows_the_repository_by_itself(repo):
+    settings = Settings(repository=repo, model_control="poll", poll_s=0.2, threads=1)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        def until(check, seconds=10.0):
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if check():
+                    return True
+                time.sleep(0.05)
+            return False
+
+        publish(repo, "gamma", seed=3)
+        assert until(lambda: c.get("/v2/models/gamma/ready").status_code == 200)
+        assert c.post("/classify?model=gamma", content=PHOTO, headers=JPEG).status_code == 200
+        before = version(c, "gamma")
+        publish(repo, "gamma", seed=4)
+        assert until(lambda: version(c, "gamma") != before)
+        shutil.rmtree(repo / "gamma")
+        assert until(lambda: c.get("/v2/models/gamma/ready").status_code == 503)
+        r = c.post("/v2/repository/models/gamma/load")
+        assert r.status_code == 403 and "poll" in r.json()["error"]  # the repository decides, not requests
+
+
+def test_without_model_control_requests_cannot_change_what_serves_and_names_are_checked(repo):
+    with live_server(Settings(repository=repo, threads=1)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v2/repository/models/alpha/unload")
+        assert r.status_code == 403 and "EFFNET_MODEL_CONTROL" in r.json()["error"]
+        assert c.post("/v2/repository/models/Not_A_Name/load").status_code == 400
+        assert c.post("/v2/repository/models/..%2Fetc/load").status_code in (400, 404)
+        assert c.post("/v2/repository/index", content=b"[1, 2]").status_code == 400
+        with pytest.raises(InferenceServerException):
+            triton_http.InferenceServerClient(srv.url.removeprefix("http://")).load_model("alpha")
+
+
+def test_the_repository_endpoints_need_the_api_key(repo):
+    settings = Settings(repository=repo, model_control="explicit", api_key="k3y", threads=1)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post("/v2/repository/index").status_code == 401
+        assert c.post("/v2/repository/models/alpha/unload").status_code == 401
+        assert c.post("/v2/repository/index", headers={"X-API-Key": "k3y"}).status_code == 200
