@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps models serve test test-deploy bench bench-smoke bench-precision bench-soak clean
+.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,29 @@ models: install
 serve: models
 	EFFNET_REPOSITORY=$(REPO) $(EFFNET) serve --host $(HOST) --port $(PORT)
 
-# Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests.
-# Installed only when missing and when we may (root); otherwise those tests say why they skip.
-SYSTEM_PACKAGES ?= prometheus
+# Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests, and libb64 for
+# Triton's perf_analyzer. Installed only when missing and when we may (root); otherwise those tests say why
+# they skip (and fail under CI=true).
+SYSTEM_PACKAGES ?= prometheus libb64-0d
 system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "system-deps: missing$$missing (run 'sudo make system-deps'); tests that need them will skip"; fi
 
-test: install system-deps
+# Triton's perf_analyzer ships only in the tritonclient 2.41.1 wheel, whose Python side needs protobuf<5 (which
+# the project's onnx cannot live with): the wheel goes into a folder of its own, without dependencies; the
+# binary needs no Python, only libb64 (above) and libcudart from nvidia-cuda-runtime-cu12, even on a CPU.
+PERF_ANALYZER_DIR := .cache/perf-analyzer
+PERF_ANALYZER := $(PERF_ANALYZER_DIR)/bin/perf_analyzer
+$(PERF_ANALYZER): $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps --target $(PERF_ANALYZER_DIR) tritonclient==2.41.1 nvidia-cuda-runtime-cu12==12.9.79
+	touch $@
+
+perf-analyzer: $(PERF_ANALYZER)
+
+test: install system-deps $(PERF_ANALYZER)
 	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest
 
