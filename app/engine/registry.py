@@ -142,6 +142,7 @@ class Registry:
         entry.session = create_session(
             onnx_path, manifest.onnx.input.name, manifest.onnx.output.name,
             device=device, threads=self.settings.threads, spinning=self.settings.ort_spinning,
+            arena=self.settings.ort_arena,
         )
         # The batch table of the device that actually runs the graph (auto may pick CUDA, CUDA may fall back).
         device = entry.session.device

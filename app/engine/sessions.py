@@ -17,17 +17,18 @@ thread), so the question is only how wide each run may go:
   cores through the OS scheduler, which for compute-bound kernels costs little throughput.
 * inter-op = 1, sequential execution: EfficientNet is a chain; parallel branches buy nothing.
 
-Memory. ORT's CPU arena and memory patterns are off. Each session's arena keeps the peak of
-every shape it has run, for good: with b0..b7 loaded and warmed that was 2.0 GiB of 2.9 GiB
-RSS, against 1.2 GiB without (measured on this 2-core box, docs/benchmarks.md), and speed
-was unchanged within noise (B0 batch 1: 28.5 vs 28.8 ms; B4: 243 vs 243 ms) because the
-server's malloc is tuned to reuse large blocks (server.tune_malloc). The batcher still runs
-only a few fixed batch shapes (batcher.batch_sizes), each warmed before ready.
+Memory. One CPU arena for the whole process, shared by every session (ORT's environment allocator,
+`session.use_env_allocators`), with memory patterns on. ORT's own default, an arena per session, is the
+fastest (B0 batch 8: switching arenas off cost 32-47% of raw throughput here) but each session's arena keeps
+the peak of every shape it ran, for good: with b0..b7 loaded that was 2.0 GiB of 2.9 GiB RSS. The shared
+arena gives the default's speed (0.99x in the same run) while models take turns with one pool of blocks;
+it grows by what is requested, not by doubling. `EFFNET_ORT_ARENA=per-session|off` restores the others.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,27 +79,47 @@ def resolve_device(requested: str) -> str:
     return "cpu"
 
 
-def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
+_ENV_ARENA_LOCK = threading.Lock()
+_env_arena = False
+
+
+def ensure_shared_arena() -> None:
+    """Register the process-wide CPU arena once, before the first session that uses it."""
+    global _env_arena
+    with _ENV_ARENA_LOCK:
+        if _env_arena:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # max_mem 0 (unbounded), arena_extend_strategy 1 (kSameAsRequested), chunk sizes default.
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+        _env_arena = True
+
+
+def session_options(threads: int, spinning: bool, arena: str = "shared") -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = False
+    so.enable_cpu_mem_arena = arena != "off"
+    so.enable_mem_pattern = arena != "off"
+    if arena == "shared":
+        ensure_shared_arena()
+        so.add_session_config_entry("session.use_env_allocators", "1")
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
     return so
 
 
-def create_session(path: Path, input_name: str, output_name: str, *, device: str, threads: int, spinning: bool) -> ModelSession:
+def create_session(path: Path, input_name: str, output_name: str, *, device: str, threads: int, spinning: bool,
+                   arena: str = "shared") -> ModelSession:
     providers: list = [CPU]
     if device == "cuda":
         # Arena growth by request size, not by doubling: bounded GPU memory with fixed shapes.
         providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested"}), CPU]
     try:
-        session = ort.InferenceSession(str(path), sess_options=session_options(threads, spinning), providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=session_options(threads, spinning, arena), providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
         log.error("onnxruntime cannot load %s: %s: %s", path, type(exc).__name__, exc)
         what = _ORT_FAILURES.get(type(exc).__name__, "onnxruntime refused the graph")

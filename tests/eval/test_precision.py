@@ -177,3 +177,12 @@ def test_precision_flags_are_checked_before_anything_is_built(repo):
     assert rc == 1 and "--check-data" in err
     rc, _, err = effnet_build(repo, "--precision", "bf16", "--check-data", repo)
     assert rc == 1 and "bf16" in err
+
+
+def test_7_bit_weights_only_where_int8_kernels_saturate():
+    """reduce_range follows the CPU: VNNI/AMX accumulate in 32 bits, older x86 int8 kernels in 16."""
+    from build.precision import cpu_has_vnni
+
+    assert cpu_has_vnni("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni("flags\t\t: fpu avx2 avx_vnni\n") and cpu_has_vnni("flags\t\t: amx_int8 amx_tile\n")
+    assert not cpu_has_vnni("flags\t\t: fpu sse avx2 fma\n") and not cpu_has_vnni("")
