@@ -91,11 +91,16 @@ class Settings(BaseSettings):
     strict_readiness: bool = True
     # One access-log line per request (method, path, model, status, images, ms, request id).
     access_log: bool = True
+    # The V2 protocol over gRPC (app/api/grpc), beside HTTP; 0 turns it off.
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
 
     # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
     threads: int = Field(default_factory=_cores, ge=1)
     # ORT worker spinning: faster single runs, but the spin steals the cores that decode needs.
     ort_spinning: bool = False
+    # ORT's CPU memory arena: one shared by all sessions (default; see app/engine/sessions.py), one per
+    # session (ORT's default: fastest, but every session keeps its peak), or none.
+    ort_arena: Literal["shared", "per-session", "off"] = "shared"
     # Decode + preprocess pool. Pillow releases the GIL while decoding and resizing.
     decode_workers: int = Field(default_factory=_cores, ge=1)
 
