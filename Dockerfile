@@ -109,7 +109,8 @@ COPY deploy/docker/healthcheck.py /usr/local/lib/effnet/healthcheck.py
 COPY --from=models /models /models
 WORKDIR /srv
 USER 10001:10001
-EXPOSE 8000
+# 8000 HTTP, 8001 gRPC (EFFNET_GRPC_PORT)
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 # GET /health/ready with the standard library (no curl in the image).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
@@ -161,7 +162,8 @@ COPY deploy/docker/healthcheck.py /usr/local/lib/effnet/healthcheck.py
 COPY --from=models /models /models
 WORKDIR /srv
 USER 10001:10001
-EXPOSE 8000
+# 8000 HTTP, 8001 gRPC (EFFNET_GRPC_PORT)
+EXPOSE 8000 8001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
   CMD ["python3", "/usr/local/lib/effnet/healthcheck.py"]

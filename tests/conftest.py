@@ -32,6 +32,11 @@ from prerequisites import pytest_make_collect_report, pytest_runtest_makereport 
 
 TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", ROOT / ".cache" / "test-repos"))
 
+# Test servers run several at once, beside other work on the machine: none listens for gRPC on the default
+# 8001; a test that wants gRPC asks for a free port (Settings(grpc_port=...)). Inherited by `effnet serve`
+# subprocesses too.
+os.environ["EFFNET_GRPC_PORT"] = "0"
+
 # Small random-weight custom variants: real EfficientNet graphs that build in seconds.
 TINY_MODELS = {
     "tiny": ["--width", "0.25", "--depth", "0.25", "--resolution", "64"],

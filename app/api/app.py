@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,6 +22,7 @@ from app.api import classify, health, models
 from app.api.errors import install_handlers
 from app.api.gate import AdmissionGate
 from app.api.security import ApiKeyMiddleware
+from app.api.tracing import RequestTracing
 from app.api.v2 import repository as v2_repository
 from app.api.v2 import routes as v2_routes
 from app.core.config import Settings
@@ -30,7 +32,9 @@ from app.engine.preprocess import set_max_pixels
 from app.engine.registry import Registry
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, tracer_provider: Any = None) -> FastAPI:
+    """`tracer_provider`: an OpenTelemetry TracerProvider for this app's spans (tests); default: one from
+    OTEL_EXPORTER_OTLP_ENDPOINT when it is set, else no tracing (app/api/otel.py)."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -42,12 +46,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.on_stopped = metrics.model_stopped
         pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         plane = app.state.plane = DataPlane(settings, registry, metrics, pool)
+        grpc_server = None
+        if settings.grpc_port:  # the V2 protocol over gRPC, on the HTTP server's interface (app/api/grpc)
+            from app.api.grpc.server import start_grpc
+
+            grpc_server = app.state.grpc = await start_grpc(plane, getattr(app.state, "host", "127.0.0.1"))
         loader = asyncio.create_task(registry.load_all(), name="load-models")
         plane.control.start()  # EFFNET_MODEL_CONTROL=poll: watch the repository
         try:
             yield
         finally:
             plane.draining = True
+            if grpc_server is not None:
+                # Inference has been refused since SIGTERM (draining), and uvicorn already waited up to DRAIN_S;
+                # calls still in flight get a short last grace, so the whole stop fits a pod's grace period.
+                await grpc_server.stop(min(settings.drain_s, 5.0))
             await plane.control.stop()
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -80,4 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],
             expose_headers=["Retry-After", "X-Request-Id", "X-Effnet-Model"],
         )
+    # Outermost of all: request ids, the access log and the request span, so every answer (a 401, a gate
+    # refusal, a CORS preflight) carries X-Request-Id and is logged and traced.
+    app.add_middleware(RequestTracing, access_log=settings.access_log, tracer_provider=tracer_provider)
     return app

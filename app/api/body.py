@@ -23,6 +23,7 @@ from typing import TypeVar
 from starlette.requests import Request
 
 from app.api.uploads import check_media_type, media_type, parse_multipart
+from app.core import tracing
 from app.core.errors import BadRequest, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout
 from app.engine.dataplane import DataPlane
 
@@ -94,6 +95,12 @@ class Upload:
         return parse_multipart(body, params)
 
     async def body(self) -> bytes:
+        with tracing.span("body") as span:
+            body = await self._read()
+            span.set(bytes=len(body))
+            return body
+
+    async def _read(self) -> bytes:
         limit = self.settings.max_body_bytes
         loop = asyncio.get_running_loop()
         start = loop.time()

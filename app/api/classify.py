@@ -17,6 +17,7 @@ from app.api.fastjson import FastJSONResponse
 from app.api.docs import CLASSIFY_BODY, error_responses
 from app.api.state import plane_of
 from app.api.body import Upload, client_timeout_s
+from app.core import tracing
 from app.engine.dataplane import DataPlane, ImageResult
 from app.policies.cascade import parse_cascade, run_cascade
 from app.policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
@@ -61,16 +62,19 @@ async def _classify(plane: DataPlane, upload: Upload, model: str | None, top_k: 
     if model == "auto":
         budget = budget_ms if budget_ms is not None else plane.settings.default_budget_ms
         results, decision = await classify_auto(plane, budget, upload.images, arrived, timeout_s)
-        body = auto_body(results, decision, top_k, started, _pretrained(plane, results))
-        return FastJSONResponse(body, headers=decision.headers())
+        with tracing.span("answer"):
+            body = auto_body(results, decision, top_k, started, _pretrained(plane, results))
+            return FastJSONResponse(body, headers=decision.headers())
     if model is not None and is_family_name(model):
         names = parse_cascade(model, plane.settings.default_cascade)
         cut = threshold if threshold is not None else plane.settings.cascade_threshold
         outcome = await run_cascade(plane, names, cut, upload.images, arrived, timeout_s)
-        body = cascade_body(outcome, top_k, started, _pretrained(plane, outcome.results))
-        return FastJSONResponse(body, headers=cascade_headers(outcome))
+        with tracing.span("answer"):
+            body = cascade_body(outcome, top_k, started, _pretrained(plane, outcome.results))
+            return FastJSONResponse(body, headers=cascade_headers(outcome))
 
     entry = plane.entry(model)
     async with plane.open(entry, arrived, timeout_s) as call:
         results = await call.images(await upload.images())
-    return FastJSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))
+    with tracing.span("answer"):  # building the answer and encoding it (FastJSONResponse renders at once)
+        return FastJSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))

@@ -63,6 +63,9 @@ def install_handlers(app: FastAPI) -> None:
         return _json(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return _json(500, "internal_error", "internal error")
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers this one from outside every middleware, so RequestTracing (app/api/tracing.py)
+        # cannot add the request id to it: done here.
+        rid = request.scope.get("state", {}).get("request_id")
+        log.exception("unhandled error (request %s)", rid or "-", exc_info=exc)
+        return _json(500, "internal_error", "internal error", headers={"X-Request-Id": rid} if rid else None)

@@ -10,25 +10,41 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Mapping
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+def exempt_prefixes(exempt: list[str]) -> tuple[str, ...]:
+    return tuple(p.rstrip("/") for p in exempt if p)
+
+
+def is_exempt(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request presents: `X-API-Key: <key>`, else `Authorization: Bearer <key>` (lowercase names;
+    gRPC metadata alike). Compare it with hmac.compare_digest."""
+    given = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    return given
 
 
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, key: str, exempt: list[str]) -> None:
         self.app = app
         self.key = key.encode()
-        self.exempt = tuple(p.rstrip("/") for p in exempt if p)
+        self.exempt = exempt_prefixes(exempt)
 
     def _exempt(self, path: str) -> bool:
-        return any(path == p or path.startswith(p + "/") for p in self.exempt)
+        return is_exempt(path, self.exempt)
 
     def _authorised(self, headers: Headers) -> bool:
-        given = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
+        given = presented_key(headers)
         return given is not None and hmac.compare_digest(given.encode(), self.key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -41,6 +41,7 @@ def serve(host: str, port: int) -> int:
     tune_malloc()
     settings = Settings()
     app = create_app(settings)
+    app.state.host = host  # the gRPC front end listens on the same interface
     config = uvicorn.Config(
         app, host=host, port=port, workers=1, timeout_graceful_shutdown=settings.drain_s,
         log_level="info", access_log=False, lifespan="on",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.core import tracing
 from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, ClientGone, Overloaded, ShuttingDown, Unavailable, UnknownModel
 from app.engine.batcher import Result
@@ -231,6 +232,7 @@ class Call:
     async def _reserve(self, n: int):
         # Reloaded while this request was being read: the old version takes no new work, its successor does.
         self.entry = self.plane.current(self.entry)
+        tracing.annotate(images=n, version=self.entry.version)  # for the access log and the request span
         if self.entry.batcher is None:  # unloaded meanwhile
             self.plane.check_admissible(self.entry)
         return await self.entry.batcher.room.reserve_within(n, self._wait_left())
@@ -246,10 +248,13 @@ class Call:
             entry, plane = self.entry, self.plane  # after the reservation: a reload may have moved us on
             pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
             try:
-                prepared: list[Prepared] = await asyncio.gather(*(
-                    loop.run_in_executor(plane.decode_pool, functools.partial(
-                        prepare, d, pp, max_pixels, budget=plane.memory)) for d in data
-                ))
+                # One span for the request's images together: they decode in parallel, and each one's own
+                # decode/preprocess times are in the answer and on /metrics already.
+                with tracing.span("decode", model=entry.name, images=len(data)):
+                    prepared: list[Prepared] = await asyncio.gather(*(
+                        loop.run_in_executor(plane.decode_pool, functools.partial(
+                            prepare, d, pp, max_pixels, budget=plane.memory)) for d in data
+                    ))
             except asyncio.CancelledError:
                 self._skipped(len(data), "client_gone")  # nothing of it reaches the model
                 raise
@@ -258,7 +263,9 @@ class Call:
             for p in prepared:
                 decode_hist.observe(p.decode_s)
                 pre_hist.observe(p.preprocess_s)
+            submitted = tracing.now_ns()
             results = await room.submit([p.tensor for p in prepared], self.arrived, self._timeout())
+        tracing.batch_spans(submitted, results, model=entry.name, model_version=entry.version)
         for p, r in zip(prepared, results):
             plane.stats.observe(entry.name, p.decode_s + p.preprocess_s + r.inference_s)
         return [self._result(r, p.decode_s, p.preprocess_s) for p, r in zip(prepared, results)]
@@ -267,7 +274,9 @@ class Call:
         """Already-preprocessed [3, crop, crop] float32 tensors -> answers, in order."""
         self._check_count(len(xs))
         with await self._reserve(len(xs)) as room:
+            submitted = tracing.now_ns()
             results = await room.submit(xs, self.arrived, self._timeout())
+        tracing.batch_spans(submitted, results, model=self.entry.name, model_version=self.entry.version)
         return [self._result(r, 0.0, 0.0) for r in results]
 
     def _timeout(self) -> float:

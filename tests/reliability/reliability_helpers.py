@@ -166,6 +166,7 @@ class ServerProcess:
             "PYTHONPATH": str(ROOT),
             "EFFNET_THREADS": "1",
             "EFFNET_DECODE_WORKERS": "1",
+            "EFFNET_GRPC_PORT": "0",  # no fixed gRPC port on a shared test machine
             **env,
         }
         self.log_path = log_path

@@ -99,8 +99,8 @@ GOOD = ["fake", "fake2"]
 
 # --- live server ------------------------------------------------------------------------
 class LiveServer:
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings, **app_options) -> None:
+        self.app = create_app(settings, **app_options)  # app_options: create_app's keywords (tracer_provider)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -134,8 +134,8 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings) -> Iterator[LiveServer]:
-    srv = LiveServer(settings).start()
+def live_server(settings: Settings, **app_options) -> Iterator[LiveServer]:
+    srv = LiveServer(settings, **app_options).start()
     try:
         yield srv
     finally:

@@ -124,6 +124,11 @@ def bytes_elements(raw: bytes, where: str, expected: int) -> list[bytes]:
     return out
 
 
+def pack_bytes_elements(elements) -> bytes:
+    """BYTES elements as the binary form carries them: a 4-byte little-endian length before each."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
 def _flatten(data: Any, limit: int) -> list[Any]:
     """Nested JSON lists -> a flat list, refused as soon as it holds more than `limit` items."""
     if not isinstance(data, list):
@@ -165,10 +170,23 @@ def parse_infer(body: bytes, header_length: str | None, manifest: Manifest, max_
     elif "data" not in t:
         raise ProtocolError(400, f"input {name!r} has neither 'data' nor binary data")
     outputs = requested_outputs(req, manifest.onnx.output.name)
+    tensors, images = decode_input(name, dtype, shape, raw if size is not None else None, t.get("data"),
+                                   manifest, max_images)
+    return InferInput(req, tensors, images, outputs)
+
+
+def decode_input(name: Any, dtype: Any, shape: list[int], raw: bytes | None, data: Any, manifest: Manifest,
+                 max_images: int) -> tuple[list[np.ndarray] | None, list[bytes] | None]:
+    """The request's one input, whichever way it travelled: `raw` bytes (the binary extension, gRPC's
+    raw_input_contents) or else `data` (JSON values, gRPC's typed contents), under the same shape, size
+    and count rules on every transport. (FP32 rows [3, crop, crop], None) or (None, encoded images)."""
+    shape = _shape({"name": name, "shape": shape})
+    size = None if raw is None else len(raw)
+    t = {"name": name, "data": data}
     if dtype == "FP32":
-        return InferInput(req, _fp32_rows(t, name, shape, size, raw, manifest, max_images), None, outputs)
+        return _fp32_rows(t, name, shape, size, raw or b"", manifest, max_images), None
     if dtype == "BYTES":
-        return InferInput(req, None, _images(t, name, shape, size, raw, max_images), outputs)
+        return None, _images(t, name, shape, size, raw or b"", max_images)
     raise ProtocolError(400, f"input {name!r}: datatype {dtype!r} is not supported; send FP32 tensors or BYTES images")
 
 
@@ -262,7 +280,7 @@ def encode_infer(inp: InferInput, model: str, labels: list[str], logits: np.ndar
             strings = classification_strings(probs, labels, o.class_count)
             t: dict[str, Any] = {"name": o.name, "datatype": "BYTES", "shape": [n, len(strings) // max(n, 1)]}
             if o.binary:
-                raw = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings)
+                raw = pack_bytes_elements(s.encode() for s in strings)
                 t["parameters"] = {"binary_data_size": len(raw)}
                 chunks.append(raw)
             else:

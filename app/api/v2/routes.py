@@ -19,17 +19,15 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from app import __version__
 from app.api.state import plane_of
 from app.api.v2.errors import V2_ERRORS
 from app.api.body import Upload, client_timeout_s
-from app.api.v2.codec import HEADER, VERSION, ProtocolError, decode_content, encode_infer, parse_infer
+from app.api.v2.codec import HEADER, ProtocolError, decode_content, encode_infer, parse_infer
+from app.api.v2.descriptions import find_entry, metadata, model_config
+from app.api.v2.descriptions import server_metadata as describe_server
+from app.core import tracing
 from app.core.errors import ApiError
 from app.engine.registry import ModelEntry
-
-PLATFORM = "onnxruntime_onnx"
-# Not "statistics": perf_analyzer polls /v2/models/{m}/stats when a server lists it.
-EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration"]
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)
@@ -40,21 +38,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _entry(request: Request, name: str, version: str | None) -> ModelEntry:
-    plane = plane_of(request)
-    entry = plane.registry.entries.get(name)
-    if entry is None:
-        # The name came from the client: not echoed back.
-        raise ProtocolError(404, f"unknown model; available: {', '.join(plane.registry.names())}")
-    if version not in (None, "", VERSION, entry.version):
-        # "1" stays accepted: before versions followed the ONNX file, every model was version 1.
-        raise ProtocolError(404, f"model {name!r} serves version {entry.version or VERSION} only")
-    return entry
+    return find_entry(plane_of(request), name, version)
 
 
 # --- server -----------------------------------------------------------------------------
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "effnet-serve", "version": __version__, "extensions": EXTENSIONS}
+    return describe_server()
 
 
 @router.get("/health/live", summary="The process is up")
@@ -70,18 +60,6 @@ async def health_ready(request: Request) -> JSONResponse:
 
 
 # --- models -----------------------------------------------------------------------------
-def metadata(entry: ModelEntry) -> dict[str, Any]:
-    m = entry.manifest
-    out: dict[str, Any] = {"name": entry.name, "versions": [entry.version or VERSION], "platform": PLATFORM}
-    if m is not None:
-        crop = m.preprocess.crop
-        out["inputs"] = [{"name": m.onnx.input.name, "datatype": "FP32", "shape": [-1, 3, crop, crop]}]
-        out["outputs"] = [{"name": m.onnx.output.name, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
-    else:  # not loaded: the manifest could not be read; say what we know
-        out["inputs"], out["outputs"] = [], []
-    return out
-
-
 async def _model_metadata(request: Request, name: str, version: str | None) -> JSONResponse:
     try:
         return JSONResponse(metadata(_entry(request, name, version)))
@@ -96,24 +74,6 @@ async def _model_ready(request: Request, name: str, version: str | None) -> JSON
         return _error(exc.status, exc.message)
     ready = plane_of(request).is_ready(entry)
     return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
-
-
-def model_config(entry: ModelEntry, plane) -> dict[str, Any]:
-    """Triton's model configuration (the fields perf_analyzer and Triton clients read); dims leave out the
-    batch axis, as Triton's do."""
-    m = entry.manifest
-    out: dict[str, Any] = {"name": entry.name, "platform": PLATFORM, "backend": "onnxruntime",
-                           "max_batch_size": entry.max_batch or 0}
-    if m is not None:
-        crop = m.preprocess.crop
-        out["input"] = [{"name": m.onnx.input.name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
-                         "dims": [3, crop, crop]}]
-        out["output"] = [{"name": m.onnx.output.name, "data_type": "TYPE_FP32", "dims": [len(m.labels)]}]
-    out["dynamic_batching"] = {"max_queue_delay_microseconds": int(plane.settings.max_delay_ms * 1000)}
-    if entry.batcher is not None:
-        out["dynamic_batching"]["preferred_batch_size"] = entry.batcher.sizes
-    out["version_policy"] = {"latest": {"num_versions": 1}}
-    return out
 
 
 async def _model_config(request: Request, name: str, version: str | None) -> JSONResponse:
@@ -183,14 +143,16 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
     async with plane.open(entry, arrived, timeout_s) as call:
         body = await upload.body()
         # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
-        inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry, settings)
+        with tracing.span("parse"):
+            inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry, settings)
         del body
         results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
-    logits = np.stack([r.logits for r in results])
-    probs = np.stack([r.probs for r in results])
-    content, headers = await loop.run_in_executor(
-        plane.decode_pool, encode_infer, inp, entry.name, entry.manifest.labels, logits, probs)
-    return Response(content, headers=headers)
+    with tracing.span("answer"):
+        logits = np.stack([r.logits for r in results])
+        probs = np.stack([r.probs for r in results])
+        content, headers = await loop.run_in_executor(
+            plane.decode_pool, encode_infer, inp, entry.name, entry.manifest.labels, logits, probs)
+        return Response(content, headers=headers)
 
 
 def _decode_and_parse(body: bytes, headers, entry: ModelEntry, settings):

@@ -1,0 +1,126 @@
+"""The GRPCInferenceService RPCs, each the gRPC face of an HTTP V2 endpoint over the same objects:
+
+    ServerLive / ServerReady      GET /v2/health/live | ready     (ready: registry ready and not draining)
+    ServerMetadata                GET /v2                          descriptions.server_metadata
+    ModelReady                    GET /v2/models/{m}/ready         ready=false for an unknown model (Triton's way)
+    ModelMetadata / ModelConfig   GET /v2/models/{m}[/config]      descriptions.metadata / model_config
+    ModelInfer                    POST /v2/models/{m}/infer        the data plane: open -> tensors | images
+    RepositoryIndex               POST /v2/repository/index        registry.index()
+    RepositoryModelLoad / Unload  POST /v2/repository/models/{m}/load | unload   plane.control
+
+The data plane records every inference's admission, status and duration on /metrics, as for HTTP; nothing
+here records them again. RPCs the service does not offer (statistics, shared memory, tracing, logging,
+streaming) answer UNIMPLEMENTED, from the generated base class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from app.api.grpc.status import KeyCheck, rpc
+from app.api.grpc.tensors import encode_response, parse_request, payload_bytes
+from app.api.v2.codec import ProtocolError
+from app.api.v2.descriptions import find_entry, metadata, model_config, server_metadata
+from app.engine.dataplane import DataPlane
+from app.engine.registry import valid_name
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.keys = KeyCheck(plane.settings)
+
+    # --- health and descriptions ---------------------------------------------------------
+    @rpc("/v2/health/live", while_draining=True)
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc("/v2/health/ready", while_draining=True)
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.plane.registry.ready and not self.plane.draining)
+
+    @rpc(while_draining=True)
+    async def ModelReady(self, request, context):
+        try:
+            entry = find_entry(self.plane, request.name, request.version)
+        except ProtocolError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.plane.is_ready(entry))
+
+    @rpc()
+    async def ServerMetadata(self, request, context):
+        return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
+
+    @rpc()
+    async def ModelMetadata(self, request, context):
+        entry = find_entry(self.plane, request.name, request.version)
+        return json_format.ParseDict(metadata(entry), pb.ModelMetadataResponse())
+
+    @rpc()
+    async def ModelConfig(self, request, context):
+        entry = find_entry(self.plane, request.name, request.version)
+        config = json_format.ParseDict(model_config(entry, self.plane), mc.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    # --- inference -----------------------------------------------------------------------
+    @rpc(while_draining=True)  # the data plane refuses it while draining, and counts the refusal
+    async def ModelInfer(self, request, context):
+        plane = self.plane
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        entry = find_entry(plane, request.model_name, request.model_version)
+        timeout_s = context.time_remaining()  # the client's deadline, if it set one: it can only shorten ours
+        charged = 0
+        try:
+            async with plane.open(entry, arrived, None if timeout_s is None else max(0.0, timeout_s)) as call:
+                # The message is in memory already (at most EFFNET_MAX_BODY_MB): held like an HTTP body.
+                size = payload_bytes(request)
+                plane.memory.take(size, "request bodies")
+                charged = size
+                manifest = call.entry.manifest
+                # Off the event loop: typed contents are converted value by value.
+                parsed = await loop.run_in_executor(
+                    plane.decode_pool, parse_request, request, manifest, plane.settings.max_queue)
+                if parsed.tensors is not None:
+                    results = await call.tensors(parsed.tensors)
+                else:
+                    results = await call.images(parsed.images)
+        finally:
+            if charged:
+                plane.memory.give(charged)
+        logits = np.stack([r.logits for r in results])
+        probs = np.stack([r.probs for r in results])
+        return await loop.run_in_executor(
+            plane.decode_pool, encode_response, request.id, entry.name, parsed.outputs, results[0].labels,
+            logits, probs)
+
+    # --- the model repository ------------------------------------------------------------
+    @rpc()
+    async def RepositoryIndex(self, request, context):
+        rows = self.plane.registry.index()
+        if request.ready:
+            rows = [r for r in rows if r.get("state") == "READY"]
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    @rpc()
+    async def RepositoryModelLoad(self, request, context):
+        await self.plane.control.load(_model_name(request.model_name))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc()
+    async def RepositoryModelUnload(self, request, context):
+        await self.plane.control.unload(_model_name(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _model_name(name: str) -> str:
+    if not valid_name(name):
+        raise ProtocolError(400, "not a valid model name (lowercase letters, digits, '.', '_', '-')")
+    return name
+

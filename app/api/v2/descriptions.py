@@ -1,0 +1,63 @@
+"""What the V2 protocol says about the server and its models, whatever the transport (HTTP routes.py, gRPC
+app/api/grpc): server metadata, the model lookup with its version rule, model metadata, Triton's model
+configuration. Plain dicts, no web framework."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import __version__
+from app.api.v2.codec import VERSION, ProtocolError
+from app.engine.dataplane import DataPlane
+from app.engine.registry import ModelEntry
+
+SERVER_NAME = "effnet-serve"
+PLATFORM = "onnxruntime_onnx"
+# Not "statistics": perf_analyzer polls /v2/models/{m}/stats when a server lists it.
+EXTENSIONS = ["classification", "binary_tensor_data", "model_repository", "model_configuration"]
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+
+def find_entry(plane: DataPlane, name: str, version: str | None) -> ModelEntry:
+    """The named model, or ProtocolError 404 (unknown model, or a version it does not serve)."""
+    entry = plane.registry.entries.get(name)
+    if entry is None:
+        # The name came from the client: not echoed back.
+        raise ProtocolError(404, f"unknown model; available: {', '.join(plane.registry.names())}")
+    if version not in (None, "", VERSION, entry.version):
+        # "1" stays accepted: before versions followed the ONNX file, every model was version 1.
+        raise ProtocolError(404, f"model {name!r} serves version {entry.version or VERSION} only")
+    return entry
+
+
+def metadata(entry: ModelEntry) -> dict[str, Any]:
+    m = entry.manifest
+    out: dict[str, Any] = {"name": entry.name, "versions": [entry.version or VERSION], "platform": PLATFORM}
+    if m is not None:
+        crop = m.preprocess.crop
+        out["inputs"] = [{"name": m.onnx.input.name, "datatype": "FP32", "shape": [-1, 3, crop, crop]}]
+        out["outputs"] = [{"name": m.onnx.output.name, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
+    else:  # not loaded: the manifest could not be read; say what we know
+        out["inputs"], out["outputs"] = [], []
+    return out
+
+
+def model_config(entry: ModelEntry, plane: DataPlane) -> dict[str, Any]:
+    """Triton's model configuration (the fields perf_analyzer and Triton clients read); dims leave out the
+    batch axis, as Triton's do."""
+    m = entry.manifest
+    out: dict[str, Any] = {"name": entry.name, "platform": PLATFORM, "backend": "onnxruntime",
+                           "max_batch_size": entry.max_batch or 0}
+    if m is not None:
+        crop = m.preprocess.crop
+        out["input"] = [{"name": m.onnx.input.name, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW",
+                         "dims": [3, crop, crop]}]
+        out["output"] = [{"name": m.onnx.output.name, "data_type": "TYPE_FP32", "dims": [len(m.labels)]}]
+    out["dynamic_batching"] = {"max_queue_delay_microseconds": int(plane.settings.max_delay_ms * 1000)}
+    if entry.batcher is not None:
+        out["dynamic_batching"]["preferred_batch_size"] = entry.batcher.sizes
+    out["version_policy"] = {"latest": {"num_versions": 1}}
+    return out
