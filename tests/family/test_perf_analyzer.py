@@ -44,3 +44,25 @@ def test_perf_analyzer_measures_the_service_over_http_with_binary_tensors(tiny_f
     assert "Throughput:" in out and "infer/sec" in out
     served = [l for l in metrics.splitlines() if l.startswith('effnet_requests_total{model="tiny",status="200"}')]
     assert served and float(served[0].split()[-1]) >= 10
+
+
+def test_perf_analyzer_measures_the_service_over_grpc(tiny_family_repo):
+    binary, env = perf_analyzer()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        grpc_port = s.getsockname()[1]
+    settings = Settings(repository=tiny_family_repo, models=["tiny"], threads=1, grpc_port=grpc_port)
+    with live_server(settings) as srv:
+        proc = subprocess.run(
+            [binary, "-m", "tiny", "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}", "-b", "2",
+             "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "6",
+             "--stability-percentage", "60"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+        metrics = httpx.get(srv.url + "/metrics").text
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Throughput:" in out
+    assert 'effnet_requests_total{model="tiny",status="200"}' in metrics
