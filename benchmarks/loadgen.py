@@ -9,7 +9,9 @@ request bytes are built once; a response is read as status line + headers + Cont
 body, and only every `--sample`-th body is parsed as JSON (for the server's own timing
 breakdown), so the generator spends well under a millisecond of CPU per request and leaves
 the cores to the server it shares them with. Its own CPU use is measured (getrusage) and
-reported, as is the server's when `--server-pid` is given (/proc/PID/stat).
+reported, as is the server's when `--server-pid` (one process, /proc/PID/stat) or `--server-pgid`
+(every process of its group: LitServe and PyTriton work in child processes) is given;
+`--server-threads PID` adds the CPU time of each of that process's threads over the window.
 
 Measurement window: requests sent during `--warmup` are discarded; then every request sent
 during the `--duration` window counts for latency (the generator waits for the ones still in
@@ -37,6 +39,35 @@ def proc_cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """utime + stime of every live process in a process group (a server and its child processes)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def threads_cpu_s(pid: int) -> dict[str, tuple[str, float]]:
+    """Per thread of one process: tid -> (comm, utime + stime seconds)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            head, _, rest = (t / "stat").read_text().rpartition(")")
+            fields = rest.split()
+        except OSError:
+            continue
+        out[t.name] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick)
+    return out
 
 
 def server_timing(answer: dict) -> dict:
@@ -162,26 +193,40 @@ def build_request(url: str, body: bytes, content_type: str, headers: list[str] |
 
 async def run_load(url: str, body: bytes, content_type: str, concurrency: int, duration: float, warmup: float,
                    server_pid: int | None = None, sample: int = 10, grace: float = 60.0,
-                   headers: list[str] | None = None) -> dict:
+                   headers: list[str] | None = None, server_pgid: int | None = None,
+                   threads_pid: int | None = None) -> dict:
     host, port, request = build_request(url, body, content_type, headers)
     stats = Stats()
     now = time.perf_counter()
     t_start = now + warmup
     t_end = t_start + duration
     tasks = [asyncio.create_task(_client(host, port, request, t_start, t_end, stats, sample)) for _ in range(concurrency)]
-    # Snapshot both processes' CPU at the start of the window.
+
+    def server_cpu() -> float | None:
+        if server_pgid:
+            return group_cpu_s(server_pgid)
+        return proc_cpu_s(server_pid) if server_pid else None
+
+    # Snapshot both sides' CPU at the start of the window.
     await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
-    cpu0, srv0 = self_cpu_s(), proc_cpu_s(server_pid) if server_pid else None
+    cpu0, srv0 = self_cpu_s(), server_cpu()
+    thr0 = threads_cpu_s(threads_pid) if threads_pid else {}
     await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
-    cpu1, srv1 = self_cpu_s(), proc_cpu_s(server_pid) if server_pid else None
+    cpu1, srv1 = self_cpu_s(), server_cpu()
+    thr1 = threads_cpu_s(threads_pid) if threads_pid else {}
     # The last requests of the window finish, within the grace period; the rest are abandoned
     # (counted as unfinished: their latency is missing from the percentiles).
     _, pending = await asyncio.wait(tasks, timeout=grace)
     for t in pending:
         t.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    return summarise(stats, t_start, t_end, concurrency, cpu1 - cpu0,
-                     None if srv0 is None or srv1 is None else srv1 - srv0)
+    out = summarise(stats, t_start, t_end, concurrency, cpu1 - cpu0,
+                    None if srv0 is None or srv1 is None else srv1 - srv0)
+    if threads_pid:
+        # A thread that started inside the window counts from zero.
+        out["server_threads"] = {tid: {"comm": comm, "cpu_s": cpu - thr0.get(tid, (comm, 0.0))[1]}
+                                 for tid, (comm, cpu) in thr1.items()}
+    return out
 
 
 def summarise(stats: Stats, t_start: float, t_end: float, concurrency: int, cpu_s: float, server_cpu_s: float | None) -> dict:
@@ -235,11 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="measurement window, seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
     p.add_argument("--server-pid", type=int, help="also report this process's CPU use over the window")
+    p.add_argument("--server-pgid", type=int, help="also report the CPU use of this process group over the window")
+    p.add_argument("--server-threads", type=int, metavar="PID", help="also report each thread's CPU time of this process")
     p.add_argument("--sample", type=int, default=10, help="parse every n-th response body for timing_ms")
     p.add_argument("--grace", type=float, default=60.0, help="seconds to wait for the answers in flight when the window closes")
     args = p.parse_args(argv)
     result = asyncio.run(run_load(args.url, args.body.read_bytes(), args.content_type, args.concurrency,
-                                  args.duration, args.warmup, args.server_pid, max(1, args.sample), args.grace, args.header))
+                                  args.duration, args.warmup, args.server_pid, max(1, args.sample), args.grace, args.header,
+                                  args.server_pgid, args.server_threads))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, loadgen, python_env, rss_kib, write_photo
+from benchmarks.harness import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, loadgen, python_env, rss_kib, write_photo
 
 SEGMENT_S = 30.0
 WARMUP_S = 8.0
@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         body = write_photo(Path(tmp) / "photo.jpg")
         port = free_port()
         env = {**python_env(), "EFFNET_REPOSITORY": str(args.repo), "EFFNET_MODELS": ",".join(loaded),
-               "EFFNET_DEFAULT_MODEL": burst[0]}
+               "EFFNET_DEFAULT_MODEL": burst[0], "EFFNET_GRPC_PORT": "0"}
         server = Process("effnet serve", [sys.executable, "-m", "app", "serve", "--port", str(port)], env, port,
                          Path(tmp) / "server.log")
         try:
             server.wait_ready(600)
             for m in burst:  # every batch shape and every code path touched once before the reference
-                loadgen(f"{server.base}/classify?model={m}", body, args.clients, WARMUP_S, 1.0, server.pid, 60)
+                loadgen(f"{server.base}/classify?model={m}", body, args.clients, WARMUP_S, 1.0, 60, server_pgid=server.pid)
             ref = rss_kib(server.pid)["VmRSS"]
             log(f"after warm-up: {gib(ref):.2f} GiB; bursting for {args.minutes:g} minutes")
             samples, requests, errors = [], 0, 0
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             i = 0
             while time.monotonic() - t0 < args.minutes * 60:
                 model = burst[i % len(burst)]
-                r = loadgen(f"{server.base}/classify?model={model}", body, args.clients, SEGMENT_S, 0.0, server.pid, 120)
+                r = loadgen(f"{server.base}/classify?model={model}", body, args.clients, SEGMENT_S, 0.0, 120, server_pgid=server.pid)
                 requests += r["ok"]
                 errors += r["errors"]
                 samples.append({"t_s": round(time.monotonic() - t0, 1), "model": model, "rss_kib": rss_kib(server.pid)["VmRSS"]})
