@@ -1,17 +1,27 @@
-"""Raw ONNX Runtime: the limit the service is measured against.
+"""Raw ONNX Runtime, outside the service: `session.run` in a loop on random input.
 
-The session comes from `app.engine.sessions.create_session` with the thread settings the server
-reads from the environment (`Settings()`), so the only difference from the service is
-everything around `session.run`: HTTP, decode, queueing, batching.
+Two kinds of session:
+
+* the **default session** — the ceiling: `onnxruntime.InferenceSession(path,
+  providers=["CPUExecutionProvider"])` with only `intra_op_num_threads` set to the thread count the
+  service uses; everything else at ORT's defaults (an arena per session, memory patterns, spinning on).
+  What a user gets from ORT without our code.
+* **the server's session** — `app.engine.sessions.create_session` with the settings the server reads
+  from the environment (`Settings()`: threads, arena, spinning), or with the arena / spinning given.
+
+`alternate()` runs several sessions in turns (round-robin, the order rotating every round) so that a
+comparison between them sees the same minutes of this shared machine. CPU per image is the process's
+CPU time (all threads) over the timed runs: the ORT cost of one image.
 """
 
 from __future__ import annotations
 
-import gc
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from app.core.config import Settings
 from app.engine.manifest import load_manifest, verify_onnx
@@ -19,52 +29,113 @@ from app.engine.sessions import create_session, resolve_device
 
 # A smaller batch wins the tie: within this fraction of the best throughput, lower latency is worth more.
 BEST_BATCH_TOLERANCE = 0.03
+Run = Callable[[np.ndarray], object]
 
 
-def measure_model(folder: Path, batches: list[int], seconds: float, min_runs: int = 3, warm_runs: int = 2) -> dict:
-    """img/s and latency of `session.run` at each batch size, on random input."""
-    settings = Settings()
+def model_file(folder: Path) -> tuple[Path, str, str, int]:
+    """(model.onnx, input name, output name, crop) of one model folder."""
     manifest = load_manifest(folder)
-    path = verify_onnx(folder, manifest)
-    device = resolve_device(settings.device)
+    return verify_onnx(folder, manifest), manifest.onnx.input.name, manifest.onnx.output.name, manifest.preprocess.crop
+
+
+def default_session(path: Path, input_name: str, output_name: str, threads: int) -> Run:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return lambda x: session.run([output_name], {input_name: x})[0]
+
+
+def server_session(path: Path, input_name: str, output_name: str, *, threads: int | None = None,
+                   spinning: bool | None = None, arena: str | None = None):
+    """app.engine.sessions.create_session; None = what Settings() says (the server's configuration)."""
+    s = Settings()
+    return create_session(path, input_name, output_name, device=resolve_device(s.device),
+                          threads=s.threads if threads is None else threads,
+                          spinning=s.ort_spinning if spinning is None else spinning,
+                          arena=s.ort_arena if arena is None else arena)
+
+
+def _timed(run: Run, x: np.ndarray, seconds: float, min_runs: int) -> tuple[list[float], float]:
+    times: list[float] = []
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+    return times, time.process_time() - cpu0
+
+
+def _warm(run: Run, x: np.ndarray, seconds: float, warm_runs: int = 2) -> int:
+    """Warm-up runs; returns how many timed runs are worth it (2 when one run takes half the window)."""
+    for i in range(warm_runs):
+        t = time.perf_counter()
+        run(x)
+        if i == 0 and time.perf_counter() - t > seconds / 2:
+            return 2
+    return 3
+
+
+def _summary(batch: int, times: list[float], cpu_s: float) -> dict:
+    times = sorted(times)
+    total = sum(times)
+    return {"batch": batch, "runs": len(times), "img_per_s": batch * len(times) / total,
+            "batch_ms_p50": 1000.0 * times[len(times) // 2], "batch_ms_mean": 1000.0 * total / len(times),
+            "ms_per_img": 1000.0 * total / len(times) / batch, "cpu_ms_per_img": 1000.0 * cpu_s / (len(times) * batch)}
+
+
+def input_for(crop: int, batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, crop, crop), dtype=np.float32)
+
+
+def measure_one(run: Run, crop: int, batch: int, seconds: float) -> dict:
+    """One session, one batch size: warm-up, then timed runs for `seconds` (at least 2-3 runs)."""
+    x = input_for(crop, batch)
+    runs = _warm(run, x, seconds)
+    return _summary(batch, *_timed(run, x, seconds, runs))
+
+
+def alternate(runs: dict[str, Run], crop: int, batches: dict[str, list[int]], seconds: float, rounds: int = 2) -> dict:
+    """Each session in turn, `rounds` times per batch size, `seconds` in all per session and size.
+    batches: session name -> its batch sizes. -> {name: {str(batch): summary}}."""
+    out: dict[str, dict] = {name: {} for name in runs}
+    for b in sorted({b for bs in batches.values() for b in bs}):
+        names = [n for n in runs if b in batches[n]]
+        x = input_for(crop, b)
+        min_runs = {n: _warm(runs[n], x, seconds) for n in names}
+        acc: dict[str, tuple[list[float], float]] = {n: ([], 0.0) for n in names}
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                times, cpu = _timed(runs[n], x, seconds / rounds, max(1, -(-min_runs[n] // rounds)))
+                acc[n] = (acc[n][0] + times, acc[n][1] + cpu)
+        for n in names:
+            out[n][str(b)] = _summary(b, *acc[n])
+    return out
+
+
+def measure_model(folder: Path, batches: list[int], seconds: float, *, default_batches: list[int] | None = None,
+                  rounds: int = 2) -> dict:
+    """img/s and latency of the server's session at each batch size; with `default_batches`, the
+    default session too, at those sizes, alternating with the server's session."""
+    settings = Settings()
+    path, iname, oname, crop = model_file(folder)
+    manifest = load_manifest(folder)
     t0 = time.perf_counter()
-    session = create_session(path, manifest.onnx.input.name, manifest.onnx.output.name,
-                             device=device, threads=settings.threads, spinning=settings.ort_spinning)
+    session = server_session(path, iname, oname)
     load_s = time.perf_counter() - t0
-    crop = manifest.preprocess.crop
-    rng = np.random.default_rng(0)
-    out: dict = {
+    runs: dict[str, Run] = {"server": session.run}
+    want = {"server": list(batches)}
+    if default_batches:
+        runs["default"] = default_session(path, iname, oname, settings.threads)
+        want["default"] = list(default_batches)
+    measured = alternate(runs, crop, want, seconds, rounds=rounds if default_batches else 1)
+    out = {
         "provider": session.provider, "device": session.device, "threads": settings.threads,
-        "spinning": settings.ort_spinning, "session_load_s": load_s, "macs": manifest.macs,
-        "params": manifest.params, "resolution": crop, "batches": {},
+        "spinning": settings.ort_spinning, "arena": settings.ort_arena, "session_load_s": load_s,
+        "macs": manifest.macs, "params": manifest.params, "resolution": crop, "batches": measured["server"],
     }
-    for b in batches:
-        x = rng.standard_normal((b, 3, crop, crop), dtype=np.float32)
-        runs = min_runs
-        for i in range(warm_runs):
-            t = time.perf_counter()
-            session.run(x)
-            if i == 0 and time.perf_counter() - t > seconds / 2:
-                runs = 2  # a slow model (or a busy machine): two timed runs, not a minute of them
-                break
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < runs or time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            session.run(x)
-            times.append(time.perf_counter() - t)
-        times.sort()
-        total = sum(times)
-        out["batches"][str(b)] = {
-            "batch": b,
-            "runs": len(times),
-            "img_per_s": b * len(times) / total,
-            "batch_ms_p50": 1000.0 * times[len(times) // 2],
-            "batch_ms_mean": 1000.0 * total / len(times),
-            "ms_per_img": 1000.0 * total / len(times) / b,
-        }
-    del session
-    gc.collect()
+    if default_batches:
+        out["default"] = {"threads": settings.threads, "batches": measured["default"]}
     return out
 
 
