@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -69,3 +70,16 @@ def measure(data: bytes, pp: Preprocess, reps: int) -> dict:
         "mean_abs_diff_nodraft": float(np.abs(full.tensor - ref).mean()),
         "max_abs_diff": float(np.abs(ours.tensor - ref).max()),
     }
+
+
+def measure_all(plan, results: dict, photo: Path) -> None:
+    """The prep phase: every matrix model's preprocessing of the 1920x1080 photo."""
+    from app.engine.manifest import load_manifest
+    from benchmarks.harness import PHOTO_SIZE, log
+
+    data = photo.read_bytes()
+    prep = {}
+    for name in plan.full:
+        log(f"preprocessing {name}")
+        prep[name] = measure(data, load_manifest(plan.repo / name).preprocess, plan.prep_reps)
+    results["prep"] = {"photo_bytes": len(data), "size": list(PHOTO_SIZE), "models": prep}

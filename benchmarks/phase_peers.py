@@ -1,0 +1,113 @@
+"""The servers the service is measured against, each alone on the machine, same load generator, same JPEG bytes:
+
+  peers  benchmarks/peers/: LitServe (dynamic batching 8), the hand-written FastAPI + ORT server (no
+         batching), PyTriton (Triton's dynamic batcher; only when its venv could be set up); the headline model
+         at the top N, model-resolution JPEGs and 1920x1080 photos. CPU is the whole process group's.
+  naive  benchmarks/naive_server.py (PyTorch eager, per request) on the same load
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, group_pids, group_rss_kib, loadgen, log, python_env
+from benchmarks.peers.payloads import v2_binary_body
+
+PEERS_DIR = ROOT / "benchmarks" / "peers"
+PEER_READY_S = 120  # each starts in seconds; a peer that hangs must not take the run past 10 minutes
+PEER_INFO = {
+    "litserve": "LitServe 0.2.19: its dynamic batching (max batch 8, 5 ms), one inference worker, plain Pillow, default ORT session",
+    "fastapi": "hand-written FastAPI + ORT: `async def` endpoint, batch 1, plain Pillow, default ORT session",
+    "pytriton": "PyTriton 0.7.0 (Triton 2.51): its dynamic batcher (max batch 8, 5 ms), plain Pillow and a default ORT session "
+                "in the bound Python function; KServe V2 binary request carrying the JPEG",
+    "naive": "benchmarks/naive_server.py: PyTorch eager at batch 1 per request, plain Pillow",
+}
+
+
+def setup_pytriton() -> tuple[str | None, str]:
+    """(python of the PyTriton venv, note); None when setup_pytriton.sh failed (the doc says why)."""
+    try:
+        r = subprocess.run(["bash", str(PEERS_DIR / "setup_pytriton.sh")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"setup_pytriton.sh did not run: {exc}"
+    if r.returncode != 0:
+        return None, "setup_pytriton.sh failed: " + (r.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+    return r.stdout.strip().splitlines()[-1], "venv .cache/peers/pytriton-venv"
+
+
+def _start(plan, peer: str, model_dir: Path, python: str) -> Process:
+    if peer == "naive":
+        port = free_port()
+        cmd = [sys.executable, "-m", "benchmarks.naive_server", "--repo", str(model_dir.parent), "--model", model_dir.name,
+               "--port", str(port), "--threads", str(plan.naive_threads)]
+        return Process("naive", cmd, python_env(), port, plan.work / "naive.log", ready_path="/health/ready")
+    port = free_port(span=3 if peer == "pytriton" else 1)
+    script = {"litserve": "litserve_server.py", "fastapi": "fastapi_ort_server.py", "pytriton": "pytriton_server.py"}[peer]
+    ready = f"/v2/models/{model_dir.name}/ready" if peer == "pytriton" else "/health"
+    return Process(peer, [python, str(PEERS_DIR / script), "--model-dir", str(model_dir), "--port", str(port)],
+                   python_env(), port, plan.work / f"{peer}.log", ready_path=ready, stop_signal=signal.SIGINT)
+
+
+def _bodies(plan, peer: str, inputs: dict[str, Path], name: str) -> dict[str, tuple[Path, str, list[str]]]:
+    """input kind -> (body file, Content-Type, extra headers) as this peer takes the same JPEG."""
+    out = {}
+    for kind, key in (("model-res", name), ("photo", "photo")):
+        if peer == "pytriton":
+            body, ctype, headers = v2_binary_body(inputs[key].read_bytes(), "images", "predictions")
+            path = plan.work / f"{key}.v2"
+            path.write_bytes(body)
+            out[kind] = (path, ctype, [f"{k}:{v}" for k, v in headers.items()])
+        elif peer == "naive":
+            out[kind] = (inputs[key], "image/jpeg", [])
+        else:
+            out[kind] = (inputs[f"{key}:multipart"], MULTIPART_TYPE, [])
+    return out
+
+
+def run_peer(plan, peer: str, inputs: dict[str, Path], python: str = sys.executable) -> dict:
+    name = plan.full[0]
+    n = max(plan.concurrency)
+    result: dict = {"peer": peer, "what": PEER_INFO[peer], "rows": []}
+    srv = _start(plan, peer, plan.repo / name, python)
+    try:
+        log(f"peer {peer}: starting")
+        result["ready_s"] = srv.wait_ready(timeout=PEER_READY_S)
+        path = "/v2/models/{}/infer".format(name) if peer == "pytriton" else ("/classify" if peer == "naive" else "/predict")
+        for kind, (body, ctype, headers) in _bodies(plan, peer, inputs, name).items():
+            r = loadgen(srv.base + path, body, n, plan.load_s, plan.warmup_s, plan.grace_s, content_type=ctype,
+                        headers=headers, server_pgid=srv.pid)
+            r.update(model=name, input=kind, peer=peer, body_bytes=body.stat().st_size)
+            log(f"  {peer} {kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
+                f"errors {r['errors']}  server CPU {r['server_cpu_pct'] or 0:.0f}%")
+            result["rows"].append(r)
+        result["rss_kib"] = group_rss_kib(srv.pid)
+        result["processes"] = len(group_pids(srv.pid))
+    except RuntimeError as exc:
+        result["error"] = str(exc).splitlines()[0][:300]
+        log(f"  {peer} failed: {result['error']}")
+    finally:
+        srv.stop()
+    return result
+
+
+def phase_peers(plan, results: dict, inputs: dict[str, Path]) -> None:
+    peers = []
+    for peer in plan.peers:
+        if peer == "pytriton":
+            python, note = plan.pytriton_python, plan.pytriton_note
+            if python is None:
+                peers.append({"peer": peer, "what": PEER_INFO[peer], "rows": [], "skipped": note})
+                log(f"peer pytriton skipped: {note}")
+                continue
+            peers.append(run_peer(plan, peer, inputs, python))
+        else:
+            peers.append(run_peer(plan, peer, inputs))
+    results["peers"] = peers
+
+
+def phase_naive(plan, results: dict, inputs: dict[str, Path]) -> None:
+    r = run_peer(plan, "naive", inputs)
+    results["naive"] = r

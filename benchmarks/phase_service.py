@@ -1,0 +1,164 @@
+"""The phases that run against `effnet serve` (one server process for all of them):
+
+  service  all memory models loaded; a burst of photos on each (RSS); then the matrix models at N clients on
+           model-resolution JPEGs and 1920x1080 photos as raw image/jpeg bodies, the headline model also with the
+           multipart body the peers get; raw ORT's default session measured right next to the 1-client window
+           (batch 1) and the top-N model-resolution window (batch 8); CPU per image by thread (stage)
+  perf     Triton's perf_analyzer on the headline model: binary FP32 tensors over HTTP, and gRPC when the
+           front end exists
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import perf_analyzer
+from benchmarks.harness import (MULTIPART_TYPE, ROOT, Process, batch_metrics, free_port, has_model, http_get, loadgen, log,
+                                port_open, python_env, rss_kib)
+from benchmarks.raw_ort import default_session, measure_one, model_file
+
+STAGES = ("event loop", "decode pool", "inference threads", "ORT workers", "other")
+
+
+def stage_of(tid: str, comm: str, names: dict[str, str]) -> str:
+    """Which stage a server thread belongs to (benchmarks.service_probe writes `names`)."""
+    name = names.get(tid)
+    if name is None:  # native: ORT's intra-op pool, unless libuv's or gRPC's own
+        return "other" if comm.startswith(("libuv", "grpc")) else "ORT workers"
+    if name == "MainThread":
+        return "event loop"
+    if name.startswith("decode"):
+        return "decode pool"
+    if name.startswith("infer-"):
+        return "inference threads"
+    return "other"
+
+
+def stage_cpu(row: dict, threadmap: Path) -> dict[str, float] | None:
+    """CPU ms per answered image, per stage, over the window."""
+    threads = row.pop("server_threads", None)
+    images = (row.get("img_per_s") or 0) * row["window_s"]
+    if not threads or not images:
+        return None
+    try:
+        names = json.loads(threadmap.read_text())
+    except (OSError, ValueError):
+        names = {}
+    out = dict.fromkeys(STAGES, 0.0)
+    for tid, t in threads.items():
+        out[stage_of(tid, t["comm"], names)] += 1000.0 * t["cpu_s"] / images
+    return out
+
+
+class Ceiling:
+    """Default sessions kept in this process for the measurements next to the service's windows."""
+
+    def __init__(self, plan) -> None:
+        from app.core.config import Settings
+
+        self.plan, self.threads, self.sessions = plan, Settings().threads, {}
+
+    def measure(self, name: str, batch: int) -> dict:
+        if name not in self.sessions:
+            path, iname, oname, crop = model_file(self.plan.repo / name)
+            self.sessions[name] = (default_session(path, iname, oname, self.threads), crop)
+        run, crop = self.sessions[name]
+        return measure_one(run, crop, batch, self.plan.raw_s)
+
+
+def _window(plan, srv: Process, name: str, body: Path, ctype: str, n: int, threadmap: Path) -> dict:
+    before = batch_metrics(srv.base)
+    r = loadgen(f"{srv.base}/classify?model={name}", body, n, plan.load_s, plan.warmup_s, plan.grace_s,
+                content_type=ctype, server_pgid=srv.pid, threads=True)
+    after = batch_metrics(srv.base)
+    (s0, c0), (s1, c1) = before.get(name, (0.0, 0.0)), after.get(name, (0.0, 0.0))
+    r["mean_batch"] = (s1 - s0) / (c1 - c0) if c1 > c0 else None  # includes the warm-up
+    r["stage_cpu_ms_per_img"] = stage_cpu(r, threadmap)
+    return r
+
+
+def _matrix(plan, srv: Process, inputs: dict[str, Path], ceiling: Ceiling, threadmap: Path) -> list[dict]:
+    rows = []
+    top_n = max(plan.concurrency)
+    cells = [(m, kind, "raw", n) for m in plan.full for kind in ("model-res", "photo") for n in plan.concurrency]
+    cells += [(plan.full[0], kind, "multipart", top_n) for kind in ("model-res", "photo")]
+    for name, kind, body_kind, n in cells:
+        key = name if kind == "model-res" else "photo"
+        body = inputs[key] if body_kind == "raw" else inputs[f"{key}:multipart"]
+        ctype = "image/jpeg" if body_kind == "raw" else MULTIPART_TYPE
+        # This shared VM drifts by 5-10% over minutes: the raw numbers a window is judged against are
+        # measured right next to it (the server idles meanwhile).
+        adjacent = {}
+        if n == 1 and kind == "model-res" and body_kind == "raw":
+            adjacent["raw_b1_adjacent"] = ceiling.measure(name, 1)
+        r = _window(plan, srv, name, body, ctype, n, threadmap)
+        if n == top_n and kind == "model-res" and body_kind == "raw":
+            adjacent["raw_b8_adjacent"] = ceiling.measure(name, 8)
+        r.update(model=name, input=kind, body=body_kind, body_bytes=body.stat().st_size, **adjacent)
+        log(f"  {name} {kind:9} {body_kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
+            f"p99 {r['p99_ms'] or 0:7.1f} ms  errors {r['errors']}  server CPU {r['server_cpu_pct'] or 0:.0f}%")
+        rows.append(r)
+    return rows
+
+
+def _perf(plan, srv: Process, grpc_port: int, max_batch: int | None) -> dict:
+    name = plan.full[0]
+    batch = min(plan.perf_batch, max_batch or plan.perf_batch)
+    crop = model_file(plan.repo / name)[3]
+    out: dict = {"model": name, "batch": batch, "requested_batch": plan.perf_batch, "runs": [],
+                 "request_mb": batch * 3 * crop * crop * 4 / 1e6}
+    kw = dict(batch=batch, concurrency=plan.perf_concurrency, interval_ms=plan.perf_interval_ms,
+              max_trials=plan.perf_trials, timeout=plan.perf_interval_ms / 1000 * plan.perf_trials * 3 + 60)
+    log(f"perf_analyzer: {name}, batch {batch}, concurrency {plan.perf_concurrency}, HTTP binary tensors")
+    out["runs"].append(perf_analyzer.run_stable(f"127.0.0.1:{srv.port}", name, "http", csv_path=plan.work / "pa-http.csv", **kw))
+    if not (ROOT / "app" / "api" / "grpc").is_dir():
+        out["runs"].append({"protocol": "grpc", "status": "not run: no gRPC front end (app/api/grpc does not exist)"})
+    elif not port_open(grpc_port):
+        out["runs"].append({"protocol": "grpc", "status": f"not run: nothing listens on EFFNET_GRPC_PORT={grpc_port}"})
+    else:
+        log("perf_analyzer: gRPC")
+        out["runs"].append(perf_analyzer.run_stable(f"127.0.0.1:{grpc_port}", name, "grpc", csv_path=plan.work / "pa-grpc.csv", **kw))
+    for r in out["runs"]:
+        log(f"  {r['protocol']}: {r['status']}" + (f", {r['img_per_s']:.1f} img/s, p50 {r.get('p50_ms', 0):.1f} ms"
+                                                    if r.get("img_per_s") else ""))
+    return out
+
+
+def phase_service(plan, results: dict, inputs: dict[str, Path]) -> None:
+    loaded = [m for m in plan.memory if has_model(plan.repo, m)]
+    port, grpc_port = free_port(), free_port()
+    threadmap = plan.work / "threads.json"
+    env = python_env()
+    env.update(EFFNET_REPOSITORY=str(plan.repo), EFFNET_MODELS=",".join(loaded), EFFNET_DRAIN_S="2",
+               EFFNET_GRPC_PORT=str(grpc_port), EFFNET_BENCH_THREADMAP=str(threadmap))
+    srv = Process("effnet serve", [sys.executable, "-m", "benchmarks.service_probe", "--host", "127.0.0.1", "--port", str(port)],
+                  env, port, plan.work / "server.log")
+    memory: dict = {"models": loaded}
+    try:
+        log(f"service: loading {','.join(loaded)}")
+        memory["ready_s"] = srv.wait_ready(timeout=900)
+        _, models_json = http_get(srv.base + "/models")
+        try:
+            listing = json.loads(models_json)
+            listing = listing.get("models", listing) if isinstance(listing, dict) else listing
+            memory["max_batch"] = {m["name"]: m.get("max_batch") for m in listing}
+        except (ValueError, TypeError, KeyError):
+            memory["max_batch"] = {}
+        memory["idle"] = rss_kib(srv.pid)
+        log(f"  ready in {memory['ready_s']:.1f} s, RSS {memory['idle']['VmRSS'] / 1024:.0f} MiB")
+        if "service" in plan.phases:
+            for m in loaded:  # a burst of photos on every loaded model
+                loadgen(f"{srv.base}/classify?model={m}", inputs["photo"], plan.burst_clients, plan.burst_s, 0.0, plan.grace_s)
+            memory["after_burst"] = rss_kib(srv.pid)
+            log(f"  after a burst of photos on each model RSS {memory['after_burst']['VmRSS'] / 1024:.0f} MiB")
+            results["service"] = _matrix(plan, srv, inputs, Ceiling(plan), threadmap)
+            memory["after_load"] = rss_kib(srv.pid)
+            log(f"  after the load RSS {memory['after_load']['VmRSS'] / 1024:.0f} MiB "
+                f"(peak {memory['after_load']['VmHWM'] / 1024:.0f} MiB)")
+            results["memory"] = memory
+        if "perf" in plan.phases:
+            results["perf_analyzer"] = _perf(plan, srv, grpc_port, memory["max_batch"].get(plan.full[0]))
+    finally:
+        srv.stop(timeout=30)
