@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     batch_wait: Literal["incoming", "always"] = "incoming"
     # Per model: images queued or held for requests being decoded. The real admission bound.
     max_queue: int = Field(default=256, ge=1)
-    # How long a request may wait for queue room before 503; unset = the queue's drain time at the model's
+    # How long a request may wait for queue room before 503; unset = the queue's drain time (1..2 s) at the model's
     # recent speed: a retry storm throttles itself (waiters are woken newest first, so admitted ones barely wait).
     admission_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
     # Requests still sending their body, across models: generous, so slow uploads cannot lock others out.
