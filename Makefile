@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak clean
+.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,12 @@ bench-soak: install
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
 bench-smoke: install
 	$(PY) -m benchmarks.run --quick --out $$(mktemp -d)
+
+# mutmut on the modules a silent bug costs most in, each against its own tests; writes docs/testing.md.
+# Not part of `make test`: about half an hour on 2 cores (tests/mutation/run.py MODULE runs one).
+mutation: install
+	$(VENV)/bin/python -m pip install --quiet -e '.[mutation]'
+	$(PY) tests/mutation/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
