@@ -205,6 +205,7 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            batch: list[_Item] = []
             try:
                 batch = await self._collect(loop)
                 if batch:
@@ -213,6 +214,11 @@ class Batcher:
                 raise
             except Exception:  # noqa: BLE001 - the loop must outlive any single batch
                 log.exception("batcher %s: unexpected error", self.name)
+                # A bug outside the model call (a metrics hook, say) must not leave the batch's clients
+                # waiting until their deadline: they get the same 500 as a failed inference.
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(InferenceFailed(f"inference failed for model {self.name!r}"))
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
         while not self._items:
@@ -264,13 +270,13 @@ class Batcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         n = len(batch)
-        size = min(s for s in self.sizes if s >= n)
-        x = np.stack([i.x for i in batch])
-        if size > n:
-            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)])
         started = time.perf_counter()
         self._busy = True
-        try:
+        try:  # the stacking too: whatever fails, the finally below frees the batch's queue room
+            size = min(s for s in self.sizes if s >= n)
+            x = np.stack([i.x for i in batch])
+            if size > n:
+                x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), dtype=x.dtype)])
             probs, seconds, logits = await loop.run_in_executor(self._executor, self._infer, x)
         except asyncio.CancelledError:  # stop() gave up draining: nobody must wait forever
             for item in batch:

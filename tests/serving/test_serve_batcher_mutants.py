@@ -1,0 +1,419 @@
+"""The batcher's promises that tests/serving/test_serve_batcher.py left unpinned, each found by a mutant
+that survived `make mutation` (docs/testing.md): deadlines counted from arrival, the metric hooks'
+numbers, draining a batch that is inside the model, full batches that do not wait, padding past one
+batch, and the log lines an operator reads. Same fake model as there (the argmax is the image's value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from app.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
+from app.engine.batcher import Batcher
+from test_serve_batcher import Recorder, img, run
+
+
+def answer(results) -> list[int]:
+    return [int(np.argmax(r.probs)) for r in results]
+
+
+def test_time_before_submit_counts_against_the_deadline():
+    """`arrived` is when the request reached the server: decoding time is spent from the same deadline."""
+    model = Recorder()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=1.0)
+        b.start()
+        with pytest.raises(DeadlineExceeded) as late:
+            await b.submit([img(1)], arrived=loop.time() - 5.0)  # spent 5 s decoding; 1 s allowed
+        on_time = await b.submit([img(2)], arrived=loop.time() - 0.5)
+        await b.stop()
+        return late.value, on_time
+
+    late, on_time = run(main())
+    assert late.status == 503 and str(late) == "request waited more than 1s before reaching model 'm'"
+    assert answer(on_time) == [2]
+    assert model.shapes == [1]  # the late one never reached the model
+
+
+def test_a_client_deadline_can_only_shorten_the_servers():
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.2)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)  # inside the model
+        with b.reserve(3) as room:
+            hasty = asyncio.ensure_future(room.submit([img(1)], None, 0.05))  # the client allows 50 ms
+            patient = asyncio.ensure_future(room.submit([img(2)], None, 60.0))  # 60 s: the server's 0.2 s wins
+            fine = asyncio.ensure_future(room.submit([img(3)], None, None))
+            await asyncio.sleep(0.1)  # past the client's 50 ms, within the server's 200 ms
+            gate.set()
+            with pytest.raises(DeadlineExceeded):
+                await hasty
+            await fine
+        await blocker
+        gate.clear()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)
+        patient = asyncio.ensure_future(b.reserve(1).submit([img(2)], None, 60.0))
+        await asyncio.sleep(0.3)  # past the server's 200 ms
+        gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await patient
+        await blocker
+        await b.stop()
+
+    run(main())
+
+
+def test_hooks_see_the_real_numbers():
+    """The metrics are fed from these hooks: queue depth, items, batch sizes, skipped and expired counts."""
+    gate = threading.Event()
+    model = Recorder(gate)
+    depth, items, batches, skipped, expired = [], [], [], [], []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=8, max_delay_s=0.0, max_queue=100, timeout_s=5.0)
+        b.hooks.on_depth = depth.append
+        b.hooks.on_item = items.append
+        b.hooks.on_batch = lambda n, s: batches.append((n, s))
+        b.hooks.on_skipped = skipped.append
+        b.hooks.on_expired = expired.append
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)  # inside the model; the queue is empty again
+        assert depth[-1] == 0
+        gone = [asyncio.ensure_future(b.submit([img(v)])) for v in (1, 2)]
+        late = [asyncio.ensure_future(b.submit([img(v)], arrived=loop.time() - 10)) for v in (3, 4, 5)]
+        kept = asyncio.ensure_future(b.submit([img(6), img(7)]))
+        await asyncio.sleep(0)
+        assert depth[-1] == 7  # 2 + 3 + 2 queued behind the running one
+        for t in gone:
+            t.cancel()
+        gate.set()
+        out = await kept
+        await blocker
+        await asyncio.gather(*gone, *late, return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert answer(out) == [6, 7]
+    assert skipped == [2] and expired == [3]
+    assert [n for n, _ in batches] == [1, 2] and all(s > 0 for _, s in batches)
+    assert len(items) == 3 and all(0 <= q < 5 for q in items)
+    assert depth[-1] == 0
+
+
+def test_a_full_batch_does_not_wait_for_announced_images():
+    """max_batch images queued: the batch cannot grow, so announced company is not waited for."""
+    model = Recorder()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=2, max_delay_s=5.0, max_queue=10)
+        b.start()
+        with b.reserve(1):  # announced, never sent
+            t0 = loop.time()
+            out = await b.submit([img(1), img(2)])
+            waited = loop.time() - t0
+        await b.stop()
+        return out, waited
+
+    out, waited = run(main())
+    assert answer(out) == [1, 2] and out[0].batch_size == 2
+    assert waited < 2.5  # not the 5 s delay
+
+
+def test_an_item_that_waited_through_the_previous_batch_is_not_held_back_again():
+    """The delay counts from the first item's arrival: past it, the batch runs at once even while more
+    images are announced."""
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=8, max_delay_s=0.3, max_queue=10)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)  # inside the model
+        with b.reserve(1):  # announced, and stays so
+            waiting = asyncio.ensure_future(b.submit([img(4)]))
+            await asyncio.sleep(0.5)  # longer than the delay, behind the blocker
+            gate.set()
+            t0 = loop.time()
+            out = await waiting
+            after_release = loop.time() - t0
+        await blocker
+        await b.stop()
+        return out, after_release
+
+    out, after_release = run(main())
+    assert answer(out) == [4] and out[0].batch_size == 1
+    assert after_release < 0.25  # its delay was already spent waiting
+
+
+def test_with_padding_more_than_one_batch_is_split_into_full_batches():
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=100, pad=True)
+        b.start()
+        blocker = asyncio.ensure_future(b.submit([img(0)]))
+        await asyncio.sleep(0.05)
+        rest = asyncio.gather(*(b.submit([img(i)]) for i in range(1, 8)))
+        await asyncio.sleep(0)
+        gate.set()
+        out = await rest
+        await blocker
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert [answer(r)[0] for r in out] == [1, 2, 3, 4, 5, 6, 7]
+    assert model.shapes == [1, 4, 4]  # 7 queued: a batch of 4, then 3 padded up to 4
+    assert [r[0].batch_size for r in out] == [4, 4, 4, 4, 3, 3, 3]  # batch_size counts real images only
+
+
+def test_stop_lets_the_batch_inside_the_model_finish_within_the_drain():
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        inside = asyncio.ensure_future(b.submit([img(3)]))
+        await asyncio.sleep(0.05)  # the queue is empty, the batch is in the model
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        threading.Timer(0.2, gate.set).start()
+        await b.stop(drain_s=10)
+        return await inside, loop.time() - t0
+
+    out, stopped_after = run(main())
+    assert answer(out) == [3]
+    assert stopped_after < 0.8  # it noticed the batch was done, rather than polling at leisure
+
+
+def test_stop_without_drain_fails_the_batch_inside_the_model_and_the_queue_with_shutting_down():
+    """stop() (no drain: the default) fails what is running and what is queued at once, and returns only
+    once the model's thread is done with its batch, so the session can be closed after it."""
+    gate, finished = threading.Event(), threading.Event()
+    model = Recorder(gate)
+
+    def slow_model(x):
+        out = model(x)
+        finished.set()
+        return out
+
+    async def main():
+        b = Batcher("m", slow_model, max_batch=1, max_delay_s=0.0, max_queue=10)
+        b.start()
+        inside = asyncio.ensure_future(b.submit([img(3)]))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(b.submit([img(v)])) for v in (4, 5)]
+        await asyncio.sleep(0)
+        threading.Timer(0.3, gate.set).start()  # the model thread must end for stop() to return
+        await b.stop()
+        assert finished.is_set()
+        out = await asyncio.gather(inside, *queued, return_exceptions=True)
+        return out
+
+    out = run(main())
+    assert all(isinstance(e, ShuttingDown) and e.status == 503 and str(e) == "the server is shutting down" for e in out)
+    assert model.shapes == [1]  # the queued two never reached the model
+
+
+def test_an_idle_batcher_stops_at_once_and_names_its_task():
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("b2", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        t0 = loop.time()
+        await b.stop(drain_s=5)
+        return names, loop.time() - t0
+
+    names, stopped_after = run(main())
+    assert "batcher-b2" in names  # what asyncio's task dumps show
+    assert stopped_after < 2.0  # nothing ran, nothing is busy
+
+
+def test_a_wrong_output_shape_is_logged_with_both_shapes(caplog):
+    async def main():
+        b = Batcher("m", lambda x: np.zeros((1, 10), np.float32), max_batch=4, max_delay_s=0.05, max_queue=10)
+        b.start()
+        out = await asyncio.gather(b.submit([img(1)]), b.submit([img(2)]), return_exceptions=True)
+        await b.stop()
+        return out
+
+    with caplog.at_level(logging.ERROR, logger="effnet.batcher"):
+        out = run(main())
+    assert all(isinstance(o, InferenceFailed) for o in out)
+    assert "model m failed on a batch of 2: ValueError: model returned shape (1, 10) for a batch of 2" in caplog.messages
+
+
+def test_a_reservation_made_before_stop_cannot_submit_after_it():
+    async def main():
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        room = b.reserve(1)
+        await b.stop()
+        with pytest.raises(ShuttingDown) as exc:
+            await room.submit([img(1)])
+        return exc.value
+
+    assert str(run(main())) == "the server is shutting down"
+
+
+def test_inference_runs_on_the_models_own_thread():
+    """One executor per model (named infer-<model> in thread dumps): one inference at a time per model."""
+    seen = []
+
+    def model(x):
+        seen.append(threading.current_thread().name)
+        return np.zeros((x.shape[0], 10), np.float32)
+
+    async def main():
+        b = Batcher("b4", model, max_batch=2, max_delay_s=0.0, max_queue=10)
+        b.start()
+        for _ in range(3):
+            await b.submit([img(1)])
+        await b.stop()
+
+    run(main())
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0].startswith("infer-b4")
+
+
+def test_a_failing_batch_is_logged_with_the_model_and_the_error(caplog):
+    async def main():
+        def model(x):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        b = Batcher("b7", model, max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        with pytest.raises(InferenceFailed) as exc:
+            await b.submit([img(1)])
+        await b.stop()
+        return exc.value
+
+    with caplog.at_level(logging.ERROR, logger="effnet.batcher"):
+        exc = run(main())
+    assert str(exc) == "inference failed for model 'b7'"
+    assert "model b7 failed on a batch of 1: RuntimeError: CUDA out of memory (simulated)" in caplog.messages
+
+
+def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog):
+    """A bug outside the model (here a metrics hook that raises once) is logged with the batcher's name
+    and a traceback; the batch's request gets InferenceFailed at once, and the next request is served."""
+    calls = []
+
+    def on_batch(n, seconds):
+        calls.append(n)
+        if len(calls) == 1:
+            raise RuntimeError("hook bug (simulated)")
+
+    async def main():
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.hooks.on_batch = on_batch
+        b.start()
+        victim = asyncio.ensure_future(b.submit([img(1)]))
+        done, _ = await asyncio.wait([victim], timeout=2.0)
+        assert victim in done, "the batch's client was left waiting"
+        with pytest.raises(InferenceFailed):
+            victim.result()
+        out = await b.submit([img(2)])
+        await b.stop()
+        return out
+
+    with caplog.at_level(logging.ERROR, logger="effnet.batcher"):
+        out = run(main())
+    assert answer(out) == [2] and calls == [1, 1]
+    records = [r for r in caplog.records if r.getMessage() == "batcher m: unexpected error"]
+    assert len(records) == 1 and records[0].exc_info and "hook bug (simulated)" in caplog.text
+
+
+def test_the_cost_per_image_is_a_smoothed_average_of_the_batches(monkeypatch):
+    """per_image_s prices a queue for the router and for Retry-After: the first batch's seconds per image,
+    then an exponential average weighing each new batch 0.2. The model's time is made exact here by a
+    clock that the model itself moves forward."""
+    import types
+
+    import app.engine.batcher as batcher_module
+
+    offset = [0.0]
+    real = batcher_module.time
+    monkeypatch.setattr(batcher_module, "time", types.SimpleNamespace(
+        perf_counter=lambda: real.perf_counter() + offset[0], monotonic=real.monotonic))
+    cost = [0.1]  # seconds per image, as the fake model takes them
+
+    def model(x):
+        offset[0] += cost[0] * x.shape[0]
+        return np.zeros((x.shape[0], 10), np.float32)
+
+    async def main():
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        assert b.per_image_s == 0.0 and b.batches_run == 0
+        seen = []
+        for n, c in ((2, 0.1), (4, 0.3), (1, 0.3)):
+            cost[0] = c
+            out = await b.submit([img(1)] * n)
+            assert len(out) == n and out[0].inference_s == pytest.approx(c * n, rel=0.05)
+            assert 0 <= out[0].queue_s < 1 and out[0].logits.shape == (10,) and out[0].batch_size == n
+            seen.append(b.per_image_s)
+        runs = b.batches_run
+        assert b.queued == 0 and b.depth == 0  # nothing admitted is left counted once it is answered
+        await b.stop()
+        return seen, runs
+
+    seen, runs = run(main())
+    assert runs == 3
+    assert seen[0] == pytest.approx(0.1, rel=0.05)
+    assert seen[1] == pytest.approx(0.8 * 0.1 + 0.2 * 0.3, rel=0.05)
+    assert seen[2] == pytest.approx(0.8 * seen[1] + 0.2 * 0.3, rel=0.05)
+
+
+def test_stop_with_a_drain_returns_at_once_when_nothing_is_left():
+    model = Recorder()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        await b.submit([img(1)])
+        await b.submit([img(2), img(3)])
+        t0 = loop.time()
+        await b.stop(drain_s=5)
+        return loop.time() - t0
+
+    assert run(main()) < 2.0  # the drain is an upper bound, not a pause
+
+
+def test_room_reserved_before_stop_is_honoured_while_the_drain_runs():
+    """A request that held queue room when shutdown began (its images still decoding) is answered if it
+    submits within the drain; the drain waits for it."""
+
+    async def main():
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)
+        b.start()
+        room = b.reserve(1)
+        stopping = asyncio.ensure_future(b.stop(drain_s=5))
+        await asyncio.sleep(0.1)  # stop() has begun and is draining
+        assert not stopping.done()  # waiting for the reserved image
+        out = await room.submit([img(6)])
+        await stopping
+        return out
+
+    assert answer(run(main())) == [6]
