@@ -25,6 +25,7 @@ from app.api.security import ApiKeyMiddleware
 from app.api.tracing import RequestTracing
 from app.api.v2 import repository as v2_repository
 from app.api.v2 import routes as v2_routes
+from app.api.v2.json_worker import JsonWorker
 from app.core.config import Settings
 from app.engine.dataplane import DataPlane
 from app.engine.metrics import Metrics
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
         registry.on_stopped = metrics.model_stopped
         pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         plane = app.state.plane = DataPlane(settings, registry, metrics, pool)
+        app.state.json_worker = JsonWorker()  # big /v2 JSON bodies, parsed outside this process's GIL
         grpc_server = None
         if settings.grpc_port:  # the V2 protocol over gRPC, on the HTTP server's interface (app/api/grpc)
             from app.api.grpc.server import start_grpc
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
             # a short last chance, then fails with a 503.
             await registry.close(drain_s=min(settings.drain_s, 5.0))
             pool.shutdown(wait=False, cancel_futures=True)
+            app.state.json_worker.close()
 
     app = FastAPI(
         title="EfficientNet serving",

@@ -164,3 +164,21 @@ def test_raw_http_json_variants(family_server, reference):
         assert c.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
         metrics = c.get("/metrics").text
         assert 'effnet_requests_total{model="tiny",status="200"}' in metrics
+
+
+def test_big_json_bodies_are_parsed_in_the_worker_process_with_the_same_answers(family_server, reference):
+    """Above 256 kB of JSON the body is parsed in a worker process (app/api/v2/json_worker.py): the logits
+    are the same as ONNX Runtime's, and a malformed big body still gets the protocol's 400."""
+    _, run = reference
+    x = _tensor(6, seed=11)
+    body = json.dumps({"inputs": [{"name": "images", "shape": [6, 3, 64, 64], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    assert len(body) > 1 << 20
+    with httpx.Client(base_url=family_server.url, timeout=60) as c:
+        r = c.post("/v2/models/tiny/infer", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        np.testing.assert_allclose(np.asarray(out["data"]).reshape(6, 1000), run(x), rtol=1e-4, atol=1e-4)
+        bad = body.replace(b'"shape": [6, 3, 64, 64]', b'"shape": [5, 3, 64, 64]')
+        r = c.post("/v2/models/tiny/infer", content=bad, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "values in 'data' for shape" in r.json()["error"]

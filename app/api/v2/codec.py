@@ -43,6 +43,9 @@ class ProtocolError(BadRequest):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):  # crosses from the JSON worker process (json_worker.py) with its status
+        return (type(self), (self.status, self.message), self.__dict__)
+
 
 @dataclass
 class Output:

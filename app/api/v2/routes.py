@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse
 from app.api.state import plane_of
 from app.api.v2.errors import V2_ERRORS
 from app.api.body import Upload, client_timeout_s
-from app.api.v2.codec import HEADER, ProtocolError, decode_content, encode_infer, parse_infer
+from app.api.v2.codec import HEADER, ProtocolError, decode_content, encode_infer
+from app.api.v2.json_worker import JsonWorker
 from app.api.v2.descriptions import find_entry, metadata, model_config
 from app.api.v2.descriptions import server_metadata as describe_server
 from app.core import tracing
@@ -144,7 +145,8 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
         body = await upload.body()
         # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
         with tracing.span("parse"):
-            inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry, settings)
+            inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry, settings,
+                                             request.app.state.json_worker)
         del body
         results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
     with tracing.span("answer"):
@@ -155,9 +157,9 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
         return Response(content, headers=headers)
 
 
-def _decode_and_parse(body: bytes, headers, entry: ModelEntry, settings):
-    body = decode_content(body, headers.get("content-encoding"), settings.max_body_bytes)
-    return parse_infer(body, headers.get(HEADER), entry.manifest, settings.max_queue, settings.max_json_bytes)
+def _decode_and_parse(body: bytes, headers, entry: ModelEntry, settings, json_worker: JsonWorker):
+    body = decode_content(body, headers.get("content-encoding"), settings.max_body_bytes)  # zlib frees the GIL
+    return json_worker.parse(body, headers.get(HEADER), entry.manifest, settings.max_queue, settings.max_json_bytes)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)

@@ -1,0 +1,76 @@
+"""The worker process for big /v2 JSON bodies (app/api/v2/json_worker.py), on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+from serving_helpers import write_model
+
+from app.api.v2.codec import ProtocolError, parse_infer
+from app.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker, json_bytes
+from app.core.errors import Unavailable
+from app.engine.manifest import load_manifest
+
+
+def _body(n: int, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+    return json.dumps({"id": "r1", "inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                               "data": x.tolist()}]}).encode(), x
+
+
+@pytest.fixture
+def worker():
+    w = JsonWorker()
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    return load_manifest(write_model(tmp_path, "fake", crop=32, resize=36))
+
+
+def test_json_bytes_is_the_header_part_of_the_body():
+    assert json_bytes(b"x" * 10, None) == 10
+    assert json_bytes(b"x" * 10, "4") == 4
+    assert json_bytes(b"x" * 10, "40") == 10
+    assert json_bytes(b"x" * 10, "four") == 0
+
+
+def test_a_big_body_is_parsed_in_the_worker_exactly_as_in_process(worker, manifest):
+    body, x = _body(16)
+    assert len(body) > IN_PROCESS_BYTES
+    inp = worker.parse(body, None, manifest, 64, 4 << 20)
+    assert worker._pool is not None  # it went to the worker
+    np.testing.assert_array_equal(np.stack(inp.tensors), x)
+    here = parse_infer(body, None, manifest, 64, 4 << 20)
+    assert inp.request["id"] == "r1" and "data" not in inp.request["inputs"][0]  # only arrays came back
+    assert [o.name for o in inp.outputs] == [o.name for o in here.outputs]
+
+
+def test_a_small_body_never_starts_the_worker(worker, manifest):
+    body, x = _body(1)
+    assert len(body) <= IN_PROCESS_BYTES
+    np.testing.assert_array_equal(worker.parse(body, None, manifest, 64, 4 << 20).tensors[0], x[0])
+    assert worker._pool is None
+
+
+def test_a_protocol_error_crosses_from_the_worker_with_its_status(worker, manifest):
+    body, _ = _body(16)
+    with pytest.raises(ProtocolError) as caught:
+        worker.parse(body, None, manifest, 8, 4 << 20)  # 16 images, at most 8
+    assert caught.value.status == 400 and "at most 8 images" in caught.value.message
+
+
+def test_a_dead_worker_is_a_503_and_the_next_body_gets_a_new_one(worker, manifest):
+    body, x = _body(16)
+    worker.parse(body, None, manifest, 64, 4 << 20)
+    for pid in list(worker._pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(Unavailable):
+        worker.parse(body, None, manifest, 64, 4 << 20)
+    np.testing.assert_array_equal(np.stack(worker.parse(body, None, manifest, 64, 4 << 20).tensors), x)
