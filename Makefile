@@ -54,7 +54,7 @@ test: install system-deps $(PERF_ANALYZER)
 test-deploy: install
 	bash deploy/ci/test-docker.sh
 
-bench: install
+bench: install system-deps $(PERF_ANALYZER)
 	$(PY) -m benchmarks.run
 
 # fp16/int8 copies of Lite0 vs fp32 (size, speed, agreement); writes its own block of docs/benchmarks.md.
@@ -66,7 +66,7 @@ bench-soak: install
 	$(PY) -m benchmarks.soak
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
-bench-smoke: install
+bench-smoke: install system-deps $(PERF_ANALYZER)
 	$(PY) -m benchmarks.run --quick --out $$(mktemp -d)
 
 # mutmut on the modules a silent bug costs most in, each against its own tests; writes docs/testing.md.

@@ -6,7 +6,8 @@
   Retry-After. The client is raw asyncio sockets with prebuilt bytes: it must cost far less per request
   than the server, since both share the same two cores.
 * A memory burst (large bodies, 16-bit PNG bombs within the pixel limit, many-part multipart) leaves the
-  server's peak RSS under its configured budget plus the models' footprint, and kills nothing.
+  server's peak RSS under its configured budget plus the models' footprint (measured after full batches,
+  since ORT keeps the working memory of the largest batch it has run), and kills nothing.
 * A flood of hostile /v2 bodies (a gzip bomb of zero-length BYTES elements, oversized element counts, a
   big JSON FP32 tensor) leaves /health/live answering with p99 under 100 ms.
 """
@@ -14,12 +15,11 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
-import struct
+import subprocess
+import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -87,8 +87,11 @@ async def closed_loop(port: int, clients: int, seconds: float, warmup: float = 2
 
 def test_16x_overload_with_immediate_retries_keeps_goodput(b0_repo, tmp_path):
     with server_process(b0_env(b0_repo), tmp_path / "server.log") as srv:
-        capacity = asyncio.run(closed_loop(srv.port, CAPACITY_CLIENTS, 8.0))
+        # Capacity before and after the storm, averaged: this VM's speed drifts 5-20% within minutes.
+        before = asyncio.run(closed_loop(srv.port, CAPACITY_CLIENTS, 6.0))
         storm = asyncio.run(closed_loop(srv.port, OVERLOAD_CLIENTS, 10.0))
+        after = asyncio.run(closed_loop(srv.port, CAPACITY_CLIENTS, 6.0, warmup=1.0))
+        capacity = {"goodput": (before["goodput"] + after["goodput"]) / 2}
         text = httpx.get(srv.url + "/metrics").text
         assert srv.alive()
     drain_s = QUEUE / capacity["goodput"]
@@ -131,8 +134,16 @@ def test_a_hostile_memory_burst_stays_within_the_budget(b0_repo, tmp_path):
     small_bomb = _png16_bomb(2000, 2000)
     parts = [("file", (f"{i}.png", small_bomb, "image/png")) for i in range(64)]
     with server_process(env, tmp_path / "server.log") as srv:
-        httpx.post(srv.url + "/classify", content=PHOTO, headers={"content-type": "image/jpeg"}, timeout=30)
-        footprint = _vm(srv.pid, "VmRSS")  # models loaded, warmed, one request served
+        # The models' footprint includes their working memory at full batch (ORT's arena grows to the
+        # largest batch it has run and keeps it: +250 MB for b0 here), so warm them with full batches first.
+        warm = [("file", (f"{i}.jpg", PHOTO, "image/jpeg")) for i in range(64)]
+        warmers = [threading.Thread(target=httpx.post, args=(srv.url + "/classify",),
+                                    kwargs={"files": warm, "timeout": 60}) for _ in range(3)]
+        for t in warmers:
+            t.start()
+        for t in warmers:
+            t.join(60)
+        footprint = _vm(srv.pid, "VmHWM")  # models loaded and run at full batch: their peak so far
         codes: list[int] = []
         lock = threading.Lock()
 
@@ -164,58 +175,40 @@ def test_a_hostile_memory_burst_stays_within_the_budget(b0_repo, tmp_path):
 
 
 # --- /v2 bodies that are expensive to parse -----------------------------------------------------------
-def _v2(header: dict, binary: bytes = b"") -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(header).encode()
-    return head + binary, {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+LIVE_PROBE = """
+import json, sys, time
+import httpx
+probes = []
+with httpx.Client(base_url=sys.argv[1], timeout=10) as c:
+    t_end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < t_end:
+        t0 = time.perf_counter()
+        assert c.get("/health/live").status_code == 200
+        probes.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+print(json.dumps(probes))
+"""
 
 
 def test_a_flood_of_hostile_v2_bodies_does_not_stall_the_event_loop(b0_repo, tmp_path):
-    zeros = b"\x00\x00\x00\x00" * (5 * 1024 * 1024)  # 5 M zero-length BYTES elements: 20 MB
-    bytes_flood, h1 = _v2({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
-                                       "parameters": {"binary_data_size": len(zeros)}}]}, zeros)
-    gz_flood = gzip.compress(bytes_flood, 9)
-    floats = ",".join(["0.5"] * (3 * 224 * 224))
-    json_fp32 = ('{"inputs":[{"name":"images","datatype":"FP32","shape":[4,3,224,224],"data":['
-                 + ",".join([floats] * 4) + "]}]}").encode()
-    hostile = [
-        (bytes_flood, h1),
-        (gz_flood, {**h1, "Content-Encoding": "gzip"}),
-        (json_fp32, {"Content-Type": "application/json"}),
-        (zlib.compress(json_fp32), {"Content-Type": "application/json", "Content-Encoding": "deflate"}),
-        (struct.pack("<I", 10) * 3, {**h1}),
-    ]
+    # The flood (tests/reliability/v2_flood.py) and the probe are processes of their own, so the probe
+    # times the server, not pytest's GIL or heap as earlier tests left them.
     env = b0_env(b0_repo, EFFNET_MAX_BODY_MB="20")
     with server_process(env, tmp_path / "server.log") as srv:
-        stop = threading.Event()
-        statuses: list[int] = []
-
-        def flood(i: int) -> None:
-            with httpx.Client(base_url=srv.url, timeout=60) as c:
-                k = i
-                while not stop.is_set():
-                    body, headers = hostile[k % len(hostile)]
-                    statuses.append(c.post("/v2/models/b0/infer", content=body, headers=headers).status_code)
-                    k += 1
-
-        threads = [threading.Thread(target=flood, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        time.sleep(1.0)
-        probes: list[float] = []
-        with httpx.Client(base_url=srv.url, timeout=10) as c:
-            t_end = time.monotonic() + 8.0
-            while time.monotonic() < t_end:
-                t0 = time.perf_counter()
-                assert c.get("/health/live").status_code == 200
-                probes.append(time.perf_counter() - t0)
-                time.sleep(0.02)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        flood = subprocess.Popen([sys.executable, str(Path(__file__).with_name("v2_flood.py")), srv.url, "10.5"],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            probes = json.loads(subprocess.run([sys.executable, "-c", LIVE_PROBE, srv.url, "8.0"], capture_output=True,
+                                               text=True, timeout=60, check=True).stdout)
+            counts = json.loads(flood.communicate(timeout=90)[0])
+        finally:
+            if flood.poll() is None:
+                flood.kill()
         assert srv.alive()
     p99 = float(np.percentile(probes, 99)) * 1000
-    record("hostile", v2_flood={"hostile_requests": len(statuses), "statuses": sorted(set(statuses)),
+    record("hostile", v2_flood={"hostile_requests": sum(counts.values()), "statuses": counts,
                                 "live_probes": len(probes), "live_p99_ms": round(p99, 1),
                                 "live_max_ms": round(max(probes) * 1000, 1)})
-    assert len(statuses) >= 20
+    assert sum(counts.values()) >= 20 and set(counts) <= {"200", "400", "413"}, counts
     assert p99 < 100, p99

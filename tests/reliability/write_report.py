@@ -113,6 +113,8 @@ def render(d: dict) -> str:
             f"- **Deadline**: `EFFNET_REQUEST_TIMEOUT_S` is covered by "
             f"`tests/serving/test_serve_api.py::test_requests_waiting_past_the_deadline_get_503`.\n")
 
+    parts.append(hostile(d.get("hostile", {})))
+
     parts.append("## 4. Faults (`test_rel_faults.py`)\n")
     parts.append("One server, the two good models plus one damaged copy per fault. Each broken model is listed "
                  "`unavailable` with the reason below (also in `/health/ready`, and in the 503 for a request to it); "
@@ -135,6 +137,45 @@ def render(d: dict) -> str:
                  "deployment's (Dockerfile, `tests/deploy/`); the test above shows the server never writes to the "
                  "model directory, so a read-only mount suffices.\n")
     return "\n".join(parts)
+
+
+def hostile(h: dict) -> str:
+    """Slow, impatient and malicious clients (test_rel_hostile.py, test_rel_hostile_load.py)."""
+    out = ["## 3b. Hostile load (`test_rel_hostile.py`, `test_rel_hostile_load.py`)\n"]
+    if "stalled_uploads" in h:
+        out.append(f"- **Stalled uploads**: {h['stalled_uploads']} connections sent their headers and 100 bytes of a "
+                   f"200 kB body, then stalled. A normal request meanwhile: 200 in {h['normal_request_ms']} ms. "
+                   f"Every stalled upload was released within {h['all_released_within_s']} s "
+                   f"(`EFFNET_BODY_TIMEOUT_S={h['body_timeout_s']:g}`; outcomes {h['stalled_outcomes']}: 408 is the "
+                   "minimum-rate or timeout answer).")
+    if "early_413" in h:
+        e = h["early_413"]
+        out.append(f"- **Early 413**: a {e['upload_mb']} MB upload from urllib got {e['urllib']} with its JSON body, "
+                   f"from httpx {e['httpx']}: the rest of the body is read and dropped, not reset.")
+    if "impatient_clients" in h:
+        out.append(f"- **Clients that give up after 100 ms**: {h['impatient_clients']} requests on B0 at batch 1; "
+                   f"{h['images_run']} images ran, {h['images_skipped']} were skipped before inference "
+                   f"(`effnet_images_skipped_total`), {h['answered_499']} requests ended 499.")
+    if "overload" in h:
+        o = h["overload"]
+        out.append(f"- **16x overload, immediate retries**: B0, `EFFNET_MAX_QUEUE={o['queue']}`. Capacity at "
+                   f"{o['capacity_clients']} clients {o['capacity_img_s']} img/s; with {o['storm_clients']} clients "
+                   f"resending the moment they are refused, goodput {o['storm_goodput_img_s']} img/s = "
+                   f"**{o['goodput_ratio']:.2f} of capacity** (target >= 0.8), {o['storm_refusals']} refusals (503 + "
+                   f"Retry-After) in the window, accepted p99 {o['storm_p99_ms']} ms against two queue drains "
+                   f"({2 * o['drain_ms']:.0f} ms).")
+    if "memory" in h:
+        m = h["memory"]
+        out.append(f"- **Memory burst** (18 MB bodies, 49-megapixel 16-bit PNGs, 64-part multiparts, 24 clients): "
+                   f"budget {m['budget_mb']} MB, footprint {m['footprint_mb']} MB (the model loaded and run at full batch), peak RSS {m['peak_rss_mb']} MB "
+                   f"(<= footprint + budget); answers {m['answers']}; nothing was killed.")
+    if "v2_flood" in h:
+        v = h["v2_flood"]
+        out.append(f"- **Hostile /v2 flood** ({v['hostile_requests']} requests: a 20 MB gzip bomb of zero-length BYTES "
+                   f"elements, a 2.4 MB JSON FP32 tensor and its deflate, oversized element counts; statuses "
+                   f"{v['statuses']}): `/health/live` p99 **{v['live_p99_ms']} ms** (target < 100) over "
+                   f"{v['live_probes']} probes, max {v['live_max_ms']} ms.")
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str]) -> int:
