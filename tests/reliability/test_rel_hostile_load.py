@@ -2,9 +2,9 @@
 
 * 16x overload with immediate retries: 256 closed-loop clients that resend the moment they are refused,
   against a queue of 32. Goodput (answers 200 per second) must stay >= 0.8 of the capacity measured at
-  16 clients in the same run, accepted p99 within twice the queue's drain time, every refusal 503/429 with
-  Retry-After. The client is raw asyncio sockets with prebuilt bytes: it must cost far less per request
-  than the server, since both share the same two cores.
+  16 clients in the same run, accepted p99 within twice the queue's drain time (at the storm's goodput),
+  every refusal 503/429 with Retry-After. The client is raw asyncio sockets with prebuilt bytes: it must
+  cost far less per request than the server, since both share the same two cores.
 * A memory burst (large bodies, 16-bit PNG bombs within the pixel limit, many-part multipart) leaves the
   server's peak RSS under its configured budget plus the models' footprint (measured after full batches,
   since ORT keeps the working memory of the largest batch it has run), and kills nothing.
@@ -94,13 +94,16 @@ def test_16x_overload_with_immediate_retries_keeps_goodput(b0_repo, tmp_path):
         capacity = {"goodput": (before["goodput"] + after["goodput"]) / 2}
         text = httpx.get(srv.url + "/metrics").text
         assert srv.alive()
-    drain_s = QUEUE / capacity["goodput"]
+    # The queue's drain time during the storm, at the rate it was actually draining (the goodput, itself
+    # held to >= 0.8 of capacity below): what an admitted request waits behind.
+    drain_s = QUEUE / storm["goodput"]
     ratio = storm["goodput"] / capacity["goodput"]
     record("hostile", overload={
         "queue": QUEUE, "capacity_clients": CAPACITY_CLIENTS, "storm_clients": OVERLOAD_CLIENTS,
         "capacity_img_s": round(capacity["goodput"], 1), "storm_goodput_img_s": round(storm["goodput"], 1),
         "goodput_ratio": round(ratio, 3), "storm_refusals": storm["refused"],
         "storm_p99_ms": round(storm["p99_s"] * 1000, 1), "drain_ms": round(drain_s * 1000, 1),
+        "capacity_drain_ms": round(QUEUE / capacity["goodput"] * 1000, 1),
         "refused_total": metric(text, "effnet_requests_rejected_total", model="b0", reason="queue_full"),
     })
     assert not storm["other"], storm["other"][:3]

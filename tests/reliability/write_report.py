@@ -163,7 +163,8 @@ def hostile(h: dict) -> str:
                    f"resending the moment they are refused, goodput {o['storm_goodput_img_s']} img/s = "
                    f"**{o['goodput_ratio']:.2f} of capacity** (target >= 0.8), {o['storm_refusals']} refusals (503 + "
                    f"Retry-After) in the window, accepted p99 {o['storm_p99_ms']} ms against two queue drains "
-                   f"({2 * o['drain_ms']:.0f} ms).")
+                   f"at the storm's goodput ({2 * o['drain_ms']:.0f} ms; at capacity "
+                   f"{2 * o.get('capacity_drain_ms', o['drain_ms']):.0f} ms).")
     if "memory" in h:
         m = h["memory"]
         out.append(f"- **Memory burst** (18 MB bodies, 49-megapixel 16-bit PNGs, 64-part multiparts, 24 clients): "
