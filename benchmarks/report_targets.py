@@ -180,7 +180,7 @@ def bought(plan, results: dict) -> list[list[str]]:
                              f"{m}: server's session ÷ default session, raw, alternating", ", ".join(cells)])
     prep = ((results.get("prep") or {}).get("models") or {}).get(plan.full[0])
     if prep:
-        rows.append(["draft JPEG decode + resizing only the crop box (app/engine/preprocess.py)",
+        rows.append(["draft JPEG decode (DCT scaling) before the resize (app/engine/preprocess.py)",
                      f"{plan.full[0]}, one 1920×1080 photo, one thread",
                      f"{prep['plain_ms']:.1f} → {prep['ours_ms']:.1f} ms ({prep['speedup']:.1f}×)"])
     top_n = max(plan.concurrency)
