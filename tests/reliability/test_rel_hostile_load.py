@@ -144,7 +144,8 @@ def test_a_hostile_memory_burst_stays_within_the_budget(b0_repo, tmp_path):
     record("hostile", memory={"budget_mb": budget_mb, "footprint_mb": footprint >> 20, "peak_rss_mb": peak >> 20,
                               "answers": answers})
     assert alive and after.status_code == 200
-    assert sum(answers.values()) == 72 and set(answers) <= {"200", "400", "413", "503"}, answers
+    # 408: an 18 MB upload that fell under the minimum upload rate while the machine was saturated.
+    assert sum(answers.values()) == 72 and set(answers) <= {"200", "400", "408", "413", "503"}, answers
     assert peak <= footprint + budget_mb * (1 << 20), (peak >> 20, footprint >> 20)
 
 
