@@ -21,9 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Helper modules other folders' tests share (prerequisites: skips for missing tools; serving_helpers:
-# fake models, the in-process live server; eval_photos: the labelled package photos). pytest puts
-# only a test's own folder on the path.
-for _helpers in ("", "serving", "eval"):
+# fake models, the in-process live server; eval_photos: the labelled package photos; reliability_helpers:
+# real servers and raw HTTP). pytest puts only a test's own folder on the path.
+for _helpers in ("", "serving", "eval", "reliability"):
     if str(ROOT / "tests" / _helpers) not in sys.path:
         sys.path.insert(0, str(ROOT / "tests" / _helpers))
 

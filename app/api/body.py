@@ -58,6 +58,7 @@ class Upload:
         self._charged = 0
         self._counted = False
         self._done = asyncio.Event()  # set once the body is in (or will never be)
+        self._ended = False  # the client's last body message has been received: nothing more will come
 
     async def __aenter__(self) -> Upload:
         if self.plane.uploading >= self.settings.max_uploads:
@@ -140,11 +141,11 @@ class Upload:
         except ValueError:
             raise BadRequest("Content-Length is not a number") from None
 
-    async def _chunks(self, start: float):
-        """The body's chunks as they arrive, enforcing the timeout and the minimum rate."""
+    async def _chunks(self, start: float, received: int = 0):
+        """The body's chunks as they arrive, enforcing the timeout and the minimum rate (counted from `start`
+        over every byte of the body, the `received` already read included)."""
         loop = asyncio.get_running_loop()
         timeout, min_bps = self.settings.body_timeout_s, self.settings.min_upload_kbps * 1000
-        received = 0
         pending: asyncio.Future | None = None
         try:
             while True:
@@ -163,9 +164,11 @@ class Upload:
                     raise ClientGone()
                 chunk = message.get("body", b"")
                 received += len(chunk)
+                # Noted before the yield: the reader may refuse this very chunk and never come back for more.
+                self._ended = not message.get("more_body", False)
                 if chunk:
                     yield chunk
-                if not message.get("more_body", False):
+                if self._ended:
                     return
         finally:
             if pending is not None:
@@ -175,10 +178,13 @@ class Upload:
         """Read and drop the rest of an unwanted body, within the discard bound and the body timeout, so the
         client gets to read the answer; beyond the bound the connection is closed on it."""
         bound = self.settings.max_discard_bytes
-        if declared is not None and declared > bound:
+        # A body that has ended has no rest: asking for more would wait for a disconnect (or the body timeout).
+        if self._ended or (declared is not None and declared > bound):
             return
         try:
-            async for chunk in self._chunks(start):
+            # The rate check goes on over the whole body: a fresh count from 0 would call a client that was
+            # uploading at full speed too slow, and close the connection on it mid-body.
+            async for chunk in self._chunks(start, received):
                 received += len(chunk)
                 if received > bound:
                     return

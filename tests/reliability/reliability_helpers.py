@@ -8,7 +8,9 @@ docs/reliability.md from that file, so the documented counts are always a real r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +115,7 @@ def check_classify_ok(body: dict, top_k: int) -> None:
 
 
 # --- raw HTTP over a socket -------------------------------------------------------------------
-def read_response(sock: socket.socket, timeout: float) -> tuple[int, dict[str, str], bytes]:
+def read_response(sock: socket.socket, timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
     """Read one HTTP/1.1 response (Content-Length bodies only, which is all this service sends)."""
     sock.settimeout(timeout)
     buf = b""
@@ -233,3 +235,89 @@ def metric(text: str, name: str, **labels: str) -> float:
     pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)"
     m = re.search(pattern, text)
     return float(m.group(1)) if m else 0.0
+
+
+# --- load generators (also used by benchmarks/reliability.py, which times the same scenarios) -------------
+def request_bytes(path: str, body: bytes, content_type: str = "image/jpeg") -> bytes:
+    """One whole keep-alive HTTP/1.1 POST, built once: the load generators resend the same bytes."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            .encode("latin-1") + body)
+
+
+async def exchange(reader, writer, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on a raw asyncio connection. The load generators share the cores with the server, so they
+    must cost far less per request than it does: prebuilt bytes, no HTTP client library."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:] if ":" in x)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+@dataclasses.dataclass
+class Answer:
+    """One request of a closed loop: when it was sent and answered (perf_counter), and what came back.
+    `error` is set (and status 0) when the connection failed instead: a request lost."""
+
+    t0: float
+    t1: float
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    error: str = ""
+
+
+async def closed_loop(port: int, request: bytes, clients: int, answers: list[Answer], done: Callable[[], bool],
+                      refused_pause_s: float = 0.0) -> None:
+    """`clients` keep-alive connections, each resending `request` as soon as it has an answer (after
+    `refused_pause_s` when the answer was a refusal) until `done()`; every answer goes into `answers`, a 200's
+    body excepted. A connection that fails is recorded as an Answer with `error` and opened again."""
+
+    async def client() -> None:
+        reader = writer = None
+        try:
+            while not done():
+                if writer is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                t0 = time.perf_counter()
+                try:
+                    status, headers, body = await exchange(reader, writer, request)
+                except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    answers.append(Answer(t0, time.perf_counter(), 0, {}, b"", f"{type(exc).__name__}: {exc}"))
+                    writer.close()
+                    writer = None
+                    continue
+                answers.append(Answer(t0, time.perf_counter(), status, headers, b"" if status == 200 else body))
+                if headers.get("connection") == "close":
+                    writer.close()
+                    writer = None
+                if status != 200 and refused_pause_s:
+                    await asyncio.sleep(refused_pause_s)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+# A /health/live prober in a process of its own (python -c LIVE_PROBE URL COUNT TIMEOUT_S [PAUSE_S]), so it
+# times the server and not the GIL of whoever runs it. Prints [[status, seconds], ...]; status 0 = no answer
+# within TIMEOUT_S.
+LIVE_PROBE = """
+import json, sys, time
+import httpx
+url, count, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.02
+probes = []
+with httpx.Client(base_url=url, timeout=timeout) as c:
+    for _ in range(count):
+        t0 = time.perf_counter()
+        try:
+            status = c.get("/health/live").status_code
+        except httpx.TransportError:
+            status = 0
+        probes.append([status, time.perf_counter() - t0])
+        time.sleep(pause)
+print(json.dumps(probes))
+"""
