@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],
-            expose_headers=["Retry-After", "X-Request-Id", "X-Effnet-Model"],
+            expose_headers=["Retry-After", "X-Request-Id", "X-Effnet-Model", "X-Effnet-Model-Version"],
         )
     # Outermost of all: request ids, the access log and the request span, so every answer (a 401, a gate
     # refusal, a CORS preflight) carries X-Request-Id and is logged and traced.

@@ -24,6 +24,7 @@ from app.policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
 from app.api.schemas import ClassifyResponse
 
 MAX_TOP_K = 1000
+VERSION_HEADER = "X-Effnet-Model-Version"
 
 router = APIRouter()
 
@@ -77,4 +78,6 @@ async def _classify(plane: DataPlane, upload: Upload, model: str | None, top_k: 
     async with plane.open(entry, arrived, timeout_s) as call:
         results = await call.images(await upload.images())
     with tracing.span("answer"):  # building the answer and encoding it (FastJSONResponse renders at once)
-        return FastJSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started))
+        # Which version answered (one entry runs every image of a request), for clients watching a reload.
+        return FastJSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started),
+                                headers={VERSION_HEADER: results[0].version or ""})

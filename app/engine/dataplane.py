@@ -68,6 +68,8 @@ class ImageResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    # The version (registry.ModelEntry.version) that computed it: a reload can swap versions between requests.
+    version: str | None = None
 
     def top(self, k: int) -> list[Prediction]:
         """The k best classes, best first; ties go to the lower index."""
@@ -181,8 +183,9 @@ class Call:
         loop = asyncio.get_running_loop()
         timeout = plane.settings.request_timeout_s if timeout_s is None else min(timeout_s, plane.settings.request_timeout_s)
         self._deadline = arrived + timeout
-        # Stage one's wait and stage two's share one admission wait.
-        self._admit_by = loop.time() + plane.admission_wait_s(entry) if entry.batcher is not None else loop.time()
+        # Stage one's wait and stage two's share one admission wait (an entry without a batcher is refused
+        # in __aenter__, unless a reload's successor takes the work: then it waits as long as any other).
+        self._admit_by = loop.time() + plane.admission_wait_s(entry)
 
     def _wait_left(self) -> float:
         now = asyncio.get_running_loop().time()
@@ -288,5 +291,5 @@ class Call:
     def _result(self, r: Result, decode_s: float, preprocess_s: float) -> ImageResult:
         return ImageResult(
             self.entry.name, r.probs, r.logits, self.entry.manifest.labels, decode_s, preprocess_s,
-            r.queue_s, r.inference_s, r.batch_size,
+            r.queue_s, r.inference_s, r.batch_size, self.entry.version,
         )

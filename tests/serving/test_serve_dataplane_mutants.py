@@ -120,6 +120,7 @@ def test_images_are_answered_in_order_with_labels_and_timings(setup):
     out = run(main(), entry)
     assert [r.top(1)[0].label for r in out] == ["class 8", "class 7", "class 8"]
     assert [r.model for r in out] == ["fake"] * 3 and model.shapes == [2, 1]  # CPU: no padding, 2 + 1
+    assert entry.version and [r.version for r in out] == [entry.version] * 3  # which version answered
     assert [r.batch_size for r in out] == [2, 2, 1]
     assert all(r.decode_s > 0 and r.preprocess_s > 0 and r.inference_s > 0 and r.queue_s >= 0 for r in out)
     assert out[1].logits.shape == (1000,) and out[1].logits[7] == 30.0 and out[0].probs[8] > 0.99
@@ -140,6 +141,7 @@ def test_tensors_skip_decoding(setup):
 
     (r,) = run(main(), entry)
     assert r.top(1)[0].label == "class 7" and r.decode_s == 0.0 and r.preprocess_s == 0.0 and r.batch_size == 1
+    assert r.version == entry.version
     assert metric("effnet_requests_total", model="fake", status="200") == 1
 
 
@@ -342,6 +344,7 @@ def test_a_client_deadline_shortens_the_servers_and_time_since_arrival_counts(se
         await asyncio.sleep(0.05)  # inside the model
         hasty = asyncio.ensure_future(one(timeout_s=0.05))
         patient = asyncio.ensure_future(one(timeout_s=60.0))
+        await asyncio.sleep(0)  # both opened (their clocks started) before the wait below begins
         await asyncio.sleep(0.2)
         model.gate.set()
         with pytest.raises(DeadlineExceeded):

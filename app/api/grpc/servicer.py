@@ -98,7 +98,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         probs = np.stack([r.probs for r in results])
         return await loop.run_in_executor(
             plane.decode_pool, encode_response, request.id, entry.name, parsed.outputs, results[0].labels,
-            logits, probs)
+            logits, probs, results[0].version)
 
     # --- the model repository ------------------------------------------------------------
     @rpc()

@@ -77,8 +77,9 @@ def _outputs_as_json(request: pb.ModelInferRequest) -> dict[str, Any]:
 
 
 def encode_response(request_id: str, model: str, outputs: list[Output], labels: list[str], logits: np.ndarray,
-                    probs: np.ndarray) -> pb.ModelInferResponse:
-    resp = pb.ModelInferResponse(model_name=model, model_version=VERSION, id=request_id)
+                    probs: np.ndarray, version: str | None = None) -> pb.ModelInferResponse:
+    # model_version: the version that computed the answer (as ModelMetadata lists it), "1" when unknown.
+    resp = pb.ModelInferResponse(model_name=model, model_version=version or VERSION, id=request_id)
     n = logits.shape[0]
     for o in outputs:
         if o.class_count:

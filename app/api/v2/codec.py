@@ -273,8 +273,9 @@ def classification_strings(probs: np.ndarray, labels: list[str], k: int) -> list
 
 
 def encode_infer(inp: InferInput, model: str, labels: list[str], logits: np.ndarray,
-                 probs: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """(body, headers) of the answer; binary outputs follow the JSON header, as the extension says."""
+                 probs: np.ndarray, version: str | None = None) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) of the answer; binary outputs follow the JSON header, as the extension says.
+    `version`: the model version that computed it (what /v2/models/{m} lists), "1" when unknown."""
     out_json: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     n = logits.shape[0]
@@ -297,7 +298,7 @@ def encode_infer(inp: InferInput, model: str, labels: list[str], logits: np.ndar
             else:
                 t["data"] = logits.astype(np.float32).ravel()  # orjson writes the array itself
         out_json.append(t)
-    resp: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": out_json}
+    resp: dict[str, Any] = {"model_name": model, "model_version": version or VERSION, "outputs": out_json}
     if isinstance(inp.request.get("id"), str):
         resp["id"] = inp.request["id"]
     head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)

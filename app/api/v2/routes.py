@@ -153,7 +153,7 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
         logits = np.stack([r.logits for r in results])
         probs = np.stack([r.probs for r in results])
         content, headers = await loop.run_in_executor(
-            plane.decode_pool, encode_infer, inp, entry.name, entry.manifest.labels, logits, probs)
+            plane.decode_pool, encode_infer, inp, entry.name, entry.manifest.labels, logits, probs, results[0].version)
         return Response(content, headers=headers)
 
 
