@@ -216,9 +216,7 @@ class Batcher:
                 log.exception("batcher %s: unexpected error", self.name)
                 # A bug outside the model call (a metrics hook, say) must not leave the batch's clients
                 # waiting until their deadline: they get the same 500 as a failed inference.
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(InferenceFailed(f"inference failed for model {self.name!r}"))
+                self._fail(batch)
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Item]:
         while not self._items:
@@ -254,19 +252,38 @@ class Batcher:
                 )
                 continue
             live.append(item)
-        if expired:
-            self.hooks.on_expired(expired)
-        if skipped:
-            self.hooks.on_skipped(skipped)
-        if live and not self.pad:
-            n = max(s for s in self.sizes if s <= len(live))
-            for item in reversed(live[n:]):  # back to the front of the queue, order kept
-                self._items.appendleft(item)
-            live = live[:n]
-        self.hooks.on_depth(len(self._items))
-        self._running = len(live)  # still admitted, now in the batch about to run
-        self.room.grant()  # skipped and expired images left: room for whoever waits
+        try:
+            if live and not self.pad:
+                n = max(s for s in self.sizes if s <= len(live))
+                for item in reversed(live[n:]):  # back to the front of the queue, order kept
+                    self._items.appendleft(item)
+                live = live[:n]
+            self._running = len(live)  # still admitted, now in the batch about to run
+            self.room.grant()  # skipped and expired images left: room for whoever waits
+        except Exception:
+            # These items are off the queue and `_loop` never sees them as a batch: answer them here.
+            self._fail(live)
+            raise
+        self._report_take(expired, skipped)
         return live
+
+    def _fail(self, items: Sequence[_Item]) -> None:
+        """A failure outside the model call: each client still waiting gets the same 500 as a failed inference."""
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(InferenceFailed(f"inference failed for model {self.name!r}"))
+
+    def _report_take(self, expired: int, skipped: int) -> None:
+        """The metrics of a take. The items are already off the queue: a hook that raised here and reached
+        `_loop` would leave the batch's clients unanswered, so its failure is logged and goes no further."""
+        try:
+            if expired:
+                self.hooks.on_expired(expired)
+            if skipped:
+                self.hooks.on_skipped(skipped)
+            self.hooks.on_depth(len(self._items))
+        except Exception:  # noqa: BLE001 - instrumentation must never cost a client its answer
+            log.exception("batcher %s: a metrics hook failed", self.name)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         n = len(batch)

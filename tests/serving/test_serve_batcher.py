@@ -37,8 +37,27 @@ class Recorder:
         return logits
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
+def run(coro, limit_s: float = 10.0):
+    """Run a test's coroutine on a fresh event loop, in a thread of its own. A wrong batcher can block
+    its loop for good (a `while` that never awaits): no asyncio timeout fires then, but this thread's
+    join does, and the test fails saying so instead of hanging until a runner kills it. Every test here
+    takes well under 2 s; the limit is only for a loop that never finishes."""
+    box: dict = {}
+
+    def main() -> None:
+        try:
+            box["result"] = asyncio.run(asyncio.wait_for(coro, limit_s))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=main, name="test-event-loop", daemon=True)
+    thread.start()
+    thread.join(limit_s + 2.0)
+    if thread.is_alive():
+        pytest.fail(f"the event loop was still busy after {limit_s + 2:g} s: something blocks it without awaiting")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def test_batch_sizes_are_powers_of_two_capped_by_max():
@@ -247,13 +266,15 @@ def test_requests_past_their_deadline_never_reach_the_model():
     expired_counts: list[int] = []
 
     async def main():
-        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.05)
+        # 0.5 s: the blocker and the fresh one are taken within it however busy the machine is
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.5)
         b.hooks.on_expired = expired_counts.append
         b.start()
         blocker = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.02)
         late = asyncio.ensure_future(b.submit([img(5)]))
-        await asyncio.sleep(0.2)  # longer than the deadline, stuck behind the blocker
+        await asyncio.sleep(0)  # queued (its deadline running) before the wait below begins
+        await asyncio.sleep(0.7)  # longer than the deadline, stuck behind the blocker
         gate.set()
         out = await asyncio.gather(late, return_exceptions=True)
         await blocker

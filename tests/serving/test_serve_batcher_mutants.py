@@ -28,34 +28,37 @@ def test_time_before_submit_counts_against_the_deadline():
 
     async def main():
         loop = asyncio.get_running_loop()
-        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=1.0)
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=10.0)
         b.start()
         with pytest.raises(DeadlineExceeded) as late:
-            await b.submit([img(1)], arrived=loop.time() - 5.0)  # spent 5 s decoding; 1 s allowed
-        on_time = await b.submit([img(2)], arrived=loop.time() - 0.5)
+            await b.submit([img(1)], arrived=loop.time() - 50.0)  # spent 50 s decoding; 10 s allowed
+        on_time = await b.submit([img(2)], arrived=loop.time() - 5.0)
         await b.stop()
         return late.value, on_time
 
     late, on_time = run(main())
-    assert late.status == 503 and str(late) == "request waited more than 1s before reaching model 'm'"
+    assert late.status == 503 and str(late) == "request waited more than 10s before reaching model 'm'"
     assert answer(on_time) == [2]
     assert model.shapes == [1]  # the late one never reached the model
 
 
 def test_a_client_deadline_can_only_shorten_the_servers():
+    """The server allows 1 s: far more than a queued image waits here, however busy the machine (only
+    the waits past a deadline are timed, and a wait lasts at least what it asks)."""
     gate = threading.Event()
     model = Recorder(gate)
 
     async def main():
-        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.2)
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=1.0)
         b.start()
         blocker = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.05)  # inside the model
         with b.reserve(3) as room:
             hasty = asyncio.ensure_future(room.submit([img(1)], None, 0.05))  # the client allows 50 ms
-            patient = asyncio.ensure_future(room.submit([img(2)], None, 60.0))  # 60 s: the server's 0.2 s wins
+            patient = asyncio.ensure_future(room.submit([img(2)], None, 60.0))  # 60 s: the server's 1 s wins
             fine = asyncio.ensure_future(room.submit([img(3)], None, None))
-            await asyncio.sleep(0.1)  # past the client's 50 ms, within the server's 200 ms
+            await asyncio.sleep(0)  # queued (their clocks started) before the wait below begins
+            await asyncio.sleep(0.1)  # past the client's 50 ms, well within the server's 1 s
             gate.set()
             with pytest.raises(DeadlineExceeded):
                 await hasty
@@ -65,7 +68,8 @@ def test_a_client_deadline_can_only_shorten_the_servers():
         blocker = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.05)
         patient = asyncio.ensure_future(b.reserve(1).submit([img(2)], None, 60.0))
-        await asyncio.sleep(0.3)  # past the server's 200 ms
+        await asyncio.sleep(0)
+        await asyncio.sleep(1.2)  # past the server's 1 s
         gate.set()
         with pytest.raises(DeadlineExceeded):
             await patient
@@ -137,30 +141,34 @@ def test_a_full_batch_does_not_wait_for_announced_images():
 
 def test_an_item_that_waited_through_the_previous_batch_is_not_held_back_again():
     """The delay counts from the first item's arrival: past it, the batch runs at once even while more
-    images are announced."""
+    images are announced. Told by the order of events, not by a stopwatch: the announced image is sent
+    as soon as the blocking batch is answered, so a batcher that held the waiting image back (for the
+    announced one, or for a new delay) would put both in one batch; and one that spins without awaiting
+    never answers (run() fails the test)."""
     gate = threading.Event()
     model = Recorder(gate)
 
     async def main():
-        loop = asyncio.get_running_loop()
         b = Batcher("m", model, max_batch=8, max_delay_s=0.3, max_queue=10)
         b.start()
         blocker = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.05)  # inside the model
-        with b.reserve(1):  # announced, and stays so
+        with b.reserve(1) as announced:
             waiting = asyncio.ensure_future(b.submit([img(4)]))
-            await asyncio.sleep(0.5)  # longer than the delay, behind the blocker
+            await asyncio.sleep(0)
+            assert b.depth == 1  # queued before the wait below begins
+            await asyncio.sleep(0.4)  # longer than the delay (a sleep lasts at least that), behind the blocker
             gate.set()
-            t0 = loop.time()
+            await blocker
+            late = await announced.submit([img(5)])
             out = await waiting
-            after_release = loop.time() - t0
-        await blocker
         await b.stop()
-        return out, after_release
+        return out, late
 
-    out, after_release = run(main())
+    out, late = run(main())
     assert answer(out) == [4] and out[0].batch_size == 1
-    assert after_release < 0.25  # its delay was already spent waiting
+    assert answer(late) == [5] and late[0].batch_size == 1
+    assert model.shapes == [1, 1, 1]
 
 
 def test_with_padding_more_than_one_batch_is_split_into_full_batches():
@@ -196,14 +204,19 @@ def test_stop_lets_the_batch_inside_the_model_finish_within_the_drain():
         inside = asyncio.ensure_future(b.submit([img(3)]))
         await asyncio.sleep(0.05)  # the queue is empty, the batch is in the model
         loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(b.stop(drain_s=10))
+        await asyncio.sleep(0.05)  # stop() is polling the batch inside the model
+        assert not stopping.done()
         t0 = loop.time()
-        threading.Timer(0.2, gate.set).start()
-        await b.stop(drain_s=10)
+        gate.set()
+        await stopping
         return await inside, loop.time() - t0
 
     out, stopped_after = run(main())
     assert answer(out) == [3]
-    assert stopped_after < 0.8  # it noticed the batch was done, rather than polling at leisure
+    # It noticed the batch was done (a 10 ms poll, a few ms of work) rather than polling at leisure or
+    # sitting out the 10 s drain: a bound some 25 times what it takes.
+    assert stopped_after < 0.5
 
 
 def test_stop_without_drain_fails_the_batch_inside_the_model_and_the_queue_with_shutting_down():
@@ -278,7 +291,10 @@ def test_a_reservation_made_before_stop_cannot_submit_after_it():
 
 
 def test_inference_runs_on_the_models_own_thread():
-    """One executor per model (named infer-<model> in thread dumps): one inference at a time per model."""
+    """One executor per model (named infer-<model> in thread dumps). Which of its threads runs a batch is
+    not asserted: an executor allowed more threads may start a second one when a batch is submitted before
+    the last one's thread has marked itself idle, at random, and still runs one batch at a time (the loop
+    awaits each), so only the name is a behaviour a test can hold to."""
     seen = []
 
     def model(x):
@@ -293,7 +309,7 @@ def test_inference_runs_on_the_models_own_thread():
         await b.stop()
 
     run(main())
-    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0].startswith("infer-b4")
+    assert len(seen) == 3 and all(name.startswith("infer-b4_") for name in seen), seen
 
 
 def test_a_failing_batch_is_logged_with_the_model_and_the_error(caplog):
@@ -311,7 +327,9 @@ def test_a_failing_batch_is_logged_with_the_model_and_the_error(caplog):
     with caplog.at_level(logging.ERROR, logger="effnet.batcher"):
         exc = run(main())
     assert str(exc) == "inference failed for model 'b7'"
-    assert "model b7 failed on a batch of 1: RuntimeError: CUDA out of memory (simulated)" in caplog.messages
+    # One line, and not also the loop's "unexpected error" traceback: a failing model is an expected path.
+    assert [r.getMessage() for r in caplog.records if r.name == "effnet.batcher"] == [
+        "model b7 failed on a batch of 1: RuntimeError: CUDA out of memory (simulated)"]
 
 
 def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog):
@@ -331,8 +349,9 @@ def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog):
         victim = asyncio.ensure_future(b.submit([img(1)]))
         done, _ = await asyncio.wait([victim], timeout=2.0)
         assert victim in done, "the batch's client was left waiting"
-        with pytest.raises(InferenceFailed):
+        with pytest.raises(InferenceFailed) as exc:
             victim.result()
+        assert str(exc.value) == "inference failed for model 'm'"
         out = await b.submit([img(2)])
         await b.stop()
         return out
@@ -346,20 +365,20 @@ def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog):
 
 def test_the_cost_per_image_is_a_smoothed_average_of_the_batches(monkeypatch):
     """per_image_s prices a queue for the router and for Retry-After: the first batch's seconds per image,
-    then an exponential average weighing each new batch 0.2. The model's time is made exact here by a
-    clock that the model itself moves forward."""
+    then an exponential average weighing each new batch 0.2. The batcher's perf_counter is a clock that
+    only the fake model moves (from 1000 s, so a sum of two readings is no small number): every duration
+    it reports is then exact, whatever the machine's load."""
     import types
 
     import app.engine.batcher as batcher_module
 
-    offset = [0.0]
+    clock = [1000.0]
     real = batcher_module.time
-    monkeypatch.setattr(batcher_module, "time", types.SimpleNamespace(
-        perf_counter=lambda: real.perf_counter() + offset[0], monotonic=real.monotonic))
+    monkeypatch.setattr(batcher_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=real.monotonic))
     cost = [0.1]  # seconds per image, as the fake model takes them
 
     def model(x):
-        offset[0] += cost[0] * x.shape[0]
+        clock[0] += cost[0] * x.shape[0]
         return np.zeros((x.shape[0], 10), np.float32)
 
     async def main():
@@ -370,8 +389,9 @@ def test_the_cost_per_image_is_a_smoothed_average_of_the_batches(monkeypatch):
         for n, c in ((2, 0.1), (4, 0.3), (1, 0.3)):
             cost[0] = c
             out = await b.submit([img(1)] * n)
-            assert len(out) == n and out[0].inference_s == pytest.approx(c * n, rel=0.05)
-            assert 0 <= out[0].queue_s < 1 and out[0].logits.shape == (10,) and out[0].batch_size == n
+            assert len(out) == n and out[0].inference_s == pytest.approx(c * n)
+            assert out[0].queue_s == 0.0  # no model ran between its arrival and its batch
+            assert out[0].logits.shape == (10,) and out[0].batch_size == n
             seen.append(b.per_image_s)
         runs = b.batches_run
         assert b.queued == 0 and b.depth == 0  # nothing admitted is left counted once it is answered
@@ -380,9 +400,9 @@ def test_the_cost_per_image_is_a_smoothed_average_of_the_batches(monkeypatch):
 
     seen, runs = run(main())
     assert runs == 3
-    assert seen[0] == pytest.approx(0.1, rel=0.05)
-    assert seen[1] == pytest.approx(0.8 * 0.1 + 0.2 * 0.3, rel=0.05)
-    assert seen[2] == pytest.approx(0.8 * seen[1] + 0.2 * 0.3, rel=0.05)
+    assert seen[0] == pytest.approx(0.1)
+    assert seen[1] == pytest.approx(0.8 * 0.1 + 0.2 * 0.3)
+    assert seen[2] == pytest.approx(0.8 * seen[1] + 0.2 * 0.3)
 
 
 def test_stop_with_a_drain_returns_at_once_when_nothing_is_left():
@@ -417,3 +437,87 @@ def test_room_reserved_before_stop_is_honoured_while_the_drain_runs():
         return out
 
     assert answer(run(main())) == [6]
+
+
+def test_a_hook_that_raises_while_a_batch_is_taken_costs_no_client_its_answer(caplog):
+    """A metrics hook called while a batch is taken (here on_expired) that raises is logged, and neither
+    the live image taken in the same batch nor the loop is lost: the items are already off the queue
+    when the hooks run, so the error must stop there. (The expired image's client was told first.)"""
+
+    def on_expired(n):
+        raise RuntimeError("hook bug (simulated)")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=10.0)
+        b.hooks.on_expired = on_expired
+        late = asyncio.ensure_future(b.submit([img(1)], arrived=loop.time() - 100.0))
+        live = asyncio.ensure_future(b.submit([img(2)]))
+        await asyncio.sleep(0)
+        assert b.depth == 2  # both queued before the loop runs: one take holds both
+        b.start()
+        done, _ = await asyncio.wait([late, live], timeout=5.0)  # answered in milliseconds by a live loop
+        assert late in done and live in done, "a client of the take whose hook raised was never answered"
+        with pytest.raises(DeadlineExceeded):
+            late.result()
+        after = asyncio.ensure_future(b.submit([img(3)]))
+        done, _ = await asyncio.wait([after], timeout=5.0)
+        assert after in done, "the batcher's loop ended with the hook's error"
+        await b.stop()
+        return live.result(), after.result()
+
+    with caplog.at_level(logging.ERROR, logger="effnet.batcher"):
+        first, then = run(main())
+    assert answer(first) == [2] and answer(then) == [3]
+    assert [r.getMessage() for r in caplog.records if r.name == "effnet.batcher"] == ["batcher m: a metrics hook failed"]
+
+
+def test_a_failure_while_a_batch_is_taken_answers_its_clients_and_the_loop_goes_on(caplog):
+    """Anything that raises after the items left the queue (here the queue room's grant) answers the
+    items taken with the 500 of a failed inference, instead of leaving them waiting, and the loop serves
+    the next request."""
+
+    async def main():
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=10.0)
+        grant = b.room.grant
+        failures = [RuntimeError("queue-room bug (simulated)")]
+
+        def flaky_grant():
+            if failures:
+                raise failures.pop()
+            grant()
+
+        b.room.grant = flaky_grant
+        b.start()
+        taken = asyncio.ensure_future(b.submit([img(1)]))
+        done, _ = await asyncio.wait([taken], timeout=5.0)  # answered in milliseconds by a live loop
+        assert taken in done, "the client of a take that failed was never answered"
+        with pytest.raises(InferenceFailed, match="inference failed for model 'm'"):
+            taken.result()
+        after = asyncio.ensure_future(b.submit([img(2)]))
+        done, _ = await asyncio.wait([after], timeout=5.0)
+        assert after in done, "the batcher's loop ended with the take's error"
+        await b.stop()
+        return after.result()
+
+    with caplog.at_level(logging.ERROR, logger="effnet.batcher"):
+        out = run(main())
+    assert answer(out) == [2]
+    assert [r.getMessage() for r in caplog.records if r.name == "effnet.batcher"] == ["batcher m: unexpected error"]
+
+
+def test_work_submitted_before_start_waits_for_it():
+    """A batcher queues work from the moment it exists and serves it once started; only stop() makes it
+    refuse work (which is why _enqueue checks `_closing` and not just for a missing loop task)."""
+
+    async def main():
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)
+        early = asyncio.ensure_future(b.submit([img(3)]))
+        await asyncio.sleep(0)  # submit() has queued it; no loop takes it yet
+        assert not early.done() and b.depth == 1
+        b.start()
+        out = await early
+        await b.stop()
+        return out
+
+    assert answer(run(main())) == [3]
