@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak mutation clean
+.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak bench-reliability mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ bench-precision: install
 # RSS over a 10-minute burst with b0..b7 loaded (needs the models make bench builds); its own block too.
 bench-soak: install
 	$(PY) -m benchmarks.soak
+
+# The reliability tests' scenarios timed (goodput under a retry storm, p99 against queue drains, /health/live
+# under floods, the memory burst's peak, perf_analyzer's stability): the speeds tests/reliability no longer
+# gates on. About 4 minutes; writes its own block of docs/benchmarks.md.
+bench-reliability: install system-deps $(PERF_ANALYZER)
+	$(PY) -m benchmarks.reliability
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
 bench-smoke: install system-deps $(PERF_ANALYZER)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.harness import (ALL_B, DEFAULT_REPO, DOCS, QUICK_CACHE, QUICK_MODELS, ROOT, build_models, cpu_busy_s,
+from benchmarks.harness import (ALL_B, DEFAULT_REPO, DOCS, QUICK_CACHE, QUICK_MODELS, ROOT, build_models, cpu_busy_s, own_cpu_s,
                                 has_model, log, make_inputs)
 from benchmarks.phase_ort import BATCH_SWEEP
 
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.api.server import tune_malloc
 
     tune_malloc()
-    t_run, busy0, own0 = time.perf_counter(), cpu_busy_s(), _own_cpu_s()
+    t_run, busy0, own0 = time.perf_counter(), cpu_busy_s(), own_cpu_s()
     inputs = make_inputs(plan.work, plan.full, manifests)
     results: dict = {"phases": plan.phases, "timings_s": {}}
     steps = [("raw", lambda: phase_ort.phase_raw(plan, results)),
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             results["timings_s"][phase] = time.perf_counter() - t0
     meta["run_s"] = time.perf_counter() - t_run
     # What else used the cores meanwhile: the machine's busy time less ours (this process and its children).
-    meta["others_cpu_pct"] = max(0.0, 100.0 * ((cpu_busy_s() - busy0) - (_own_cpu_s() - own0)) / meta["run_s"])
+    meta["others_cpu_pct"] = max(0.0, 100.0 * ((cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / meta["run_s"])
     meta["loadavg_end"] = os.getloadavg()
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -218,11 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     log(f"run took {meta['run_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
     shutil.rmtree(plan.work, ignore_errors=True)  # inputs, logs and the quick repo; kept when the run fails
     return 0
-
-
-def _own_cpu_s() -> float:
-    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
 if __name__ == "__main__":

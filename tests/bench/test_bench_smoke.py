@@ -83,3 +83,26 @@ def test_batch_table_merges(tmp_path: Path) -> None:
 
     assert read_batch_table(tmp_path, "cpu") == {"b0": 4, "b4": 1}
     assert read_batch_table(tmp_path, "cuda") == {"b0": 32}
+
+
+def test_reliability_bench_quick_run_writes_its_block(tmp_path: Path) -> None:
+    """`python -m benchmarks.reliability --quick`: every scenario on the tiny model, its block written next to
+    what benchmarks.md already holds, never to docs/."""
+    (tmp_path / "benchmarks.md").write_text(f"# report\n\n{OWNED}\n\n{MANUAL}\n")
+    docs_before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")}
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.reliability", "--quick", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert OWNED in md and MANUAL in md
+    assert md.index("<!-- reliability -->") < md.index("<!-- manual -->") and "<!-- /reliability -->" in md
+    assert f"`python -m benchmarks.reliability --quick --out {tmp_path}`" in md
+    data = json.loads((tmp_path / "benchmarks-reliability.json").read_text())
+    assert data["storm"]["storm"]["ok"] > 0 and data["bursts"]["accepted"] > 0
+    assert data["floods"]["v2_flood"]["flood"]["n"] > 0 and data["floods"]["stalled"]["held"]["live"]["n"] > 0
+    # quick: one request per memory-burst client, every one answered 200 in the end
+    assert data["memory"]["final"] == {"big": {"200": 16}, "bomb": {"200": 4}, "parts": {"200": 2}}, data["memory"]
+    assert all(row["rc"] == 0 for row in data["perf"]["rows"]), data["perf"]
+    assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")} == docs_before
+

@@ -1,5 +1,12 @@
-"""Triton's own load generator, perf_analyzer, measures the service unchanged: model metadata, the model
-configuration extension and binary tensors over HTTP, the way every Triton user measures a server.
+"""Triton's own load generator, perf_analyzer, talks to the service unchanged: model metadata, the model
+configuration extension and binary tensors over HTTP, and the same over gRPC, the way every Triton user
+measures a server.
+
+Compatibility, not speed: perf_analyzer runs in count windows (each closes after WINDOW_REQUESTS answers,
+however long that takes) with a stability criterion no three windows can miss, so its exit status says
+whether it could talk to the service, never how steady the machine was. Whether it finds a stable window
+under its usual criteria, and the throughput, are measured by `make bench-reliability`
+(benchmarks/reliability.py) and `make bench`.
 
 The binary comes from the tritonclient 2.41.1 wheel, installed apart by `make perf-analyzer` (the Makefile
 says why); it needs Debian's libb64-0d and libcudart from nvidia-cuda-runtime-cu12, even without a GPU.
@@ -8,6 +15,8 @@ says why); it needs Debian's libb64-0d and libcudart from nvidia-cuda-runtime-cu
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 from pathlib import Path
 
@@ -19,6 +28,20 @@ from app.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PA_DIR = ROOT / ".cache" / "perf-analyzer"
+
+
+WINDOW_REQUESTS = 20
+TRIALS = 3  # perf_analyzer compares the last three windows, so it needs three
+# "Stable" means max/min of the three windows' throughput and latency within this percentage: 10000%
+# accepts any three windows that each got their answers, which count windows guarantee.
+COUNT_ONLY = ["--measurement-mode", "count_windows", "--measurement-request-count", str(WINDOW_REQUESTS),
+              "--max-trials", str(TRIALS), "--stability-percentage", "10000"]
+
+
+def served(metrics: str) -> dict[str, float]:
+    """effnet_requests_total of model tiny, by status."""
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^effnet_requests_total\{model="tiny",status="(\d+)"\} (\S+)$', metrics, re.M)}
 
 
 def perf_analyzer() -> tuple[str, dict[str, str]]:
@@ -34,22 +57,20 @@ def test_perf_analyzer_measures_the_service_over_http_with_binary_tensors(tiny_f
     with live_server(settings) as srv:
         proc = subprocess.run(
             [binary, "-m", "tiny", "-i", "http", "-u", srv.url.removeprefix("http://"), "-b", "2",
-             "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "6",
-             "--stability-percentage", "60", "--input-tensor-format", "binary", "--output-tensor-format", "binary"],
-            capture_output=True, text=True, timeout=120, env=env,
+             "--concurrency-range", "2", *COUNT_ONLY, "--input-tensor-format", "binary", "--output-tensor-format", "binary"],
+            capture_output=True, text=True, timeout=300, env=env,
         )
         metrics = httpx.get(srv.url + "/metrics").text
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Throughput:" in out and "infer/sec" in out
-    served = [l for l in metrics.splitlines() if l.startswith('effnet_requests_total{model="tiny",status="200"}')]
-    assert served and float(served[0].split()[-1]) >= 10
+    # Every request it sent was answered 200: at least its three windows' worth, and nothing else.
+    counts = served(metrics)
+    assert set(counts) == {"200"} and counts["200"] >= TRIALS * WINDOW_REQUESTS, counts
 
 
 def test_perf_analyzer_measures_the_service_over_grpc(tiny_family_repo):
     binary, env = perf_analyzer()
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         grpc_port = s.getsockname()[1]
@@ -57,12 +78,12 @@ def test_perf_analyzer_measures_the_service_over_grpc(tiny_family_repo):
     with live_server(settings) as srv:
         proc = subprocess.run(
             [binary, "-m", "tiny", "-i", "grpc", "-u", f"127.0.0.1:{grpc_port}", "-b", "2",
-             "--concurrency-range", "2", "--measurement-interval", "1000", "--max-trials", "6",
-             "--stability-percentage", "60"],
-            capture_output=True, text=True, timeout=120, env=env,
+             "--concurrency-range", "2", *COUNT_ONLY],
+            capture_output=True, text=True, timeout=300, env=env,
         )
         metrics = httpx.get(srv.url + "/metrics").text
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Throughput:" in out
-    assert 'effnet_requests_total{model="tiny",status="200"}' in metrics
+    counts = served(metrics)
+    assert set(counts) == {"200"} and counts["200"] >= TRIALS * WINDOW_REQUESTS, counts
