@@ -2,7 +2,8 @@
 outside oracles for the preprocessing and family-table tests.
 
 torchvision cannot be imported beside the project's pinned CPU torch, so this runs once, by hand,
-in a separate venv (`pip install torch==2.14.1 torchvision==0.29.1 scikit-image matplotlib`) and
+in a separate venv (`pip install torch==2.14.1 torchvision==0.29.1 scikit-image matplotlib pillow==X`, X the
+project venv's Pillow: the odd-mode uploads are encoded by it) and
 its output is committed:
 
     /path/to/tv-venv/bin/python tests/data/generate_preprocess_reference.py
@@ -34,6 +35,17 @@ downscales it, which is where antialiasing matters) at all four, and chelsea (sh
 upscaled 2x) at B7; chelsea's upscaling is also covered at B2/B3. That keeps the fixture at 5 MB.
 Lite0 and B0 share one geometry (256 -> 224): its crop is stored once. Crops are stored as PNG
 bytes (lossless, about half the size of deflated raw pixels).
+
+Two more kinds of record:
+
+- The draft path. A JPEG whose shorter side is at least 4x the resize is decoded by libjpeg at 1/2, 1/4
+  or 1/8 scale, the smallest that keeps the shorter side >= 2x the resize (the server's documented
+  rule, restated here, not imported). For each such (photo, model) an entry with `"draft": s` records
+  torchvision's transform of the image as Pillow's `draft()` decodes it at 1/s (`decoded_size`), so the
+  server's default path for big JPEGs is held to torchvision exactly, like the full decode.
+- The odd-mode uploads of tests/data/odd_inputs.py (CMYK, 16-bit, float TIFF, alpha, palettes, strips,
+  one pixel): `odd_inputs` maps each name to the digest of the RGB picture it must become and the key of
+  torchvision's Resize(256) + CenterCrop(224) of that picture (bicubic).
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -54,6 +68,8 @@ from torchvision import transforms as T
 from torchvision.models import efficientnet as tv
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import odd_inputs  # noqa: E402
 
 # (key, package, file): real photos that pip packages ship, in several shapes and both codecs.
 PHOTOS = (
@@ -118,6 +134,27 @@ def served_recipes(tv_recipes: dict) -> dict[str, dict]:
     return out
 
 
+def draft_scale(size: tuple[int, int], resize: int) -> int:
+    """1/s is the DCT scale the server decodes a JPEG of this size at: the smallest of 1/2, 1/4, 1/8 whose
+    shorter side stays >= 2 x resize; 1 when none does."""
+    short = min(size)
+    return max((s for s in (1, 2, 4, 8) if math.ceil(short / s) >= 2 * resize), default=1)
+
+
+def draft_decode(data: bytes, scale: int) -> Image.Image:
+    """The JPEG decoded by libjpeg at 1/scale (Pillow's draft), RGB."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    im.draft("RGB", (w // scale, h // scale))  # Pillow picks the scale by floor division of the sizes
+    im.load()
+    assert im.size == (math.ceil(w / scale), math.ceil(h / scale)), im.size
+    return im.convert("RGB")
+
+
+# The recipe the odd-mode uploads are checked with (test_serve_preprocess.PP).
+ODD_RECIPE = {"resize": 256, "crop": 224, "interpolation": "bicubic"}
+
+
 def png(a: np.ndarray) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, "PNG", optimize=True)
@@ -129,13 +166,15 @@ def main() -> None:
     (HERE / "torchvision_recipes.json").write_text(json.dumps(
         {"torchvision": torchvision.__version__, "weights": "IMAGENET1K_V1", "models": tv_recipes}, indent=1) + "\n")
 
-    photos, images = {}, {}
+    photos, images, files = {}, {}, {}
     for key, package, file in PHOTOS:
-        data = photo_path(package, file).read_bytes()
+        data = files[key] = photo_path(package, file).read_bytes()
         with Image.open(io.BytesIO(data)) as im:
             images[key] = im.convert("RGB")
+            fmt = im.format
         photos[key] = {"package": package, "file": file, "sha256": hashlib.sha256(data).hexdigest(),
                        "size": list(images[key].size)}
+        photos[key]["format"] = fmt
 
     arrays: dict[str, np.ndarray] = {}
     entries = []
@@ -152,12 +191,36 @@ def main() -> None:
             rows_key = f"{pkey}@{model}|rows"
             arrays[rows_key] = np.ascontiguousarray(full(images[pkey]).numpy()[:, [0, -1], :], dtype=np.float32)
             entries.append({"photo": pkey, "model": model, **r, "crop_key": crop_key, "rows_key": rows_key})
+            scale = draft_scale(images[pkey].size, r["resize"]) if photos[pkey]["format"] == "JPEG" else 1
+            if scale > 1:  # the server's default path for this photo is the draft: record it too
+                drafted = draft_decode(files[pkey], scale)
+                crop_key = f"{pkey}/{scale}@{geometry}"
+                if crop_key not in arrays:
+                    arrays[crop_key] = png(np.asarray(geometric(drafted)))
+                rows_key = f"{pkey}/{scale}@{model}|rows"
+                arrays[rows_key] = np.ascontiguousarray(full(drafted).numpy()[:, [0, -1], :], dtype=np.float32)
+                entries.append({"photo": pkey, "model": model, **r, "crop_key": crop_key, "rows_key": rows_key,
+                                "draft": scale, "decoded_size": list(drafted.size)})
+
+    odd = {}
+    geometric = T.Compose([T.Resize(ODD_RECIPE["resize"], interpolation=MODES[ODD_RECIPE["interpolation"]]),
+                           T.CenterCrop(ODD_RECIPE["crop"])])
+    for name, (data, as_rgb) in sorted(odd_inputs.build().items()):
+        picture = odd_inputs.expected(data, as_rgb)
+        crop = geometric(picture)
+        assert isinstance(crop, Image.Image) and crop.size == (ODD_RECIPE["crop"],) * 2
+        crop_key = f"odd:{name}@{ODD_RECIPE['resize']}-{ODD_RECIPE['crop']}-{ODD_RECIPE['interpolation']}"
+        arrays[crop_key] = png(np.asarray(crop))
+        odd[name] = {**ODD_RECIPE, "digest": odd_inputs.digest(picture), "size": list(picture.size),
+                     "crop_key": crop_key}
 
     np.savez_compressed(HERE / "preprocess_reference.npz", **arrays)
-    index = {"torchvision": torchvision.__version__, "pillow": PIL.__version__, "photos": photos, "entries": entries}
+    index = {"torchvision": torchvision.__version__, "pillow": PIL.__version__, "photos": photos, "entries": entries,
+             "odd_inputs": odd}
     (HERE / "preprocess_reference.json").write_text(json.dumps(index, indent=1) + "\n")
     size = (HERE / "preprocess_reference.npz").stat().st_size
-    print(f"wrote {len(entries)} entries, {size / 1e6:.2f} MB, and {len(tv_recipes)} torchvision recipes")
+    print(f"wrote {len(entries)} entries, {len(odd)} odd inputs, {size / 1e6:.2f} MB, and {len(tv_recipes)} "
+          "torchvision recipes")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,35 @@ def test_decision_and_parsing():
         parse_cascade("cascade", [])
 
 
-def test_cascade_live(family_server):
+def _probs_direct(folder, images: list[bytes]) -> np.ndarray:
+    """Softmax probabilities [n, 1000] by ONNX Runtime on the model file, on the served preprocessing."""
+    import onnxruntime as ort
+
+    from app.engine.manifest import load_manifest
+    from app.engine.preprocess import prepare
+
+    manifest = load_manifest(folder)
+    session = ort.InferenceSession(str(folder / manifest.onnx.file), providers=["CPUExecutionProvider"])
+    x = np.stack([prepare(data, manifest.preprocess, 50_000_000).tensor for data in images])
+    logits = session.run(None, {manifest.onnx.input.name: x})[0].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def _answer_of(probs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    best = np.argsort(-probs, kind="stable")[:k]
+    return [(int(i), float(probs[i])) for i in best]
+
+
+def _same_answer(predictions: list[dict], expected: list[tuple[int, float]]) -> None:
+    assert [p["index"] for p in predictions] == [i for i, _ in expected]
+    np.testing.assert_allclose([p["score"] for p in predictions], [s for _, s in expected], rtol=0, atol=1e-5)
+
+
+def test_cascade_live(family_server, tiny_family_repo):
     jpeg = encode(photo())
+    # What each stage says about this image, straight from its model file.
+    p1, p2 = (_probs_direct(tiny_family_repo / name, [jpeg])[0] for name in ("tiny", "tiny2"))
     with httpx.Client(base_url=family_server.url, timeout=30) as c:
         # threshold 1: every image is unsure -> escalated; random weights never reach p = 1.
         r = c.post("/classify?model=cascade:tiny,tiny2&threshold=1&top_k=3", content=jpeg, headers=JPEG_HEADERS)
@@ -40,13 +67,24 @@ def test_cascade_live(family_server):
         assert res["model"] == "tiny2" and len(res["predictions"]) == 3
         casc = res["cascade"]
         assert casc["path"] == ["tiny", "tiny2"] and casc["escalated"] is True and len(casc["top1_scores"]) == 2
+        np.testing.assert_allclose(casc["top1_scores"], [p1.max(), p2.max()], rtol=0, atol=1e-5)
+        _same_answer(res["predictions"], _answer_of(p2, 3))  # the answering stage's own answer
         assert body["cascade"] == {"models": ["tiny", "tiny2"], "threshold": 1.0}
         assert r.headers["X-Effnet-Cascade-Path"] == "tiny,tiny2"
         # threshold 0: the cheap model's answer stands.
-        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=0", content=jpeg, headers=JPEG_HEADERS)
+        r = c.post("/classify?model=cascade:tiny,tiny2&threshold=0&top_k=3", content=jpeg, headers=JPEG_HEADERS)
         res = r.json()["results"][0]
         assert res["cascade"]["path"] == ["tiny"] and res["model"] == "tiny" and r.headers["X-Effnet-Model"] == "tiny"
         assert res["cascade"]["top1_scores"][0] == pytest.approx(res["predictions"][0]["score"], abs=1e-6)
+        _same_answer(res["predictions"], _answer_of(p1, 3))
+        # Either side of tiny's own top-1 probability: escalated exactly when it is under the threshold.
+        for threshold, escalated in ((p1.max() * 1.05, True), (p1.max() * 0.95, False)):
+            r = c.post(f"/classify?model=cascade:tiny,tiny2&threshold={threshold:.9f}&top_k=3", content=jpeg,
+                       headers=JPEG_HEADERS)
+            res = r.json()["results"][0]
+            assert res["cascade"]["escalated"] is escalated, (threshold, res["cascade"])
+            assert res["model"] == ("tiny2" if escalated else "tiny")
+            _same_answer(res["predictions"], _answer_of(p2 if escalated else p1, 3))
         # model=cascade: EFFNET_DEFAULT_CASCADE, EFFNET_CASCADE_THRESHOLD (0.6).
         r = c.post("/classify?model=cascade", content=jpeg, headers=JPEG_HEADERS)
         assert r.status_code == 200 and r.json()["cascade"]["models"] == ["tiny", "tiny2"]
@@ -115,43 +153,67 @@ def test_eval_cascade_agrees_with_its_parts(capsys, tiny_family_repo, photo_dir,
     assert rc == 2 and "--cascade" in err
 
 
-def _lite0_unsure(folder, photo_dir, threshold: float) -> int:
-    """Photos whose top-1 probability is under the threshold, by ONNX Runtime on the served preprocessing."""
-    import onnxruntime as ort
-
-    from app.engine.manifest import load_manifest
-    from app.engine.preprocess import prepare
-
-    manifest = load_manifest(folder)
-    session = ort.InferenceSession(str(folder / manifest.onnx.file), providers=["CPUExecutionProvider"])
-    files = sorted(f for f in photo_dir.rglob("*") if f.is_file())
-    assert len(files) == 5, files
-    x = np.stack([prepare(f.read_bytes(), manifest.preprocess, 50_000_000).tensor for f in files])
-    logits = session.run(None, {manifest.onnx.input.name: x})[0].astype(np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return int((probs.max(axis=1) < threshold).sum())
-
-
 def test_eval_cascade_lite0_lite2_real_weights(capsys, lite_cascade_repo, photo_dir, tmp_path):
-    """The Lite0 -> Lite2 cascade on real photos, recorded for `effnet report`."""
+    """The Lite0 -> Lite2 cascade on real photos, replayed here from each model's own answers (ONNX Runtime
+    on its file) at every threshold of the sweep, then recorded for `effnet report`."""
+    import csv
     import shutil
+
+    from eval_photos import WNIDS
 
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("lite0", "lite2"):
         (repo / name).symlink_to((lite_cascade_repo / name).resolve())
+    files = sorted(f for f in photo_dir.rglob("*") if f.is_file())
+    p0, p2 = (_probs_direct(lite_cascade_repo / name, [f.read_bytes() for f in files]) for name in ("lite0", "lite2"))
+    conf0, top1_0, top1_2 = p0.max(axis=1), p0.argmax(axis=1), p2.argmax(axis=1)
+
+    def check(d: dict, labels: list[int]) -> None:
+        macs0, macs2 = d["models"]["lite0"]["macs"], d["models"]["lite2"]["macs"]
+        assert d["size"] == len(files) >= 3
+        sweep = {row["threshold"]: row for row in d["sweep"]}
+        assert set(sweep) >= {0.3, 0.5, 0.6, 0.9}
+        for threshold, row in [(0.6, d), *sweep.items()]:
+            # No photo sits so close to a threshold that float noise could decide its side.
+            assert np.abs(conf0 - threshold).min() > 1e-4, threshold
+            unsure = conf0 < threshold  # escalated exactly when Lite0's top-1 probability is under it
+            answers = [np.argsort(-(p2[i] if unsure[i] else p0[i]), kind="stable")[:5] for i in range(len(files))]
+            want = {"top1_correct": sum(int(a[0] == y) for a, y in zip(answers, labels)),
+                    "top5_correct": sum(int(y in a) for a, y in zip(answers, labels)),
+                    "escalated_fraction": pytest.approx(unsure.mean(), abs=1e-4),
+                    "mean_macs": pytest.approx(macs0 + unsure.mean() * macs2, abs=1)}
+            assert {k: row[k] for k in want} == want, threshold
+        for name, p in (("lite0", p0), ("lite2", p2)):  # the single models on the same photos
+            top1 = sum(int(np.argmax(p[i]) == y) for i, y in enumerate(labels))
+            assert d["models"][name]["top1"] == pytest.approx(100.0 * top1 / len(files), abs=0.01)
+
+    # The hand labels: what the cascade scores on the photos, recorded in cascades.json.
     rc, d, err = _eval(capsys, "--cascade", "lite0,lite2", "--threshold", "0.6", "--repo", repo, "--data", photo_dir)
     assert rc == 0, err
-    assert d["size"] == 5 and d["pretrained"]
-    # Counted here, straight from Lite0's softmax on each photo: how many are under the threshold.
-    unsure = _lite0_unsure(lite_cascade_repo / "lite0", photo_dir, 0.6)
-    assert d["escalated_fraction"] == pytest.approx(unsure / d["size"])
-    macs0, macs2 = d["models"]["lite0"]["macs"], d["models"]["lite2"]["macs"]
-    assert d["mean_macs"] == pytest.approx(macs0 + d["escalated_fraction"] * macs2, rel=1e-6)
-    assert d["top5"] >= 60  # a correctly wired pair of ~75-78% models (see docs/accuracy.md)
+    assert d["pretrained"] and 0 < d["escalated_fraction"] < 1  # on these photos the 0.6 cascade takes both paths
+    check(d, [WNIDS.index(f.parent.name) for f in files])  # the folder layout: <wnid>/<file>
+
+    # Five photos' counts cannot tell which stage answered (Lite0 and Lite2 get different photos right, the
+    # same number). Labelled with one stage's own top-1, they can: each photo counts exactly when the
+    # cascade gave that stage's answer, so every photo's answer is checked at every threshold.
+    assert any(top1_0[i] != top1_2[i] for i in np.flatnonzero(conf0 < 0.6))
+    for stage, stage_top1 in (("lite0", top1_0), ("lite2", top1_2)):
+        own = tmp_path / f"labelled-by-{stage}"
+        own.mkdir()
+        with (own / "labels.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label"])
+            for src, label in zip(files, stage_top1):
+                shutil.copyfile(src, own / src.name)
+                w.writerow([src.name, int(label)])
+        rc, d, err = _eval(capsys, "--cascade", "lite0,lite2", "--threshold", "0.6", "--repo", repo, "--data", own,
+                           "--no-write")
+        assert rc == 0, err
+        check(d, [int(x) for x in stage_top1])
+
     recorded = json.loads((repo / "cascades.json").read_text())
-    assert recorded["lite0,lite2@0.6"]["escalated_fraction"] == d["escalated_fraction"]
+    assert list(recorded) == ["lite0,lite2@0.6"] and recorded["lite0,lite2@0.6"]["dataset"] == photo_dir.name
     # effnet report puts the point beside the single models.
     from app.tools.report import write_report
 

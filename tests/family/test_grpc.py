@@ -1,12 +1,19 @@
 """The Open Inference Protocol over gRPC (app/api/grpc), driven by the real `tritonclient.grpc` client (and by
-its generated stub for the typed contents tritonclient never sends), against a real server whose HTTP side
-answers the same questions: the two transports must agree."""
+its generated stub for the typed contents tritonclient never sends), against a real server.
+
+Every answer is checked against what the test works out on its own: logits and classifications from ONNX
+Runtime run directly on the model file, descriptions from the model's manifest.json read as plain JSON,
+the ONNX file's own digest and the server's settings. (HTTP shares the description code with gRPC, so
+agreeing with HTTP would prove nothing about either.)"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
 import socket
+import tomllib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,10 +49,26 @@ def _target(srv: LiveServer) -> str:
     return f"127.0.0.1:{srv.app.state.grpc.port}"
 
 
+MAX_BATCH = 4  # not the CPU default (8): the model configuration must report what the server was given
+MAX_DELAY_MS = 3.0
+
+
 @pytest.fixture(scope="module")
 def server(tiny_family_repo: Path) -> Iterator[LiveServer]:
     """tiny (64 px) and tiny2 (96 px); messages up to 6 MB (above grpc's own 4 MiB default)."""
-    yield from _serve(repository=tiny_family_repo, default_model="tiny", max_body_mb=6.0, admission_wait_ms=0)
+    yield from _serve(repository=tiny_family_repo, default_model="tiny", max_body_mb=6.0, admission_wait_ms=0,
+                      max_batch=MAX_BATCH, max_delay_ms=MAX_DELAY_MS)
+
+
+@pytest.fixture(scope="module")
+def manifests(tiny_family_repo) -> dict[str, dict]:
+    """Each model's manifest.json as plain JSON, and the sha256 of its ONNX file computed here."""
+    out = {}
+    for name in ("tiny", "tiny2"):
+        m = json.loads((tiny_family_repo / name / "manifest.json").read_text())
+        m["file_sha256"] = hashlib.sha256((tiny_family_repo / name / m["onnx"]["file"]).read_bytes()).hexdigest()
+        out[name] = m
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +122,32 @@ def _requests(http: httpx.Client, model: str, status: str) -> float:
 
 
 # --- health and descriptions ------------------------------------------------------------------
-def test_health_server_and_model_metadata_agree_with_http(client, http):
+def test_health_server_and_model_metadata_describe_the_model_files(client, http, manifests, tiny_family_repo):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("tiny") and client.is_model_ready("tiny2", model_version="1")
     assert not client.is_model_ready("nope")  # Triton's answer for an unknown model: not ready, no error
     assert not client.is_model_ready("tiny", model_version="7")
 
     server = client.get_server_metadata()
-    assert server.name == "effnet-serve" and list(server.extensions) == http.get("/v2").json()["extensions"]
-    assert server.version == http.get("/v2").json()["version"]
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert server.name == "effnet-serve" == project["name"] and server.version == project["version"]
+    assert sorted(server.extensions) == ["binary_tensor_data", "classification", "model_configuration", "model_repository"]
+    assert list(server.extensions) == http.get("/v2").json()["extensions"]  # and the same list over HTTP
 
-    for name in ("tiny", "tiny2"):
-        meta, want = client.get_model_metadata(name), http.get(f"/v2/models/{name}").json()
-        assert (meta.name, list(meta.versions), meta.platform) == (want["name"], want["versions"], want["platform"])
-        assert [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs] == want["inputs"]
-        assert [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs] == want["outputs"]
+    for name, m in manifests.items():
+        meta = client.get_model_metadata(name)
+        # The version follows the ONNX file: the first 12 hex digits of its sha256.
+        assert (meta.name, list(meta.versions), meta.platform) == (name, [m["file_sha256"][:12]], "onnxruntime_onnx")
+        crop, classes = m["preprocess"]["crop"], len(m["labels"])
+        inputs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+        outputs = [(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
+        assert inputs == [(m["onnx"]["input"]["name"], "FP32", [-1, 3, crop, crop])]
+        assert outputs == [(m["onnx"]["output"]["name"], "FP32", [-1, classes])]
+        # ... which is what the ONNX file itself declares (its batch axis is symbolic).
+        sess = ort.InferenceSession(str(tiny_family_repo / name / m["onnx"]["file"]), providers=["CPUExecutionProvider"])
+        (i,), (o,) = sess.get_inputs(), sess.get_outputs()
+        assert (i.name, i.shape[1:], i.type) == (meta.inputs[0].name, [3, crop, crop], "tensor(float)")
+        assert (o.name, o.shape[1:], o.type) == (meta.outputs[0].name, [classes], "tensor(float)")
     assert list(client.get_model_metadata("tiny").inputs[0].shape) == [-1, 3, 64, 64]
     version = client.get_model_metadata("tiny").versions[0]
     assert client.get_model_metadata("tiny", model_version=version).name == "tiny"
@@ -126,17 +160,18 @@ def test_health_server_and_model_metadata_agree_with_http(client, http):
     assert _code(e) == "StatusCode.NOT_FOUND"
 
 
-def test_model_config_agrees_with_http(client, http):
-    config = client.get_model_config("tiny").config
-    want = http.get("/v2/models/tiny/config").json()
-    assert (config.name, config.platform, config.backend) == (want["name"], want["platform"], want["backend"])
-    assert config.max_batch_size == want["max_batch_size"] > 0
-    (inp,), (out,) = config.input, config.output
-    assert inp.name == "images" and list(inp.dims) == [3, 64, 64] == want["input"][0]["dims"]
-    assert grpcclient.model_config_pb2.DataType.Name(inp.data_type) == "TYPE_FP32"
-    assert out.name == "logits" and list(out.dims) == [1000]
-    assert config.dynamic_batching.max_queue_delay_microseconds == want["dynamic_batching"]["max_queue_delay_microseconds"]
-    assert list(config.dynamic_batching.preferred_batch_size) == want["dynamic_batching"]["preferred_batch_size"]
+def test_model_config_describes_the_model_and_the_servers_settings(client, manifests):
+    for name, m in manifests.items():
+        config = client.get_model_config(name).config
+        assert (config.name, config.platform, config.backend) == (name, "onnxruntime_onnx", "onnxruntime")
+        assert config.max_batch_size == MAX_BATCH
+        (inp,), (out,) = config.input, config.output
+        crop = m["preprocess"]["crop"]
+        assert inp.name == m["onnx"]["input"]["name"] and list(inp.dims) == [3, crop, crop]  # no batch axis
+        assert grpcclient.model_config_pb2.DataType.Name(inp.data_type) == "TYPE_FP32"
+        assert out.name == m["onnx"]["output"]["name"] and list(out.dims) == [len(m["labels"])]
+        assert config.dynamic_batching.max_queue_delay_microseconds == int(MAX_DELAY_MS * 1000)
+        assert list(config.dynamic_batching.preferred_batch_size) == [1, 2, 4]  # powers of two up to MAX_BATCH
     with pytest.raises(InferenceServerException) as e:
         client.get_model_config("nope")
     assert _code(e) == "StatusCode.NOT_FOUND"
@@ -158,26 +193,29 @@ def test_infer_fp32_raw_contents_matches_onnxruntime(client, reference):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_infer_jpeg_with_class_count_matches_classify(client, http, reference):
+def test_infer_jpeg_with_class_count_matches_onnxruntime(client, reference, manifests):
     m, run = reference["tiny"]
+    labels = manifests["tiny"]["labels"]
     jpegs = [encode(photo((320, 240), seed=s)) for s in (0, 1)]
+    # The server's preprocessing of each image, then the model file run here.
+    logits = run(np.stack([prepare(j, m.preprocess, 50_000_000).tensor for j in jpegs])).astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+
     inp = grpcclient.InferInput("images", [2], "BYTES")
     inp.set_data_from_numpy(np.array(jpegs, dtype=np.object_))
     res = client.infer("tiny", [inp], outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)])
     top = res.as_numpy("logits")
     assert top.shape == (2, 3) and res.get_output("logits").datatype == "BYTES"
-    for row, jpeg in zip(top, jpegs):
-        parts = [s.decode().split(":", 2) for s in row]
-        answer = http.post("/classify?model=tiny&top_k=3", content=jpeg, headers={"Content-Type": "image/jpeg"})
-        assert answer.status_code == 200, answer.text
-        want = answer.json()["results"][0]["predictions"]
-        assert [(int(i), label) for _, i, label in parts] == [(p["index"], p["label"]) for p in want]
-        np.testing.assert_allclose([float(s) for s, _, _ in parts], [p["score"] for p in want], atol=1e-5)
-    # Raw logits for the same images: the server's preprocessing, then the model.
+    for row, p in zip(top, probs):
+        parts = [s.decode().split(":", 2) for s in row]  # "score:index:label", best first
+        best = np.argsort(-p, kind="stable")[:3]
+        assert [(int(i), label) for _, i, label in parts] == [(int(k), labels[k]) for k in best]
+        np.testing.assert_allclose([float(s) for s, _, _ in parts], p[best], rtol=0, atol=1e-5)
+    # Raw logits for the same images.
     inp = grpcclient.InferInput("images", [2, 1], "BYTES")
     inp.set_data_from_numpy(np.array([[j] for j in jpegs], dtype=np.object_))
-    expected = run(np.stack([prepare(j, m.preprocess, 50_000_000).tensor for j in jpegs]))
-    np.testing.assert_allclose(client.infer("tiny", [inp]).as_numpy("logits"), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(client.infer("tiny", [inp]).as_numpy("logits"), logits, rtol=1e-4, atol=1e-4)
 
 
 def test_typed_contents_fp32_and_bytes(stub, reference):

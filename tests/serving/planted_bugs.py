@@ -93,7 +93,8 @@ BUGS = {"lanczos": lanczos, "bilinear": bilinear, "no_antialias": no_antialias,
         "crop_shift_1px": crop_shifted, "bgr": bgr}
 
 
-def prepare_with(bug: str, data: bytes, pp: Preprocess, max_pixels: int) -> np.ndarray:
-    """The served path with one planted bug: normalised float32 CHW."""
-    crop = BUGS[bug](open_image(data, max_pixels), pp)
+def prepare_with(bug: str, data: bytes, pp: Preprocess, max_pixels: int, draft: bool = False) -> np.ndarray:
+    """The served path with one planted bug: normalised float32 CHW. `draft`: decode a big JPEG at reduced
+    scale first, as the server does by default (the bug is then in what follows the draft decode)."""
+    crop = BUGS[bug](open_image(data, max_pixels, pp.resize if draft else None), pp)
     return normalise(Image.fromarray(np.ascontiguousarray(crop)), pp)

@@ -85,8 +85,16 @@ def test_one_file_or_several_the_answer_has_the_same_shape_one_result_per_image_
 
 
 def test_multipart_file_field_without_filename_still_counts(client, jpeg_bytes):
-    r = client.post("/classify", files={"file": (None, jpeg_bytes)})
+    """A `file` part with no filename is still the image: the same answer as the raw body gets."""
+    r = client.post("/classify", params={"top_k": 5}, files={"file": (None, jpeg_bytes)})
     assert r.status_code == 200, r.text
+    raw = client.post("/classify", params={"top_k": 5}, content=jpeg_bytes, headers=JPEG)
+    assert raw.status_code == 200, raw.text
+    got, want = r.json()["results"], raw.json()["results"]
+    assert len(got) == len(want) == 1
+    got, want = got[0]["predictions"], want[0]["predictions"]
+    assert [(p["index"], p["label"]) for p in got] == [(p["index"], p["label"]) for p in want]
+    np.testing.assert_allclose([p["score"] for p in got], [p["score"] for p in want], rtol=0, atol=1e-6)
 
 
 def _colour_jpegs(n: int) -> list[bytes]:
@@ -362,16 +370,28 @@ def test_api_key_guards_everything_but_health_and_metrics(fake_repo, jpeg_bytes)
 
 
 def _gated(srv, name: str) -> threading.Event:
-    """Make the model block until the returned event is set (it is set at teardown anyway)."""
+    """Make the model block until the returned event is set (it is set at teardown anyway). The event's
+    `entered` is set once a batch is inside the model."""
     batcher = srv.plane.registry.entries[name].batcher
     original, gate = batcher.run, threading.Event()
+    gate.entered = threading.Event()
 
     def run(x):
-        gate.wait(10)
+        gate.entered.set()
+        gate.wait(60)
         return original(x)
 
     batcher.run = run
     return gate
+
+
+async def _until(done, what: str, timeout: float = 30.0) -> None:
+    """Poll a condition from the event loop, with a deadline generous enough for a loaded machine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        assert loop.time() < deadline, f"waited {timeout:g} s for {what}"
+        await asyncio.sleep(0.01)
 
 
 def test_overload_is_refused_at_once_with_retry_after_and_accepted_requests_finish(fake_repo, jpeg_bytes):
@@ -405,16 +425,23 @@ def test_overload_is_refused_at_once_with_retry_after_and_accepted_requests_fini
 
 
 def test_requests_waiting_past_the_deadline_get_503(fake_repo, jpeg_bytes):
-    settings = Settings(repository=fake_repo, models=["fake"], max_batch=1, max_delay_ms=0, request_timeout_s=0.2)
+    """The first request holds the model; the second waits behind it past its deadline and is refused
+    when the model frees up. Every step waits on an event, not on the clock, except the deadline itself:
+    it only has to be long enough for the first request to reach the model (a few ms; 2 s here)."""
+    timeout_s = 2.0
+    settings = Settings(repository=fake_repo, models=["fake"], max_batch=1, max_delay_ms=0, request_timeout_s=timeout_s)
     with live_server(settings) as srv:
         gate = _gated(srv, "fake")
+        batcher = srv.plane.registry.entries["fake"].batcher
 
         async def two():
-            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
                 first = asyncio.create_task(c.post("/classify", content=jpeg_bytes, headers=JPEG))
-                await asyncio.sleep(0.2)
+                await _until(gate.entered.is_set, "the first request to reach the model")
                 second = asyncio.create_task(c.post("/classify", content=jpeg_bytes, headers=JPEG))
-                await asyncio.sleep(0.5)  # the second one is now past its deadline, still queued
+                await _until(lambda: batcher.queued >= 2, "the second request to wait behind the first")
+                await asyncio.sleep(timeout_s + 0.5)  # now past the second's deadline, still queued
+                assert not second.done()
                 gate.set()
                 return await first, await second
 

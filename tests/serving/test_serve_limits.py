@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -77,24 +77,39 @@ def test_16_bit_to_8_bit_is_exactly_round_of_v_over_257_for_every_value():
 
 
 def test_models_stop_in_parallel_so_several_busy_ones_fit_in_one_drain(tmp_path):
-    """Two models each busy for 0.8 s: stopping them one after the other would take 1.6 s."""
-    def slow(x):
-        time.sleep(0.8)
+    """Model a's batch can only finish once b has been told to stop: a close that stops the models one
+    after the other waits out a's whole drain first (and a's batch then fails); a parallel close does not.
+    Decided by the order of events, not by how fast this machine runs."""
+    a_running, b_stopping = threading.Event(), threading.Event()
+    waited: dict[str, bool] = {}
+
+    def a_model(x):
+        a_running.set()
+        waited["a"] = b_stopping.wait(timeout=10)
+        return np.zeros((x.shape[0], 10), np.float32)
+
+    def b_model(x):
         return np.zeros((x.shape[0], 10), np.float32)
 
     async def main():
         registry = Registry(Settings(repository=tmp_path))
-        for name in ("a", "b"):
-            b = Batcher(name, slow, max_batch=1, max_delay_s=0)
+        for name, fn in (("a", a_model), ("b", b_model)):
+            b = Batcher(name, fn, max_batch=1, max_delay_s=0)
             b.start()
             registry.entries[name] = ModelEntry(name, tmp_path, status="ready", batcher=b)
-        pending = [asyncio.ensure_future(e.batcher.submit([np.zeros((3, 4, 4), np.float32)]))
-                   for e in registry.entries.values()]
-        await asyncio.sleep(0.05)  # both batches are running
-        t0 = time.monotonic()
-        await registry.close(drain_s=5.0)
-        took = time.monotonic() - t0
-        await asyncio.gather(*pending)
-        return took
+        b_batcher = registry.entries["b"].batcher
+        b_stop = b_batcher.stop
 
-    assert asyncio.run(main()) < 1.3
+        async def stop_b(drain_s: float = 0.0) -> None:
+            b_stopping.set()
+            await b_stop(drain_s)
+
+        b_batcher.stop = stop_b
+        pending = asyncio.ensure_future(registry.entries["a"].batcher.submit([np.zeros((3, 4, 4), np.float32)]))
+        assert await asyncio.to_thread(a_running.wait, 10)  # a's batch is running
+        await registry.close(drain_s=2.0)
+        return await asyncio.gather(pending, return_exceptions=True)
+
+    (answer,) = asyncio.run(main())
+    assert waited == {"a": True}
+    assert not isinstance(answer, BaseException), answer
