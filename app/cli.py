@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        from app.api.server import serve
+        from app.supervisor import serve
 
         return serve(host=args.host, port=args.port)
     parser.error(f"unknown command {args.command}")

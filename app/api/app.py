@@ -8,10 +8,8 @@ batchers stop.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI
@@ -27,51 +25,41 @@ from app.api.v2 import repository as v2_repository
 from app.api.v2 import routes as v2_routes
 from app.api.v2.json_worker import JsonWorker
 from app.core.config import Settings
-from app.engine.dataplane import DataPlane
-from app.engine.metrics import Metrics
-from app.engine.preprocess import set_max_pixels
-from app.engine.registry import Registry
+from app.engine.link.client import remote_plane
+from app.engine.runtime import running_plane
 
 
 def create_app(settings: Settings | None = None, *, tracer_provider: Any = None) -> FastAPI:
     """`tracer_provider`: an OpenTelemetry TracerProvider for this app's spans (tests); default: one from
     OTEL_EXPORTER_OTLP_ENDPOINT when it is set, else no tracing (app/api/otel.py)."""
     settings = settings or Settings()
-    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        set_max_pixels(settings.max_image_pixels)
-        registry = Registry(settings, hooks_for=metrics.hooks)
-        registry.on_ready = lambda e: metrics.model_loaded(e.name, e.manifest, e.provider or "")
-        registry.on_stopped = metrics.model_stopped
-        pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
-        plane = app.state.plane = DataPlane(settings, registry, metrics, pool)
-        app.state.json_worker = JsonWorker()  # big /v2 JSON bodies, parsed outside this process's GIL
-        grpc_server = None
-        if settings.grpc_port:  # the V2 protocol over gRPC, on the HTTP server's interface (app/api/grpc)
-            from app.api.grpc.server import start_grpc
+        link = getattr(app.state, "engine_link", None)  # set in a worker process (app/supervisor.py)
+        async with contextlib.AsyncExitStack() as stack:
+            if link is None:
+                plane = await stack.enter_async_context(running_plane(settings))
+            else:
+                plane = await stack.enter_async_context(remote_plane(settings, *link))
+            app.state.plane = plane
+            app.state.json_worker = JsonWorker()  # big /v2 JSON bodies, parsed outside this process's GIL
+            stack.callback(app.state.json_worker.close)
+            grpc_server = None
+            if settings.grpc_port:  # the V2 protocol over gRPC, on the HTTP server's interface (app/api/grpc)
+                from app.api.grpc.server import start_grpc
 
-            grpc_server = app.state.grpc = await start_grpc(plane, getattr(app.state, "host", "127.0.0.1"))
-        loader = asyncio.create_task(registry.load_all(), name="load-models")
-        plane.control.start()  # EFFNET_MODEL_CONTROL=poll: watch the repository
-        try:
-            yield
-        finally:
-            plane.draining = True
-            if grpc_server is not None:
-                # Inference has been refused since SIGTERM (draining), and uvicorn already waited up to DRAIN_S;
-                # calls still in flight get a short last grace, so the whole stop fits a pod's grace period.
-                await grpc_server.stop(min(settings.drain_s, 5.0))
-            await plane.control.stop()
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
-            # uvicorn already waited (up to DRAIN_S) for in-flight requests; whatever is still queued gets
-            # a short last chance, then fails with a 503.
-            await registry.close(drain_s=min(settings.drain_s, 5.0))
-            pool.shutdown(wait=False, cancel_futures=True)
-            app.state.json_worker.close()
+                grpc_server = app.state.grpc = await start_grpc(
+                    plane, getattr(app.state, "host", "127.0.0.1"), shared_port=link is not None)
+            try:
+                yield
+            finally:
+                plane.draining = True
+                if grpc_server is not None:
+                    # Inference has been refused since SIGTERM (draining), and uvicorn already waited up to
+                    # DRAIN_S; calls still in flight get a short last grace, so the whole stop fits a pod's
+                    # grace period.
+                    await grpc_server.stop(min(settings.drain_s, 5.0))
 
     app = FastAPI(
         title="EfficientNet serving",

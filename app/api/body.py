@@ -25,7 +25,7 @@ from starlette.requests import Request
 from app.api.uploads import check_media_type, media_type, parse_multipart
 from app.core import tracing
 from app.core.errors import BadRequest, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout
-from app.engine.dataplane import DataPlane
+from app.engine.facade import Plane
 
 T = TypeVar("T")
 GRACE_S = 1.0  # the minimum rate applies after this much time
@@ -53,7 +53,7 @@ def client_timeout_s(request: Request) -> float | None:
 class Upload:
     """The body of one request, as a context manager that gives back everything it held."""
 
-    def __init__(self, request: Request, plane: DataPlane) -> None:
+    def __init__(self, request: Request, plane: Plane) -> None:
         self.request, self.plane, self.settings = request, plane, plane.settings
         self._charged = 0
         self._counted = False

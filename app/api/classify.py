@@ -18,7 +18,8 @@ from app.api.docs import CLASSIFY_BODY, error_responses
 from app.api.state import plane_of
 from app.api.body import Upload, client_timeout_s
 from app.core import tracing
-from app.engine.dataplane import DataPlane, ImageResult
+from app.engine.dataplane import ImageResult
+from app.engine.facade import Plane
 from app.policies.cascade import parse_cascade, run_cascade
 from app.policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
 from app.api.schemas import ClassifyResponse
@@ -29,9 +30,8 @@ VERSION_HEADER = "X-Effnet-Model-Version"
 router = APIRouter()
 
 
-def _pretrained(plane: DataPlane, results: list[ImageResult]) -> bool:
-    entries = plane.registry.entries
-    return all(entries[r.model].manifest.weights.pretrained for r in results)
+def _pretrained(results: list[ImageResult]) -> bool:
+    return all(r.pretrained for r in results)
 
 
 @router.post(
@@ -58,26 +58,26 @@ async def classify(
         return await upload.guard(_classify(plane, upload, model, top_k, budget_ms, threshold, started, arrived, timeout_s))
 
 
-async def _classify(plane: DataPlane, upload: Upload, model: str | None, top_k: int, budget_ms: float | None,
+async def _classify(plane: Plane, upload: Upload, model: str | None, top_k: int, budget_ms: float | None,
                     threshold: float | None, started: float, arrived: float, timeout_s: float | None) -> FastJSONResponse:
     if model == "auto":
         budget = budget_ms if budget_ms is not None else plane.settings.default_budget_ms
         results, decision = await classify_auto(plane, budget, upload.images, arrived, timeout_s)
         with tracing.span("answer"):
-            body = auto_body(results, decision, top_k, started, _pretrained(plane, results))
+            body = auto_body(results, decision, top_k, started, _pretrained(results))
             return FastJSONResponse(body, headers=decision.headers())
     if model is not None and is_family_name(model):
         names = parse_cascade(model, plane.settings.default_cascade)
         cut = threshold if threshold is not None else plane.settings.cascade_threshold
         outcome = await run_cascade(plane, names, cut, upload.images, arrived, timeout_s)
         with tracing.span("answer"):
-            body = cascade_body(outcome, top_k, started, _pretrained(plane, outcome.results))
+            body = cascade_body(outcome, top_k, started, _pretrained(outcome.results))
             return FastJSONResponse(body, headers=cascade_headers(outcome))
 
-    entry = plane.entry(model)
-    async with plane.open(entry, arrived, timeout_s) as call:
+    view = plane.find(model)
+    async with plane.open(view, arrived, timeout_s) as call:
         results = await call.images(await upload.images())
     with tracing.span("answer"):  # building the answer and encoding it (FastJSONResponse renders at once)
         # Which version answered (one entry runs every image of a request), for clients watching a reload.
-        return FastJSONResponse(classify_body(entry.name, _pretrained(plane, results), results, top_k, started),
+        return FastJSONResponse(classify_body(view.name, _pretrained(results), results, top_k, started),
                                 headers={VERSION_HEADER: results[0].version or ""})

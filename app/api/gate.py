@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.errors import ApiError
+from app.core.errors import ApiError, UnknownModel
 
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]*)?/infer$")
 
@@ -47,9 +47,12 @@ class AdmissionGate:
             plane = getattr(getattr(scope.get("app"), "state", None), "plane", None)
             if target is not None and plane is not None:
                 name, style = target
-                entry = plane.registry.entries.get(name if name is not None else plane.registry.default_model or "")
-                if entry is not None:
-                    refusal = await plane.refusal(entry)
+                try:
+                    view = plane.find(name)
+                except UnknownModel:
+                    view = None  # the route answers 404
+                if view is not None:
+                    refusal = await plane.refusal(view)
                     if refusal is not None:
                         await self._send(send, refusal, style)
                         return

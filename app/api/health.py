@@ -26,17 +26,15 @@ async def live() -> Health:
     responses={503: {"model": ErrorResponse, "description": "not ready; `models` maps each name to its reason"}},
 )
 async def ready(request: Request) -> Any:
-    plane = plane_of(request)
-    if plane.draining:
+    state = plane_of(request).readiness()
+    if state.draining:
         return JSONResponse({"error": {"code": "shutting_down", "message": "the server is shutting down"}}, status_code=503)
-    registry = plane.registry
-    if not registry.ready:
-        pending = registry.not_ready() or {n: e.status for n, e in registry.entries.items()}
-        message = "no models configured or found" if not registry.entries else "models not ready: " + ", ".join(sorted(pending))
+    if not state.ready:
+        pending = state.not_ready or {v.name: v.status for v in plane_of(request).views()}
+        message = "no models configured or found" if not state.models else "models not ready: " + ", ".join(sorted(pending))
         return JSONResponse({"error": {"code": "not_ready", "message": message, "models": pending}}, status_code=503)
     # Not strict: ready with some models down; they are listed with their reason, the answer is still 200.
-    return Health(status="ready", models=[n for n, e in registry.entries.items() if e.status == "ready"],
-                  unavailable=registry.not_ready() or None)
+    return Health(status="ready", models=list(state.serving), unavailable=state.not_ready or None)
 
 
 @router.get(
@@ -46,4 +44,4 @@ async def ready(request: Request) -> Any:
     response_class=Response,
 )
 async def metrics(request: Request) -> Response:
-    return Response(plane_of(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(await plane_of(request).metrics_text(), media_type=CONTENT_TYPE)

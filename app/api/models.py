@@ -9,12 +9,12 @@ from fastapi import APIRouter, Request
 from app.api.docs import error_responses
 from app.api.schemas import ModelInfo, ModelList
 from app.api.state import plane_of
-from app.engine.registry import ModelEntry
+from app.engine.facade import ModelView
 
 router = APIRouter()
 
 
-def model_info(entry: ModelEntry) -> ModelInfo:
+def model_info(entry: ModelView) -> ModelInfo:
     info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason, "version": entry.version}
     m = entry.manifest
     if m is not None:
@@ -31,17 +31,17 @@ def model_info(entry: ModelEntry) -> ModelInfo:
             weights_format=getattr(m.weights, "format", None), padding=getattr(m, "padding", None),
             precision=m.precision, derived_from=m.derived_from.name if m.derived_from else None,
         )
-    if entry.status == "ready" and entry.batcher is not None:
-        info.update(provider=entry.provider, max_batch=entry.max_batch, batch_sizes=entry.batcher.sizes)
+    if entry.serving:
+        info.update(provider=entry.provider, max_batch=entry.max_batch, batch_sizes=list(entry.batch_sizes))
     return ModelInfo.model_validate(info)
 
 
 @router.get("/models", response_model=ModelList, summary="Models in the repository", responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
-    reg = plane_of(request).registry
-    return ModelList(default=reg.default_model, models=[model_info(e) for e in reg.entries.values()])
+    plane = plane_of(request)
+    return ModelList(default=plane.default_model(), models=[model_info(v) for v in plane.views()])
 
 
 @router.get("/models/{name}", response_model=ModelInfo, summary="One model", responses=error_responses(401, 404))
 async def get_model(request: Request, name: str) -> ModelInfo:
-    return model_info(plane_of(request).entry(name))
+    return model_info(plane_of(request).find(name))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import signal
+import socket
 from typing import Any
 
 import uvicorn
@@ -37,24 +38,65 @@ def tune_malloc() -> None:
 
 
 def serve(host: str, port: int) -> int:
+    """The service in one process (EFFNET_WORKERS=1)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc()
     settings = Settings()
     app = create_app(settings)
     app.state.host = host  # the gRPC front end listens on the same interface
-    config = uvicorn.Config(
+    server = DrainingServer(_config(app, settings, host, port), app)
+    _quiet_signals()
+    server.run()
+    return 0 if server.started else 1
+
+
+def serve_worker(host: str, port: int, socket_path: str, arena_name: str, workers: int) -> None:
+    """One front-end worker process (app/supervisor.py): HTTP and gRPC on ports shared with the other
+    workers (each its own SO_REUSEPORT socket), over the engine process at `socket_path`."""
+    from app.engine.link.shm import Arena
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    tune_malloc()
+    settings = Settings()
+    arena = Arena(arena_name, settings.shm_mb << 20)
+    try:
+        app = create_app(settings)
+        app.state.host = host
+        app.state.engine_link = (socket_path, arena, workers)
+        server = DrainingServer(_config(app, settings, host, port), app)
+        _quiet_signals()
+        server.run(sockets=[shared_socket(host, port)])
+    finally:
+        arena.close()
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT: the kernel spreads new
+    connections over them by hash, rather than waking every process for each one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
         app, host=host, port=port, workers=1, timeout_graceful_shutdown=settings.drain_s,
         log_level="info", access_log=False, lifespan="on",
         # Open connections + requests: beyond this, new requests get uvicorn's 503 at once.
         limit_concurrency=settings.max_connections,
     )
-    server = DrainingServer(config, app)
+
+
+def _quiet_signals() -> None:
     # uvicorn re-raises the signal it caught once it has shut down (so the process dies
     # "by SIGTERM", exit 143); a no-op handler underneath turns that into a clean exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    server.run()
-    return 0 if server.started else 1
 
 
 class DrainingServer(uvicorn.Server):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
-from app.engine.dataplane import DataPlane
+from app.engine.facade import Plane
 
 
-def plane_of(conn: HTTPConnection) -> DataPlane:
+def plane_of(conn: HTTPConnection) -> Plane:
     return conn.app.state.plane

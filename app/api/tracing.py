@@ -65,13 +65,13 @@ def model_of(scope: Scope) -> str:
             if key == "model":
                 name = value
         if name is None:
-            name = plane.registry.default_model
+            name = plane.default_model()
         elif is_family_name(name):
             return "auto" if name == "auto" else "cascade"
     else:
         m = MODEL_PATH.match(path)
         name = m.group(1) if m else None
-    return name if name is not None and name in plane.registry.entries else "-"
+    return name if name is not None and plane.knows(name) else "-"
 
 
 def _loggable(path: str) -> str:

@@ -18,6 +18,10 @@ Admission has two stages because the image count is only known once the body is 
 A refused request has waited the admission wait (by default the queue's drain time, 1..2 s), which throttles
 clients that retry at once; waiters are woken newest first, so an admitted request has waited little.
 
+Front ends reach this class only through the verbs of `facade.Plane` (models as `ModelView` snapshots,
+readiness, admission, model control, routing figures, metrics), so that a worker process can hold a client
+that asks the same of an engine process instead (app/engine/link).
+
 A `Call` counts as in flight from `open` until its block ends; on the way out it records the request's
 status and duration once, whatever happened inside (an answer, a refusal, a client that left), and the
 images it gave up on before inference as skipped.
@@ -29,7 +33,6 @@ import asyncio
 import functools
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,46 +41,12 @@ from app.core.config import Settings
 from app.core.errors import ApiError, BadRequest, ClientGone, Overloaded, ShuttingDown, Unavailable, UnknownModel
 from app.engine.batcher import Result
 from app.engine.control import ModelControl
+from app.engine.facade import ImageResult, ModelView, Prediction, Readiness, RouteInfo  # noqa: F401 - re-exported
 from app.engine.memory import MemoryBudget
 from app.engine.metrics import Metrics
 from app.engine.preprocess import Prepared, prepare
 from app.engine.registry import ModelEntry, Registry
 from app.engine.stats import ServiceStats
-
-
-@dataclass(frozen=True)
-class Prediction:
-    index: int
-    label: str
-    score: float  # softmax probability
-
-    def as_dict(self) -> dict:
-        return {"index": self.index, "label": self.label, "score": self.score}
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """One image's answer from one model, with where its time went (seconds)."""
-
-    model: str
-    probs: np.ndarray  # softmax, [classes]
-    logits: np.ndarray  # the model's raw output row
-    labels: list[str]
-    decode_s: float
-    preprocess_s: float
-    queue_s: float
-    inference_s: float
-    batch_size: int
-    # The version (registry.ModelEntry.version) that computed it: a reload can swap versions between requests.
-    version: str | None = None
-
-    def top(self, k: int) -> list[Prediction]:
-        """The k best classes, best first; ties go to the lower index."""
-        probs = self.probs
-        k = max(1, min(k, probs.shape[0]))
-        idx = np.argpartition(-probs, k - 1)[:k] if k < probs.shape[0] else np.arange(probs.shape[0])
-        order = sorted(idx.tolist(), key=lambda i: (-float(probs[i]), i))
-        return [Prediction(i, self.labels[i], min(1.0, max(0.0, float(probs[i])))) for i in order]
 
 
 class DataPlane:
@@ -93,6 +62,61 @@ class DataPlane:
         # Requests admitted per model and not yet finished (uploading, decoding or queued).
         self.inflight: dict[str, int] = {}
         self.uploading = 0  # requests still sending their body, across models
+
+    # --- the facade (facade.Plane): what front ends may ask ----------------------------------
+    def find(self, name: str | None) -> ModelView:
+        """The named model (the default one for None), or UnknownModel (404)."""
+        return view_of(self.entry(name))
+
+    def knows(self, name: str) -> bool:
+        return name in self.registry.entries
+
+    def views(self) -> list[ModelView]:
+        return [view_of(e) for e in list(self.registry.entries.values())]
+
+    def default_model(self) -> str | None:
+        return self.registry.default_model
+
+    def readiness(self) -> Readiness:
+        reg = self.registry
+        return Readiness(
+            ready=reg.ready and not self.draining, draining=self.draining, models=tuple(reg.entries),
+            serving=tuple(n for n, e in reg.entries.items() if e.status == "ready"), not_ready=reg.not_ready(),
+        )
+
+    async def route_info(self) -> dict[str, RouteInfo]:
+        return {
+            name: RouteInfo(self.queue_drain_ms(e), self.stats.p95_ms(name), self.stats.samples(name),
+                            self.stats.recently_refused(name))
+            for name, e in list(self.registry.entries.items()) if e.batcher is not None
+        }
+
+    async def index(self) -> list[dict[str, str]]:
+        return self.registry.index()
+
+    async def load(self, name: str) -> None:
+        await self.control.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self.control.unload(name)
+
+    def note_auto_routed(self, name: str, budget_missed: bool) -> None:
+        self.metrics.auto_routed.labels(name, str(budget_missed).lower()).inc()
+
+    def note_escalations(self, cascade: str, from_model: str, to_model: str, n: int) -> None:
+        self.metrics.cascade_escalations.labels(cascade, from_model, to_model).inc(n)
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def _live(self, target: ModelEntry | ModelView) -> ModelEntry:
+        """The registry's entry for a view (front ends hold views); an entry as it is (the engine's own use)."""
+        if isinstance(target, ModelEntry):
+            return target
+        entry = self.registry.entries.get(target.name)
+        if entry is None:
+            raise UnknownModel("unknown model", available=self.registry.names())
+        return entry
 
     # --- which model -------------------------------------------------------------------
     def entry(self, name: str | None) -> ModelEntry:
@@ -120,10 +144,10 @@ class DataPlane:
         return 0.0 if b is None else 1000.0 * b.queued * b.per_image_s
 
     # --- admission ---------------------------------------------------------------------
-    def open(self, entry: ModelEntry, arrived: float | None = None, timeout_s: float | None = None) -> Call:
+    def open(self, target: ModelEntry | ModelView, arrived: float | None = None, timeout_s: float | None = None) -> Call:
         """`timeout_s`: the client's own deadline from arrival, which can only shorten EFFNET_REQUEST_TIMEOUT_S."""
         loop_now = asyncio.get_running_loop().time()
-        return Call(self, entry, loop_now if arrived is None else arrived, timeout_s)
+        return Call(self, self._live(target), loop_now if arrived is None else arrived, timeout_s)
 
     def check_admissible(self, entry: ModelEntry) -> None:
         """Ready and not draining: what can be decided without waiting."""
@@ -151,10 +175,10 @@ class DataPlane:
             return 1.0
         return min(2.0, max(1.0, b.max_queue * b.per_image_s))
 
-    async def refusal(self, entry: ModelEntry) -> ApiError | None:
+    async def refusal(self, target: ModelEntry | ModelView) -> ApiError | None:
         """Stage one for a front end that has not routed the request yet: the refusal it would certainly
         get (draining, not ready, a queue that stays full for the admission wait), recorded; else None."""
-        entry = self.current(entry)
+        entry = self.current(self._live(target))
         try:
             self.check_admissible(entry)
             await entry.batcher.room.wait_for_room(self.admission_wait_s(entry))
@@ -186,6 +210,11 @@ class Call:
         # Stage one's wait and stage two's share one admission wait (an entry without a batcher is refused
         # in __aenter__, unless a reload's successor takes the work: then it waits as long as any other).
         self._admit_by = loop.time() + plane.admission_wait_s(entry)
+
+    @property
+    def view(self) -> ModelView:
+        """The model version this call runs on (after a reload's swap, the successor's)."""
+        return view_of(self.entry)
 
     def _wait_left(self) -> float:
         now = asyncio.get_running_loop().time()
@@ -243,24 +272,32 @@ class Call:
             self.plane.check_admissible(self.entry)
         return await self.entry.batcher.room.reserve_within(n, self._wait_left())
 
+    async def reserve(self, n: int):
+        """Stage two alone, for a worker process that decodes the images itself (app/engine/link): queue room
+        for n images (a Reservation to submit them on), or a refusal."""
+        self._check_count(n)
+        return await self._reserve(n)
+
+    def record_prepared(self, name: str, prep: list[tuple[float, float]], results: list[Result]) -> None:
+        """What images() records about images a worker decoded: (decode_s, preprocess_s) each, with its answer."""
+        decode_hist = self.plane.metrics.stage_duration.labels(name, "decode")
+        pre_hist = self.plane.metrics.stage_duration.labels(name, "preprocess")
+        for (decode_s, preprocess_s), r in zip(prep, results):
+            decode_hist.observe(decode_s)
+            pre_hist.observe(preprocess_s)
+            self.plane.stats.observe(name, decode_s + preprocess_s + r.inference_s)
+
     def _skipped(self, n: int, why: str) -> None:
         self.plane.metrics.images_skipped.labels(self.entry.name, why).inc(n)
 
     async def images(self, data: list[bytes]) -> list[ImageResult]:
         """Encoded images -> answers, in order. Queue room for all of them is held before any is decoded."""
         self._check_count(len(data))
-        loop = asyncio.get_running_loop()
         with await self._reserve(len(data)) as room:
             entry, plane = self.entry, self.plane  # after the reservation: a reload may have moved us on
             pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
             try:
-                # One span for the request's images together: they decode in parallel, and each one's own
-                # decode/preprocess times are in the answer and on /metrics already.
-                with tracing.span("decode", model=entry.name, images=len(data)):
-                    prepared: list[Prepared] = await asyncio.gather(*(
-                        loop.run_in_executor(plane.decode_pool, functools.partial(
-                            prepare, d, pp, max_pixels, budget=plane.memory)) for d in data
-                    ))
+                prepared = await decode_all(plane.decode_pool, data, pp, max_pixels, plane.memory, entry.name)
             except asyncio.CancelledError:
                 self._skipped(len(data), "client_gone")  # nothing of it reaches the model
                 raise
@@ -291,5 +328,27 @@ class Call:
     def _result(self, r: Result, decode_s: float, preprocess_s: float) -> ImageResult:
         return ImageResult(
             self.entry.name, r.probs, r.logits, self.entry.manifest.labels, decode_s, preprocess_s,
-            r.queue_s, r.inference_s, r.batch_size, self.entry.version,
+            r.queue_s, r.inference_s, r.batch_size, self.entry.version, self.entry.manifest.weights.pretrained,
         )
+
+
+async def decode_all(pool: Executor, data: list[bytes], pp, max_pixels: int, budget: MemoryBudget,
+                     model: str) -> list[Prepared]:
+    """Decode and preprocess a request's images in parallel on the decode pool, each charged to the budget."""
+    loop = asyncio.get_running_loop()
+    # One span for the request's images together: they decode in parallel, and each one's own
+    # decode/preprocess times are in the answer and on /metrics already.
+    with tracing.span("decode", model=model, images=len(data)):
+        return await asyncio.gather(*(
+            loop.run_in_executor(pool, functools.partial(prepare, d, pp, max_pixels, budget=budget)) for d in data
+        ))
+
+
+def view_of(entry: ModelEntry) -> ModelView:
+    """A snapshot of an entry that front ends may hold: no session, no batcher."""
+    b = entry.batcher
+    return ModelView(
+        name=entry.name, status=entry.status, reason=entry.reason, version=entry.version, manifest=entry.manifest,
+        provider=entry.provider, max_batch=entry.max_batch,
+        batch_sizes=tuple(b.sizes) if b is not None and entry.status == "ready" else None,
+    )

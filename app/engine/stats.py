@@ -57,6 +57,9 @@ class ServiceStats:
             q.popleft()
         return [s for _, s in q]
 
+    def samples(self, model: str) -> int:
+        return len(self.fresh(model))
+
     def p95_ms(self, model: str) -> float | None:
         """Measured p95 in ms, or None when fewer than min_samples fresh samples exist."""
         xs = self.fresh(model)

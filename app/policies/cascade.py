@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.core.errors import BadRequest, Unavailable
-from app.engine.dataplane import DataPlane, ImageResult
+from app.engine.dataplane import ImageResult
+from app.engine.facade import Plane
 
 MAX_STAGES = 4
 
@@ -63,10 +64,10 @@ class CascadeOutcome:
 
 
 async def run_cascade(
-    plane: DataPlane, names: list[str], threshold: float,
+    plane: Plane, names: list[str], threshold: float,
     read_images: Callable[[], Awaitable[list[bytes]]], arrived: float, timeout_s: float | None = None,
 ) -> CascadeOutcome:
-    entries = [plane.entry(n) for n in names]
+    entries = [plane.find(n) for n in names]
     label = ",".join(names)  # only loaded names reach here: a bounded label value
     async with plane.open(entries[0], arrived, timeout_s) as call:  # admitted before the body is read
         images = await read_images()
@@ -79,8 +80,7 @@ async def run_cascade(
         if not pending:
             break
         entry = entries[depth]
-        for _ in pending:
-            plane.metrics.cascade_escalations.labels(label, entries[depth - 1].name, entry.name).inc()
+        plane.note_escalations(label, entries[depth - 1].name, entry.name, len(pending))
         try:
             async with plane.open(entry, arrived, timeout_s) as call:
                 results = await call.images([images[i] for i in pending])

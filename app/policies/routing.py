@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import Overloaded, Unavailable
-from app.engine.dataplane import DataPlane, ImageResult
-from app.engine.registry import ModelEntry
+from app.engine.dataplane import ImageResult
+from app.engine.facade import ModelView, Plane, RouteInfo
 from app.engine.stats import ServiceStats
 
 OVERHEAD_MS = 2.0
@@ -49,9 +49,9 @@ class Candidate:
     accuracy_source: str  # "reference", "measured" or "macs-proxy"
 
 
-def candidate(entry: ModelEntry) -> Candidate | None:
+def candidate(entry: ModelView) -> Candidate | None:
     m = entry.manifest
-    if entry.status != "ready" or entry.batcher is None or m is None:
+    if not entry.serving or m is None:
         return None
     ref, meas = m.accuracy.reference, m.accuracy.measured
     if not m.weights.pretrained:
@@ -68,11 +68,11 @@ def _rank(c: Candidate) -> tuple:
     return (c.top1 is not None, c.top1 if c.top1 is not None else c.macs, -c.macs)
 
 
-def service_ms(c: Candidate, stats: ServiceStats, others: list[Candidate]) -> tuple[float, str]:
+def service_ms(c: Candidate, stats: ServiceStats | RouteStats, others: list[Candidate]) -> tuple[float, str]:
     """(p95 per-image service ms, how it was obtained): measured, or the cold-start estimate from MACs."""
     measured = stats.p95_ms(c.name)
     if measured is not None:
-        return measured, f"measured p95 over {len(stats.fresh(c.name))} recent images"
+        return measured, f"measured p95 over {stats.samples(c.name)} recent images"
     gmacs = max(c.macs, 1) / 1e9
     best: tuple[float, Candidate, float] | None = None
     for o in others:
@@ -126,7 +126,7 @@ class Decision:
         return h
 
 
-def choose(candidates: list[Candidate], budget_ms: float, stats: ServiceStats,
+def choose(candidates: list[Candidate], budget_ms: float, stats: ServiceStats | RouteStats,
            queue_ms: dict[str, float] | None = None) -> Decision | None:
     """The order to try the candidates in; None when there is none."""
     if not candidates:
@@ -164,21 +164,22 @@ def choose(candidates: list[Candidate], budget_ms: float, stats: ServiceStats,
 
 
 async def classify_auto(
-    plane: DataPlane, budget_ms: float, read_images: Callable[[], Awaitable[list[bytes]]], arrived: float,
+    plane: Plane, budget_ms: float, read_images: Callable[[], Awaitable[list[bytes]]], arrived: float,
     timeout_s: float | None = None,
 ) -> tuple[list[ImageResult], Decision]:
     """Try the decision's order until a model admits and answers; the body is read once, by the first."""
-    entries = plane.registry.entries
-    cands = [c for c in (candidate(e) for e in entries.values()) if c is not None]
-    queue = {c.name: plane.queue_drain_ms(entries[c.name]) for c in cands}
-    decision = choose(cands, budget_ms, plane.stats, queue)
+    views = {v.name: v for v in plane.views()}
+    cands = [c for c in (candidate(v) for v in views.values()) if c is not None]
+    info = await plane.route_info()
+    queue = {c.name: info[c.name].queue_drain_ms for c in cands if c.name in info}
+    decision = choose(cands, budget_ms, RouteStats(info), queue)
     if decision is None:
         raise Unavailable("no model is ready yet", retry_after=5)
     images: list[bytes] | None = None
     refusal: Overloaded | None = None
     for name in decision.order:
         try:
-            async with plane.open(entries[name], arrived, timeout_s) as call:
+            async with plane.open(views[name], arrived, timeout_s) as call:
                 if images is None:
                     images = await read_images()
                 results = await call.images(images)
@@ -187,12 +188,32 @@ async def classify_auto(
             decision.refused.append(name)
             continue
         decision.chosen = name
-        plane.metrics.auto_routed.labels(name, str(decision.budget_missed).lower()).inc()
+        plane.note_auto_routed(name, decision.budget_missed)
         return results, decision
     assert refusal is not None
     refusal.message = f"every candidate model is overloaded ({', '.join(decision.refused)}); retry shortly"
     refusal.headers = {**refusal.headers, **decision.headers()}
     raise refusal
+
+
+class RouteStats:
+    """The two questions `choose` asks of ServiceStats, answered from the engine's snapshot (one per request:
+    in a worker process the samples live in the engine)."""
+
+    def __init__(self, info: dict[str, RouteInfo]) -> None:
+        self.info = info
+
+    def p95_ms(self, model: str) -> float | None:
+        i = self.info.get(model)
+        return None if i is None else i.p95_ms
+
+    def samples(self, model: str) -> int:
+        i = self.info.get(model)
+        return 0 if i is None else i.samples
+
+    def recently_refused(self, model: str) -> bool:
+        i = self.info.get(model)
+        return i is not None and i.recently_refused
 
 
 def is_family_name(model: str) -> bool:

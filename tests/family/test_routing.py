@@ -122,19 +122,22 @@ def test_random_weights_rank_by_macs_below_pretrained():
 
 
 def test_measured_accuracy_needs_a_real_set(tiny_family_repo):
+    from app.engine.facade import ModelView
     from app.engine.manifest import load_manifest
-    from app.engine.registry import ModelEntry
 
-    e = ModelEntry("tiny", tiny_family_repo / "tiny", status="ready", manifest=load_manifest(tiny_family_repo / "tiny"))
-    e.batcher = object()  # only its presence matters here
-    assert routing.candidate(e).accuracy_source == "macs-proxy"  # random weights
-    m = e.manifest.model_copy(deep=True)
+    manifest = load_manifest(tiny_family_repo / "tiny")
+
+    def serving(m):
+        return ModelView("tiny", "ready", manifest=m, batch_sizes=(1,))
+
+    assert routing.candidate(serving(manifest)).accuracy_source == "macs-proxy"  # random weights
+    assert routing.candidate(ModelView("tiny", "loading", manifest=manifest)) is None  # not serving: no candidate
+    m = manifest.model_copy(deep=True)
     m.weights.pretrained = True
     m.accuracy = m.accuracy.model_validate({"reference": {"top1": 75.0}, "measured": {"top1": 60.0, "size": 5}})
-    e.manifest = m
-    assert routing.candidate(e) == Candidate("tiny", m.macs, 75.0, "reference")  # five photos do not override
+    assert routing.candidate(serving(m)) == Candidate("tiny", m.macs, 75.0, "reference")  # five photos do not override
     m.accuracy.measured.size = 5000
-    assert routing.candidate(e) == Candidate("tiny", m.macs, 60.0, "measured")
+    assert routing.candidate(serving(m)) == Candidate("tiny", m.macs, 60.0, "measured")
 
 
 # --- live --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from app.api.grpc.servicer import InferenceServicer
-from app.engine.dataplane import DataPlane
+from app.engine.facade import Plane
 
 log = logging.getLogger("effnet.grpc")
 
@@ -25,13 +25,15 @@ def address(host: str, port: int) -> str:
 
 
 class GrpcServer:
-    def __init__(self, plane: DataPlane, host: str) -> None:
+    def __init__(self, plane: Plane, host: str, shared_port: bool = False) -> None:
         settings = plane.settings
         self.address = address(host, settings.grpc_port)
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
-                ("grpc.so_reuseport", 0),
+                # One process alone must own its port (a second start fails loudly); worker processes
+                # share theirs, each with its own listening socket (the kernel spreads connections).
+                ("grpc.so_reuseport", 1 if shared_port else 0),
             ],
             maximum_concurrent_rpcs=settings.max_connections,
         )
@@ -55,5 +57,5 @@ class GrpcServer:
         await self.server.stop(grace_s)
 
 
-async def start_grpc(plane: DataPlane, host: str) -> GrpcServer:
-    return await GrpcServer(plane, host).start()
+async def start_grpc(plane: Plane, host: str, shared_port: bool = False) -> GrpcServer:
+    return await GrpcServer(plane, host, shared_port).start()

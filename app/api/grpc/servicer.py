@@ -5,8 +5,8 @@
     ModelReady                    GET /v2/models/{m}/ready         ready=false for an unknown model (Triton's way)
     ModelMetadata / ModelConfig   GET /v2/models/{m}[/config]      descriptions.metadata / model_config
     ModelInfer                    POST /v2/models/{m}/infer        the data plane: open -> tensors | images
-    RepositoryIndex               POST /v2/repository/index        registry.index()
-    RepositoryModelLoad / Unload  POST /v2/repository/models/{m}/load | unload   plane.control
+    RepositoryIndex               POST /v2/repository/index        plane.index()
+    RepositoryModelLoad / Unload  POST /v2/repository/models/{m}/load | unload   plane.load | unload
 
 The data plane records every inference's admission, status and duration on /metrics, as for HTTP; nothing
 here records them again. RPCs the service does not offer (statistics, shared memory, tracing, logging,
@@ -27,12 +27,12 @@ from app.api.grpc.status import KeyCheck, rpc
 from app.api.grpc.tensors import encode_response, parse_request, payload_bytes
 from app.api.v2.codec import ProtocolError
 from app.api.v2.descriptions import find_entry, metadata, model_config, server_metadata
-from app.engine.dataplane import DataPlane
+from app.engine.facade import Plane
 from app.engine.registry import valid_name
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: Plane) -> None:
         self.plane = plane
         self.keys = KeyCheck(plane.settings)
 
@@ -43,7 +43,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @rpc("/v2/health/ready", while_draining=True)
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.plane.registry.ready and not self.plane.draining)
+        return pb.ServerReadyResponse(ready=self.plane.readiness().ready)
 
     @rpc(while_draining=True)
     async def ModelReady(self, request, context):
@@ -51,7 +51,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             entry = find_entry(self.plane, request.name, request.version)
         except ProtocolError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.plane.is_ready(entry))
+        return pb.ModelReadyResponse(ready=entry.serving and not self.plane.draining)
 
     @rpc()
     async def ServerMetadata(self, request, context):
@@ -83,7 +83,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 size = payload_bytes(request)
                 plane.memory.take(size, "request bodies")
                 charged = size
-                manifest = call.entry.manifest
+                manifest = call.view.manifest  # the version admitted
                 # Off the event loop: typed contents are converted value by value.
                 parsed = await loop.run_in_executor(
                     plane.decode_pool, parse_request, request, manifest, plane.settings.max_queue)
@@ -103,19 +103,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- the model repository ------------------------------------------------------------
     @rpc()
     async def RepositoryIndex(self, request, context):
-        rows = self.plane.registry.index()
+        rows = await self.plane.index()
         if request.ready:
             rows = [r for r in rows if r.get("state") == "READY"]
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     @rpc()
     async def RepositoryModelLoad(self, request, context):
-        await self.plane.control.load(_model_name(request.model_name))
+        await self.plane.load(_model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
     @rpc()
     async def RepositoryModelUnload(self, request, context):
-        await self.plane.control.unload(_model_name(request.model_name))
+        await self.plane.unload(_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from app import __version__
 from app.api.v2.codec import VERSION, ProtocolError
-from app.engine.dataplane import DataPlane
-from app.engine.registry import ModelEntry
+from app.core.errors import UnknownModel
+from app.engine.facade import ModelView, Plane
 
 SERVER_NAME = "effnet-serve"
 PLATFORM = "onnxruntime_onnx"
@@ -21,19 +21,20 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
-def find_entry(plane: DataPlane, name: str, version: str | None) -> ModelEntry:
+def find_entry(plane: Plane, name: str, version: str | None) -> ModelView:
     """The named model, or ProtocolError 404 (unknown model, or a version it does not serve)."""
-    entry = plane.registry.entries.get(name)
-    if entry is None:
+    try:
+        entry = plane.find(name)
+    except UnknownModel as exc:
         # The name came from the client: not echoed back.
-        raise ProtocolError(404, f"unknown model; available: {', '.join(plane.registry.names())}")
+        raise ProtocolError(404, f"unknown model; available: {', '.join(exc.extra.get('available', []))}") from None
     if version not in (None, "", VERSION, entry.version):
         # "1" stays accepted: before versions followed the ONNX file, every model was version 1.
         raise ProtocolError(404, f"model {name!r} serves version {entry.version or VERSION} only")
     return entry
 
 
-def metadata(entry: ModelEntry) -> dict[str, Any]:
+def metadata(entry: ModelView) -> dict[str, Any]:
     m = entry.manifest
     out: dict[str, Any] = {"name": entry.name, "versions": [entry.version or VERSION], "platform": PLATFORM}
     if m is not None:
@@ -45,7 +46,7 @@ def metadata(entry: ModelEntry) -> dict[str, Any]:
     return out
 
 
-def model_config(entry: ModelEntry, plane: DataPlane) -> dict[str, Any]:
+def model_config(entry: ModelView, plane: Plane) -> dict[str, Any]:
     """Triton's model configuration (the fields perf_analyzer and Triton clients read); dims leave out the
     batch axis, as Triton's do."""
     m = entry.manifest
@@ -57,7 +58,7 @@ def model_config(entry: ModelEntry, plane: DataPlane) -> dict[str, Any]:
                          "dims": [3, crop, crop]}]
         out["output"] = [{"name": m.onnx.output.name, "data_type": "TYPE_FP32", "dims": [len(m.labels)]}]
     out["dynamic_batching"] = {"max_queue_delay_microseconds": int(plane.settings.max_delay_ms * 1000)}
-    if entry.batcher is not None:
-        out["dynamic_batching"]["preferred_batch_size"] = entry.batcher.sizes
+    if entry.batch_sizes is not None:
+        out["dynamic_batching"]["preferred_batch_size"] = list(entry.batch_sizes)
     out["version_policy"] = {"latest": {"num_versions": 1}}
     return out

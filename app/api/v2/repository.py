@@ -48,7 +48,7 @@ async def index(request: Request) -> Response:
     body = await _json_body(request)
     if body is None or not isinstance(body.get("ready", False), bool):
         return _error(400, "the body must be empty or {\"ready\": true|false}")
-    rows = plane_of(request).registry.index()
+    rows = await plane_of(request).index()
     if body.get("ready"):
         rows = [r for r in rows if r.get("state") == "READY"]
     return JSONResponse(rows)
@@ -59,9 +59,9 @@ async def _control(request: Request, name: str, action: str) -> Response:
         return _error(400, "not a valid model name (lowercase letters, digits, '.', '_', '-')")
     if await _json_body(request) is None:
         return _error(400, "the body must be empty or a JSON object")
-    control = plane_of(request).control
+    plane = plane_of(request)
     try:
-        await (control.load(name) if action == "load" else control.unload(name))
+        await (plane.load(name) if action == "load" else plane.unload(name))
     except ControlRefused as exc:
         return _error(403, str(exc))
     except ControlError as exc:

@@ -28,7 +28,7 @@ from app.api.v2.descriptions import find_entry, metadata, model_config
 from app.api.v2.descriptions import server_metadata as describe_server
 from app.core import tracing
 from app.core.errors import ApiError
-from app.engine.registry import ModelEntry
+from app.engine.facade import ModelView
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)
@@ -38,7 +38,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _entry(request: Request, name: str, version: str | None) -> ModelEntry:
+def _entry(request: Request, name: str, version: str | None) -> ModelView:
     return find_entry(plane_of(request), name, version)
 
 
@@ -55,8 +55,7 @@ async def health_live() -> dict[str, Any]:
 
 @router.get("/health/ready", summary="Every configured model is loaded and warmed")
 async def health_ready(request: Request) -> JSONResponse:
-    plane = plane_of(request)
-    ready = plane.registry.ready and not plane.draining
+    ready = plane_of(request).readiness().ready
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -73,7 +72,7 @@ async def _model_ready(request: Request, name: str, version: str | None) -> JSON
         entry = _entry(request, name, version)
     except ProtocolError as exc:
         return _error(exc.status, exc.message)
-    ready = plane_of(request).is_ready(entry)
+    ready = entry.serving and not plane_of(request).draining
     return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
 
 
@@ -137,7 +136,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         return _error(exc.status, exc.message, exc.headers)
 
 
-async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arrived: float,
+async def _run(plane, upload: Upload, request: Request, entry: ModelView, arrived: float,
                timeout_s: float | None) -> Response:
     loop = asyncio.get_running_loop()
     settings = plane.settings
@@ -145,19 +144,20 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelEntry, arriv
         body = await upload.body()
         # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
         with tracing.span("parse"):
-            inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, entry, settings,
-                                             request.app.state.json_worker)
+            # The version admitted (a reload may have swapped in one with another resolution meanwhile).
+            inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, call.view,
+                                             settings, request.app.state.json_worker)
         del body
         results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
     with tracing.span("answer"):
         logits = np.stack([r.logits for r in results])
         probs = np.stack([r.probs for r in results])
         content, headers = await loop.run_in_executor(
-            plane.decode_pool, encode_infer, inp, entry.name, entry.manifest.labels, logits, probs, results[0].version)
+            plane.decode_pool, encode_infer, inp, entry.name, results[0].labels, logits, probs, results[0].version)
         return Response(content, headers=headers)
 
 
-def _decode_and_parse(body: bytes, headers, entry: ModelEntry, settings, json_worker: JsonWorker):
+def _decode_and_parse(body: bytes, headers, entry: ModelView, settings, json_worker: JsonWorker):
     body = decode_content(body, headers.get("content-encoding"), settings.max_body_bytes)  # zlib frees the GIL
     return json_worker.parse(body, headers.get(HEADER), entry.manifest, settings.max_queue, settings.max_json_bytes)
 

@@ -1,0 +1,334 @@
+"""The worker's side of the link: `RemotePlane`, a `facade.Plane` whose verbs the engine process answers.
+
+What a front end asks often is answered here, without a round trip: models, readiness and the default
+model come from the last state the engine pushed (app/engine/link/server.py). A request costs three round
+trips (open, reserve, submit) and one message without an answer (close); its images are decoded here,
+between reserve and submit, and cross to the engine in this worker's shared-memory arena.
+
+If the engine goes away, every call waiting on it fails with 503 at once and readiness turns false; the
+supervisor (app/supervisor.py) then stops the service, so that the orchestrator restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from app.core import tracing
+from app.core.config import Settings
+from app.core.limits import cores
+from app.core.errors import ApiError, ClientGone, OverBudget, Unavailable, UnknownModel
+from app.engine.batcher import softmax
+from app.engine.facade import ImageResult, ModelView, Readiness, RouteInfo
+from app.engine.link.server import State
+from app.engine.link.shm import Arena, ArenaFull
+from app.engine.link.wire import LinkClosed, encode, read_message
+from app.engine.memory import MemoryBudget
+from app.engine.dataplane import decode_all
+from app.engine.preprocess import set_max_pixels
+
+log = logging.getLogger("effnet.worker")
+
+
+def engine_gone() -> Unavailable:
+    return Unavailable("the inference engine is not running; retry shortly", retry_after=1)
+
+
+class RemotePlane:
+    def __init__(self, settings: Settings, socket_path: str, arena: Arena, decode_pool: Executor,
+                 memory_bytes: int) -> None:
+        self.settings, self.socket_path, self.arena, self.decode_pool = settings, socket_path, arena, decode_pool
+        self.memory = MemoryBudget(memory_bytes)  # this worker's share of EFFNET_MAX_INFLIGHT_MB
+        self.uploading = 0
+        self._draining = False  # this worker is shutting down (SIGTERM)
+        self._state: State | None = None
+        self._views: dict[str, ModelView] = {}
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self.lost = False
+
+    # --- the link --------------------------------------------------------------------------
+    async def connect(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader), name="engine-link")
+        self._apply(await self._call("hello", os.getpid(), self.arena.name))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            try:
+                await self._reader_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
+                pass
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await read_message(reader)
+                kind = message[0]
+                if kind == "state":
+                    self._apply(message[2])
+                    continue
+                fut = self._pending.pop(message[1], None)
+                if fut is None or fut.done():
+                    continue
+                if kind == "ok":
+                    fut.set_result(message[2])
+                else:
+                    fut.set_exception(message[2])
+        except LinkClosed:
+            log.error("the link to the engine is closed: answering 503 until the service restarts")
+        finally:
+            self.lost = True
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(engine_gone())
+            self._pending.clear()
+
+    def _apply(self, state: State) -> None:
+        self._state = state
+        self._views = {v.name: v for v in state.views}
+
+    def _send(self, message: tuple) -> None:
+        if self.lost or self._writer is None:
+            raise engine_gone()
+        self._writer.write(encode(message))
+
+    def _request(self, verb: str, *args: Any) -> asyncio.Future:
+        mid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._send(("call", mid, verb, args))
+        self._pending[mid] = fut
+        return fut
+
+    async def _call(self, verb: str, *args: Any) -> Any:
+        return await self._request(verb, *args)
+
+    def _tell(self, verb: str, *args: Any) -> None:
+        try:
+            self._send(("tell", 0, verb, args))
+        except Unavailable:
+            pass  # nobody left to tell
+
+    # --- facade.Plane ------------------------------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self._draining or self.lost or (self._state is not None and self._state.readiness.draining)
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+
+    def find(self, name: str | None) -> ModelView:
+        name = name if name is not None else self.default_model()
+        view = self._views.get(name) if name is not None else None
+        if view is None:
+            raise UnknownModel("unknown model", available=list(self._views))
+        return view
+
+    def knows(self, name: str) -> bool:
+        return name in self._views
+
+    def views(self) -> list[ModelView]:
+        return list(self._views.values())
+
+    def default_model(self) -> str | None:
+        return self._state.default_model if self._state is not None else None
+
+    def readiness(self) -> Readiness:
+        if self._state is None or self.lost:
+            return Readiness(False, self.draining, (), (), {"engine": "the inference engine is not running"})
+        r = self._state.readiness
+        if self._draining and not r.draining:
+            return Readiness(False, True, r.models, r.serving, r.not_ready)
+        return r
+
+    def open(self, view: ModelView, arrived: float | None = None, timeout_s: float | None = None) -> RemoteCall:
+        loop_now = asyncio.get_running_loop().time()
+        return RemoteCall(self, view, loop_now if arrived is None else arrived, timeout_s)
+
+    async def refusal(self, view: ModelView) -> ApiError | None:
+        try:
+            return await self._call("refusal", view.name)
+        except ApiError as exc:
+            return exc
+
+    async def route_info(self) -> dict[str, RouteInfo]:
+        return await self._call("route_info")
+
+    async def index(self) -> list[dict[str, str]]:
+        return await self._call("index")
+
+    async def load(self, name: str) -> None:
+        await self._call("load", name)
+
+    async def unload(self, name: str) -> None:
+        await self._call("unload", name)
+
+    def note_auto_routed(self, name: str, budget_missed: bool) -> None:
+        self._tell("note_auto_routed", name, budget_missed)
+
+    def note_escalations(self, cascade: str, from_model: str, to_model: str, n: int) -> None:
+        self._tell("note_escalations", cascade, from_model, to_model, n)
+
+    async def metrics_text(self) -> bytes:
+        return await self._call("metrics_text")
+
+    def _current(self, view: ModelView, fresh: ModelView | None) -> ModelView:
+        """The view the engine says the call runs on: `fresh` when the engine sent one (another version)."""
+        if fresh is None:
+            return view
+        if self._views.get(fresh.name) is None or self._views[fresh.name].version != fresh.version:
+            self._views[fresh.name] = fresh  # ahead of the next state push
+        return fresh
+
+
+class RemoteCall:
+    """One request's use of one model, through the engine (the worker-side twin of dataplane.Call)."""
+
+    def __init__(self, plane: RemotePlane, view: ModelView, arrived: float, timeout_s: float | None) -> None:
+        self.plane, self.view, self.arrived, self.timeout_s = plane, view, arrived, timeout_s
+        self.tid: int | None = None
+        self._skipped = 0
+
+    async def __aenter__(self) -> RemoteCall:
+        plane = self.plane
+        elapsed = asyncio.get_running_loop().time() - self.arrived
+        self.tid, fresh = await plane._call("open", self.view.name, elapsed, self.timeout_s, self.view.version)
+        self.view = plane._current(self.view, fresh)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if self.tid is None:
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            exc = ClientGone("the client went away")
+        elif exc is not None and not isinstance(exc, ApiError):
+            exc = RuntimeError(type(exc).__name__)
+        self.plane._tell("close", self.tid, exc, self._skipped)
+
+    async def _reserve(self, n: int) -> ModelView:
+        fresh = await self.plane._call("reserve", self.tid, n, self.view.version)
+        self.view = self.plane._current(self.view, fresh)
+        tracing.annotate(images=n, version=self.view.version)
+        return self.view
+
+    async def images(self, data: list[bytes]) -> list[ImageResult]:
+        view = await self._reserve(len(data))
+        plane = self.plane
+        try:
+            prepared = await decode_all(plane.decode_pool, data, view.manifest.preprocess,
+                                        plane.settings.max_image_pixels, plane.memory, view.name)
+        except asyncio.CancelledError:
+            self._skipped += len(data)
+            raise
+        return await self._submit([p.tensor for p in prepared], [(p.decode_s, p.preprocess_s) for p in prepared])
+
+    async def tensors(self, xs: list[np.ndarray]) -> list[ImageResult]:
+        await self._reserve(len(xs))
+        return await self._submit(xs, None)
+
+    async def _submit(self, xs: list[np.ndarray], prep: list[tuple[float, float]] | None) -> list[ImageResult]:
+        plane, view = self.plane, self.view
+        arena = plane.arena
+        classes = len(view.manifest.labels)
+        held: list[tuple[int, int]] = []  # (offset, bytes) of this call's arena space
+        try:
+            inputs = []
+            for x in xs:
+                off = arena.alloc(x.nbytes)
+                held.append((off, x.nbytes))
+                arena.array(off, x.shape)[...] = x
+                inputs.append((off, tuple(x.shape)))
+            outputs = []
+            for _ in xs:
+                off = arena.alloc(classes * 4)
+                held.append((off, classes * 4))
+                outputs.append(off)
+        except ArenaFull as exc:
+            _free(arena, held)
+            raise OverBudget(str(exc), retry_after=1) from None
+        submitted = tracing.now_ns()
+        fut = plane._request("submit", self.tid, inputs, outputs, prep)
+        try:
+            meta = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The engine may still be reading the tensors: the space goes back once it has answered.
+            plane._tell("cancel", self.tid)
+            fut.add_done_callback(lambda f: _abandoned(f, arena, held))
+            raise
+        except BaseException:
+            _free(arena, held)
+            raise
+        try:
+            logits = np.stack([arena.array(off, (classes,)) for off in outputs])
+        finally:
+            _free(arena, held)
+        probs = softmax(logits)
+        pretrained = view.manifest.weights.pretrained
+        d = prep or [(0.0, 0.0)] * len(xs)
+        results = [
+            ImageResult(view.name, probs[i], logits[i], view.manifest.labels, d[i][0], d[i][1], q, inf, bs,
+                        view.version, pretrained)
+            for i, (q, inf, bs) in enumerate(meta)
+        ]
+        tracing.batch_spans(submitted, results, model=view.name, model_version=view.version)
+        return results
+
+
+def _abandoned(fut: asyncio.Future, arena: Arena, held: list[tuple[int, int]]) -> None:
+    """The engine answered a submit nobody waits for any more: its space goes back, its answer is dropped."""
+    _free(arena, held)
+    if not fut.cancelled():
+        fut.exception()  # retrieved, so that asyncio does not log it as lost
+
+
+def _free(arena: Arena, held: list[tuple[int, int]]) -> None:
+    for off, n in held:
+        arena.free(off, n)
+    held.clear()
+
+
+def decode_threads(settings: Settings, workers: int) -> int:
+    """EFFNET_DECODE_WORKERS when it is set; else this worker's share of the cores (at least one), so that
+    the workers' decode threads together match the CPU quota instead of each taking all of it."""
+    if "decode_workers" in settings.model_fields_set:
+        return settings.decode_workers
+    return max(1, cores() // max(1, workers))
+
+
+@contextlib.asynccontextmanager
+async def remote_plane(settings: Settings, socket_path: str, arena: Arena, workers: int) -> AsyncIterator[RemotePlane]:
+    """A worker's plane for its lifetime: connected to the engine, with this worker's decode threads and its
+    share of the in-flight memory budget."""
+    set_max_pixels(settings.max_image_pixels)
+    pool = ThreadPoolExecutor(max_workers=decode_threads(settings, workers), thread_name_prefix="decode")
+    plane = RemotePlane(settings, socket_path, arena, pool, settings.max_inflight_bytes // max(1, workers))
+    try:
+        await plane.connect()
+        yield plane
+    finally:
+        plane.draining = True
+        await plane.close()
+        pool.shutdown(wait=False, cancel_futures=True)

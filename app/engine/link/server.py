@@ -1,0 +1,257 @@
+"""The engine's side of the link: one session per worker process, each serving the data plane's verbs.
+
+A worker's request goes through the same `Call` as in a single process (app/engine/dataplane.py), in the
+same order, one verb per step: `open` (stage one), `reserve` (stage two, before the worker decodes),
+`submit` (the tensors, read from the worker's arena, batched with every other worker's), `close` (status
+and duration recorded once). So admission, queue room, deadlines and metrics mean what they mean in one
+process, and batches form across workers.
+
+What a worker holds when it dies (its link closes) is given back at once: its reservations are released,
+its queued images are dropped before inference, its calls are recorded as 499, and its arena is detached.
+No other worker's request is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.errors import ClientGone, ShuttingDown
+from app.engine.dataplane import Call, DataPlane, view_of
+from app.engine.facade import ModelView, Readiness
+from app.engine.link.shm import Regions
+from app.engine.link.wire import LinkClosed, encode, read_message, safe_exception
+
+log = logging.getLogger("effnet.engine")
+
+PUSH_EVERY_S = 0.05  # how stale a worker's view of readiness and models may get
+
+
+@dataclass(frozen=True)
+class State:
+    """What every worker answers probes and lookups from, pushed whenever it changes."""
+
+    readiness: Readiness
+    views: tuple[ModelView, ...]
+    default_model: str | None
+
+    def key(self) -> tuple:
+        """What tells two states apart (manifests change only with the version)."""
+        return (self.readiness, self.default_model,
+                tuple((v.name, v.status, v.reason, v.version, v.provider, v.max_batch, v.batch_sizes) for v in self.views))
+
+
+def state_of(plane: DataPlane) -> State:
+    return State(plane.readiness(), tuple(plane.views()), plane.default_model())
+
+
+@dataclass
+class _Ticket:
+    call: Call
+    room: Any = None  # the Reservation, once reserved
+    task: asyncio.Task | None = None  # the submit in progress
+
+
+@dataclass(eq=False)  # one per connection, kept in a set
+class _Session:
+    server: EngineServer
+    writer: asyncio.StreamWriter
+    arena: str | None = None
+    worker_pid: int | None = None
+    tickets: dict[int, _Ticket] = field(default_factory=dict)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def send(self, message: tuple) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(encode(message))
+
+
+class EngineServer:
+    def __init__(self, plane: DataPlane, path: str) -> None:
+        self.plane, self.path = plane, path
+        self.regions = Regions()
+        self.sessions: set[_Session] = set()
+        self._ids = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._pusher: asyncio.Task | None = None
+        self._last_key: tuple | None = None
+        self.idle = asyncio.Event()  # no worker connected
+        self.idle.set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o600)
+        self._pusher = asyncio.get_running_loop().create_task(self._push_changes(), name="push-state")
+
+    async def close(self) -> None:
+        if self._pusher is not None:
+            self._pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pusher
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.writer.close()
+
+    # --- state ---------------------------------------------------------------------------
+    def push(self) -> None:
+        """Send the state to every worker if it changed since the last push."""
+        state = state_of(self.plane)
+        key = state.key()
+        if key != self._last_key:
+            self._last_key = key
+            for s in list(self.sessions):
+                s.send(("state", 0, state))
+
+    async def _push_changes(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_EVERY_S)
+            try:
+                self.push()
+            except Exception:  # noqa: BLE001 - the pusher must outlive one bad snapshot
+                log.exception("could not push the state to the workers")
+
+    # --- sessions ------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        s = _Session(self, writer)
+        self.sessions.add(s)
+        self.idle.clear()
+        try:
+            while True:
+                kind, mid, verb, *rest = await read_message(reader)
+                if kind == "call":
+                    task = asyncio.get_running_loop().create_task(self._answer(s, mid, verb, rest[0]))
+                    s.tasks.add(task)
+                    task.add_done_callback(s.tasks.discard)
+                elif kind == "tell":
+                    self._tell(s, verb, rest[0])
+        except LinkClosed:
+            pass
+        except Exception:  # noqa: BLE001 - a malformed message ends that worker's session only
+            log.exception("the link to worker %s failed", s.worker_pid)
+        finally:
+            self._abandon(s)
+            writer.close()
+            self.sessions.discard(s)
+            if not self.sessions:
+                self.idle.set()
+
+    def _abandon(self, s: _Session) -> None:
+        """The worker is gone: give back everything it held (see the module docstring)."""
+        for task in list(s.tasks):
+            task.cancel()
+        for tid in list(s.tickets):
+            self._close(s, tid, ClientGone("the worker process holding the request is gone"), 0)
+        if s.tickets or s.worker_pid is not None:
+            log.info("worker %s left", s.worker_pid)
+        if s.arena is not None:
+            self.regions.detach(s.arena)
+
+    async def _answer(self, s: _Session, mid: int, verb: str, args: tuple) -> None:
+        try:
+            value = await VERBS[verb](self, s, *args)
+        except asyncio.CancelledError:
+            s.send(("err", mid, ShuttingDown("the engine dropped the request")))
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
+            s.send(("err", mid, safe_exception(exc)))
+        else:
+            s.send(("ok", mid, value))
+
+    def _tell(self, s: _Session, verb: str, args: tuple) -> None:
+        if verb == "close":
+            self._close(s, *args)
+        elif verb == "cancel":
+            t = s.tickets.get(args[0])
+            if t is not None and t.task is not None:
+                t.task.cancel()
+        elif verb == "note_auto_routed":
+            self.plane.note_auto_routed(*args)
+        elif verb == "note_escalations":
+            self.plane.note_escalations(*args)
+        else:
+            log.warning("worker %s sent an unknown message %r", s.worker_pid, verb)
+
+    def _close(self, s: _Session, tid: int, exc: BaseException | None, skipped: int) -> None:
+        t = s.tickets.pop(tid, None)
+        if t is None:
+            return
+        if t.room is not None:
+            t.room.release()
+        if skipped:
+            t.call._skipped(skipped, "client_gone")
+        t.call._close(exc)
+
+    # --- verbs ---------------------------------------------------------------------------
+    async def hello(self, s: _Session, worker_pid: int, arena: str) -> State:
+        s.worker_pid, s.arena = worker_pid, arena
+        return state_of(self.plane)
+
+    async def open(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: str | None):
+        plane = self.plane
+        arrived = asyncio.get_running_loop().time() - max(0.0, elapsed_s)
+        call = plane.open(plane.entry(name), arrived, timeout_s)
+        await call.__aenter__()  # stage one; on a refusal it records itself and raises
+        tid = next(self._ids)
+        s.tickets[tid] = _Ticket(call)
+        return tid, self._view_unless_known(call, known)
+
+    async def reserve(self, s: _Session, tid: int, n: int, known: str | None):
+        t = s.tickets[tid]
+        t.room = await t.call.reserve(n)
+        return self._view_unless_known(t.call, known)
+
+    @staticmethod
+    def _view_unless_known(call: Call, known: str | None) -> ModelView | None:
+        """The model's view when the worker's copy is of another version (a reload), else None."""
+        return None if call.entry.version == known else view_of(call.entry)
+
+    async def submit(self, s: _Session, tid: int, inputs: list[tuple[int, tuple]], outputs: list[int],
+                     prep: list[tuple[float, float]] | None):
+        t = s.tickets[tid]
+        call, room = t.call, t.room
+        xs = [self.regions.array(s.arena, off, shape) for off, shape in inputs]
+        t.task = asyncio.current_task()
+        try:
+            results = await room.submit(xs, call.arrived, call._timeout())
+        finally:
+            t.task = None
+        classes = results[0].logits.shape[0]
+        for off, r in zip(outputs, results):
+            self.regions.array(s.arena, off, (classes,))[:] = r.logits
+        if prep is not None:
+            call.record_prepared(call.entry.name, prep, results)
+        return [(r.queue_s, r.inference_s, r.batch_size) for r in results]
+
+    async def refusal(self, s: _Session, name: str | None):
+        return await self.plane.refusal(self.plane.entry(name))
+
+    async def route_info(self, s: _Session):
+        return self.plane.route_info()
+
+    async def index(self, s: _Session):
+        return self.plane.index()
+
+    async def load(self, s: _Session, name: str) -> None:
+        await self.plane.load(name)
+        self.push()  # before the answer: the asking worker sees the model as soon as it is told
+
+    async def unload(self, s: _Session, name: str) -> None:
+        await self.plane.unload(name)
+        self.push()
+
+    async def metrics_text(self, s: _Session) -> bytes:
+        return await self.plane.metrics_text()
+
+    async def view(self, s: _Session, name: str) -> ModelView:
+        return self.plane.find(name)
+
+
+VERBS = {name: getattr(EngineServer, name) for name in (
+    "hello", "open", "reserve", "submit", "refusal", "route_info", "index", "load", "unload", "metrics_text", "view",
+)}

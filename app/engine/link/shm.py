@@ -1,0 +1,167 @@
+"""Shared memory between a worker and the engine: one arena per worker, created and unlinked by it.
+
+The worker writes each preprocessed image into its arena and sends the engine only (offset, shape); the
+engine reads the tensor where it lies (the batcher copies it into the batch) and writes the logits back
+into space the worker set aside beside it. So pixels never go through a pipe or pickle.
+
+Lessons from other servers (see ../shared/notes/multiprocess.md), each handled here:
+* segment names carry the service's PID and the worker's, so a later start can reclaim the segments of a
+  service that was SIGKILLed (`reclaim`), and no process can mistake another worker's arena for its own;
+* multiprocessing's resource tracker is told to forget every segment (it would unlink segments other
+  processes still map, and warn about them at exit): the creating worker unlinks its arena itself, and the
+  supervisor unlinks the arena of a worker that died;
+* space is handed out first-fit and given back when the engine has answered for it, never earlier: the
+  engine may still be reading a tensor whose request the client abandoned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import _posixshmem  # the C module multiprocessing.shared_memory unlinks with
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+PREFIX = "effnet-shm"
+ALIGN = 64  # bytes: each tensor starts on a cache line
+SHM_DIR = Path("/dev/shm")
+
+
+def segment_name(service_pid: int, worker_pid: int) -> str:
+    return f"{PREFIX}-{service_pid}-{worker_pid}"
+
+
+def _forget(shm: SharedMemory) -> None:
+    """Keep multiprocessing's resource tracker out of it (see the module docstring)."""
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 - the documented workaround
+    except Exception:  # noqa: BLE001 - no tracker running: nothing to forget
+        pass
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment by name (a dead worker's); False when it was not there. Not SharedMemory.unlink:
+    that also tells the resource tracker, which was told to forget the segment already."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink the arenas of services that are no longer running (a SIGKILL leaves them behind)."""
+    gone = []
+    for path in shm_dir.glob(f"{PREFIX}-*"):
+        try:
+            service_pid = int(path.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(service_pid):
+            try:
+                path.unlink()
+                gone.append(path.name)
+            except OSError:
+                pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArenaFull(Exception):
+    """No room for a request's tensors now."""
+
+
+class Arena:
+    """A worker's segment and the first-fit allocator over it."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.size = size
+        self.shm = SharedMemory(name=name, create=True, size=size)
+        _forget(self.shm)
+        self.name = self.shm.name
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted, never adjacent
+        self._lock = threading.Lock()  # tensors are written from the decode threads
+        self.used = 0
+
+    def alloc(self, nbytes: int) -> int:
+        n = -(-max(nbytes, 1) // ALIGN) * ALIGN
+        with self._lock:
+            for i, (off, length) in enumerate(self._free):
+                if length >= n:
+                    if length == n:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (off + n, length - n)
+                    self.used += n
+                    return off
+        raise ArenaFull(f"the worker's shared memory ({self.size >> 20} MB, EFFNET_SHM_MB) is full")
+
+    def free(self, offset: int, nbytes: int) -> None:
+        n = -(-max(nbytes, 1) // ALIGN) * ALIGN
+        with self._lock:
+            self.used -= n
+            free = self._free
+            lo, hi = 0, len(free)
+            while lo < hi:  # where the block goes, by offset
+                mid = (lo + hi) // 2
+                if free[mid][0] < offset:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            start, end = offset, offset + n
+            if lo < len(free) and free[lo][0] == end:  # merge with the block after
+                end += free[lo][1]
+                del free[lo]
+            if lo > 0 and free[lo - 1][0] + free[lo - 1][1] == start:  # and the one before
+                start = free[lo - 1][0]
+                del free[lo - 1]
+                lo -= 1
+            free.insert(lo, (start, end - start))
+
+    def array(self, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+        return np.ndarray(shape, dtype=np.float32, buffer=self.shm.buf, offset=offset)
+
+    def close(self) -> None:
+        try:
+            self.shm.close()
+        except BufferError:  # an array still points into it; the unlink below still frees it at exit
+            pass
+        unlink(self.name)
+
+
+class Regions:
+    """The engine's view of the workers' arenas: attached on first use, detached when a worker leaves."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, SharedMemory] = {}
+
+    def array(self, name: str, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+        shm = self._maps.get(name)
+        if shm is None:
+            shm = self._maps[name] = SharedMemory(name=name)
+            _forget(shm)
+        nbytes = int(np.prod(shape)) * 4
+        if offset < 0 or offset + nbytes > shm.size:
+            raise ValueError(f"a tensor at {offset}+{nbytes} lies outside arena {name} ({shm.size} bytes)")
+        return np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset)
+
+    def detach(self, name: str) -> None:
+        shm = self._maps.pop(name, None)
+        if shm is not None:
+            try:
+                shm.close()
+            except BufferError:  # a batch still reads from it; the mapping goes when that array does
+                pass

@@ -1,0 +1,215 @@
+"""`effnet serve`: one process (EFFNET_WORKERS=1), or a supervisor over one engine process and N front-end
+worker processes.
+
+    supervisor (this module)      holds the ports, starts, watches and stops the others
+      engine (app/engine/link/process.py)     ORT sessions, batchers, queue room, model control, /metrics
+      worker x N (app/api/server.py)          HTTP + gRPC on shared ports, bodies, decode, answers
+                                              -> the engine over a Unix socket, tensors in shared memory
+
+Faults:
+* a worker that dies is started again; the engine gives back what it held (its requests end as 499) and
+  the supervisor unlinks its shared memory; nobody else's request is touched;
+* if the engine dies, the workers answer 503 at once (readiness too), and the supervisor stops them and
+  exits 1, so that the orchestrator (Kubernetes, compose's restart policy) restarts the service whole:
+  models are loaded in one place only, and a half-restarted service would serve from an empty engine;
+* SIGTERM/SIGINT: every process drains (readiness 503 at once, requests in flight finish within
+  EFFNET_DRAIN_S) and the supervisor exits 0.
+
+Processes are started with `spawn`, never `fork`: ONNX Runtime and CUDA do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from app.api.server import serve as serve_one_process
+from app.api.server import serve_worker
+from app.core.config import Settings
+from app.engine.link import shm
+from app.engine.link.process import run_engine
+
+log = logging.getLogger("effnet.supervisor")
+
+ENGINE_START_S = 60.0  # the engine answers on its socket this soon (models load after, in the background)
+RESTARTS_PER_MINUTE = 10  # more worker deaths than this in a minute: something is wrong, stop
+
+
+def serve(host: str, port: int) -> int:
+    settings = Settings()
+    if settings.workers == 1:
+        return serve_one_process(host, port)
+    return Supervisor(settings, host, port).run()
+
+
+def hold_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) the port with SO_REUSEPORT: a port taken by someone else fails here, clearly, and
+    port 0 becomes a real port the workers then share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def shm_free_bytes(path: Path = shm.SHM_DIR) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
+        self.settings, self.host, self.port = settings, host, port
+        self.ctx = mp.get_context("spawn")
+        self.stopping = False
+        self.workers: dict[int, mp.process.BaseProcess] = {}
+        self.restarts: list[float] = []
+
+    def run(self) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        s = self.settings
+        for name in shm.reclaim():
+            log.warning("removed shared memory %s left by a service that is gone", name)
+        need = s.workers * (s.shm_mb << 20)
+        free = shm_free_bytes()
+        if free is not None and free < need:
+            log.error("/dev/shm has %d MB free; %d workers x EFFNET_SHM_MB=%d need %d MB. Give the container more "
+                      "(docker: --shm-size / compose shm_size; Kubernetes: an emptyDir with medium: Memory on "
+                      "/dev/shm) or lower EFFNET_SHM_MB or EFFNET_WORKERS", free >> 20, s.workers, s.shm_mb, need >> 20)
+            return 2
+        try:
+            holders = [hold_port(self.host, self.port)]
+            self.port = holders[0].getsockname()[1]
+            if s.grpc_port:
+                holders.append(hold_port(self.host, s.grpc_port))
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", self.host, exc)
+            return 1
+        rundir = tempfile.mkdtemp(prefix="effnet-")  # 0700: only this user can reach the engine's socket
+        self.socket_path = os.path.join(rundir, "engine.sock")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            return self._supervise()
+        finally:
+            for h in holders:
+                h.close()
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            log.info("signal %d: draining every process (up to %g s)", signum, self.settings.drain_s)
+        self.stopping = True
+
+    def _supervise(self) -> int:
+        ready_rx, ready_tx = self.ctx.Pipe(duplex=False)
+        self.engine = self.ctx.Process(target=_engine_main, args=(self.socket_path, ready_tx), name="effnet-engine")
+        self.engine.start()
+        log.info("engine process started (pid %d)", self.engine.pid)
+        ready_tx.close()
+        if not ready_rx.poll(ENGINE_START_S) or self._recv(ready_rx) != "ready":
+            log.error("the engine process did not start (exit code %s)", self.engine.exitcode)
+            self._stop_all()
+            return 1
+        for i in range(self.settings.workers):
+            self._start_worker(i)
+        log.info("serving on %s:%d with %d workers over one engine (pid %d)", self.host, self.port,
+                 self.settings.workers, self.engine.pid)
+        code = 0
+        while not self.stopping:
+            wait([self.engine.sentinel, *(w.sentinel for w in self.workers.values())], timeout=0.5)
+            if self.stopping:
+                break
+            if not self.engine.is_alive():
+                log.error("the engine process died (exit code %s): stopping the service so that it is restarted whole",
+                          self.engine.exitcode)
+                code = 1
+                break
+            for i, w in list(self.workers.items()):
+                if not w.is_alive():
+                    shm.unlink(shm.segment_name(os.getpid(), w.pid))
+                    if not self._may_restart():
+                        log.error("workers keep dying (%d in a minute): stopping", len(self.restarts))
+                        code = 1
+                        break
+                    log.error("worker %d (pid %d) died (exit code %s); starting another", i, w.pid, w.exitcode)
+                    self._start_worker(i)
+            if code:
+                break
+        self._stop_all()
+        return code
+
+    @staticmethod
+    def _recv(conn) -> object:
+        try:
+            return conn.recv()
+        except EOFError:
+            return None
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60.0] + [now]
+        return len(self.restarts) <= RESTARTS_PER_MINUTE
+
+    def _start_worker(self, i: int) -> None:
+        w = self.ctx.Process(
+            target=_worker_main, name=f"effnet-worker-{i}",
+            args=(self.host, self.port, self.socket_path, os.getpid(), self.settings.workers),
+        )
+        w.start()
+        log.info("worker %d started (pid %d)", i, w.pid)
+        self.workers[i] = w
+
+    def _stop_all(self) -> None:
+        """Workers drain first (they hold the clients); the engine serves them until they are gone."""
+        grace = self.settings.drain_s + 10.0
+        for w in self.workers.values():
+            if w.is_alive():
+                w.terminate()
+        if self.engine.is_alive():
+            self.engine.terminate()
+        deadline = time.monotonic() + grace
+        for p in [*self.workers.values(), self.engine]:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                log.error("%s did not stop within %g s: killed", p.name, grace)
+                p.kill()
+                p.join(5.0)
+        for w in self.workers.values():
+            if w.pid is not None:
+                shm.unlink(shm.segment_name(os.getpid(), w.pid))
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when the supervisor dies, however it dies (a SIGKILL included), so
+    that no worker or engine outlives it holding ports, memory and models. No-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(host: str, port: int, socket_path: str, service_pid: int, workers: int) -> None:
+    die_with_parent()
+    serve_worker(host, port, socket_path, shm.segment_name(service_pid, os.getpid()), workers)
+
+
+def _engine_main(socket_path: str, ready) -> None:
+    die_with_parent()
+    run_engine(socket_path, ready)

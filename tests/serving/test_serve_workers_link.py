@@ -1,0 +1,243 @@
+"""The worker <-> engine link in one process: a real EngineServer over a real DataPlane (fake ONNX models, real
+ORT sessions) and real RemotePlanes, as two worker processes would hold them, each with its own shared-memory
+arena. What the link must keep: answers equal to the single-process ones, batches that mix workers, queue
+room and calls given back when a worker leaves, 503s (not hangs) once the engine is gone, and no arena space
+held after an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.core.config import Settings
+from app.core.errors import BadRequest, Overloaded, Unavailable, UnknownModel
+from app.engine.link import shm
+from app.engine.link.client import RemotePlane
+from app.engine.link.server import EngineServer
+from app.engine.runtime import running_plane
+from serving_helpers import encode, photo, write_model
+
+
+def settings_for(repo: Path, **kw) -> Settings:
+    base = dict(repository=repo, models=["fake"], default_model="fake", grpc_port=0, threads=1, decode_workers=1,
+                access_log=False)
+    return Settings(**{**base, **kw})
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    write_model(tmp_path / "repo", "fake", crop=32, resize=36)
+    return tmp_path / "repo"
+
+
+@contextlib.asynccontextmanager
+async def engine_with_workers(settings: Settings, sock_dir: Path, workers: int = 2):
+    async with running_plane(settings, decode_workers=1) as plane:
+        while not plane.registry.loaded:
+            await asyncio.sleep(0.01)
+        server = EngineServer(plane, str(sock_dir / "engine.sock"))
+        await server.start()
+        clients: list[RemotePlane] = []
+        arenas: list[shm.Arena] = []
+        try:
+            for i in range(workers):
+                arena = shm.Arena(f"effnet-shm-test{os.getpid()}-{id(server)}-{i}", 4 << 20)
+                arenas.append(arena)
+                c = RemotePlane(settings, str(sock_dir / "engine.sock"), arena, ThreadPoolExecutor(1), 256 << 20)
+                await c.connect()
+                clients.append(c)
+            yield plane, server, clients
+        finally:
+            for c in clients:
+                await c.close()
+            await server.close()
+            for a in arenas:
+                a.close()
+
+
+async def settle(check, timeout_s: float = 10.0) -> None:
+    """Wait until check() holds: `close` is a message without an answer, handled a moment later."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, "did not happen"
+        await asyncio.sleep(0.01)
+
+
+async def _classify(client, data: list[bytes], name: str = "fake"):
+    async with client.open(client.find(name)) as call:
+        return await call.images(data)
+
+
+def test_answers_through_the_link_equal_those_in_one_process(repo, tmp_path):
+    jpeg = encode(photo((120, 90), seed=3))
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, _, (w0, _w1)):
+            remote = (await _classify(w0, [jpeg]))[0]
+            async with plane.open(plane.find("fake")) as call:
+                local = (await call.images([jpeg]))[0]
+            assert remote.version == local.version and remote.model == "fake"
+            np.testing.assert_allclose(remote.logits, local.logits, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(remote.probs, local.probs, rtol=1e-6, atol=1e-7)
+            assert [p.index for p in remote.top(5)] == [p.index for p in local.top(5)]
+            assert remote.decode_s > 0 and remote.inference_s > 0 and remote.batch_size == 1
+            assert w0.arena.used == 0  # every byte of the request's space came back
+
+    asyncio.run(main())
+
+
+def test_a_batch_mixes_requests_from_two_workers(repo, tmp_path):
+    """With EFFNET_BATCH_WAIT=always and a long delay, one batch of 2 can only form from both workers' images."""
+    s = settings_for(repo, max_batch=2, batch_wait="always", max_delay_ms=3000)
+    jpegs = [encode(photo((64, 64), seed=i)) for i in range(2)]
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, _, (w0, w1)):
+            a, b = await asyncio.gather(_classify(w0, [jpegs[0]]), _classify(w1, [jpegs[1]]))
+            assert a[0].batch_size == 2 and b[0].batch_size == 2
+            batches = plane.metrics.batch_size.labels("fake")
+            assert batches._sum.get() == 2  # one run of two images, not two of one
+
+    asyncio.run(main())
+
+
+def test_tensors_cross_the_link_and_are_checked_by_the_engine(repo, tmp_path):
+    async def main():
+        async with engine_with_workers(settings_for(repo, max_queue=4), tmp_path) as (plane, _, (w0, _w1)):
+            x = np.random.default_rng(0).standard_normal((3, 32, 32)).astype(np.float32)
+            async with w0.open(w0.find("fake")) as call:
+                out = await call.tensors([x, x * 2])
+            async with plane.open(plane.find("fake")) as call:
+                ref = await call.tensors([x, x * 2])
+            np.testing.assert_allclose(np.stack([r.logits for r in out]), np.stack([r.logits for r in ref]), rtol=1e-6)
+            with pytest.raises(BadRequest, match="at most 4 images"):  # the engine's own count check
+                async with w0.open(w0.find("fake")) as call:
+                    await call.tensors([x] * 5)
+            with pytest.raises(UnknownModel):
+                w0.find("nope")
+            assert w0.arena.used == 0
+            await settle(lambda: plane.inflight["fake"] == 0)
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_is_refused_through_the_link_with_retry_after(repo, tmp_path):
+    s = settings_for(repo, max_queue=2, admission_wait_ms=50)
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, _, (w0, _w1)):
+            held = plane.registry.entries["fake"].batcher.reserve(2)  # as two images still decoding would
+            try:
+                with pytest.raises(Overloaded) as err:
+                    await _classify(w0, [encode(photo((40, 40)))])
+                assert int(err.value.headers["Retry-After"]) >= 1
+                refusal = await w0.refusal(w0.find("fake"))  # the admission gate's question
+                assert isinstance(refusal, Overloaded)
+            finally:
+                held.release()
+            await _classify(w0, [encode(photo((40, 40)))])  # room again
+            await settle(lambda: plane.inflight["fake"] == 0)
+            text = (await w0.metrics_text()).decode()
+            assert 'effnet_requests_total{model="fake",status="503"}' in text
+            assert 'effnet_requests_total{model="fake",status="200"} 1.0' in text
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_goes_away_gives_back_what_it_held(repo, tmp_path):
+    """A worker dies holding an admitted request with reserved room: the engine releases the room, ends the
+    call as 499, and the other worker is untouched."""
+
+    async def main():
+        async with engine_with_workers(settings_for(repo, max_queue=3), tmp_path) as (plane, server, (w0, w1)):
+            call = w0.open(w0.find("fake"))
+            await call.__aenter__()
+            await w0._call("reserve", call.tid, 3, call.view.version)  # all of the queue, and then it dies
+            room = plane.registry.entries["fake"].batcher.room
+            assert room.reserved == 3
+            w0._writer.transport.abort()  # as a SIGKILL would leave the socket
+            await settle(lambda: room.reserved == 0 and len(server.sessions) == 1)
+            assert plane.inflight["fake"] == 0
+            assert plane.metrics.requests.labels("fake", "499")._value.get() == 1
+            results = await _classify(w1, [encode(photo((50, 50)))] * 3)  # the whole queue is free again
+            assert len(results) == 3
+
+    asyncio.run(main())
+
+
+def test_when_the_engine_is_gone_workers_answer_503_and_are_not_ready(repo, tmp_path):
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (_, server, (w0, _w1)):
+            assert w0.readiness().ready
+            view = w0.find("fake")
+            await server.close()  # every link drops, as when the engine process dies
+            await settle(lambda: w0.lost)
+            assert w0.lost and not w0.readiness().ready and w0.draining
+            with pytest.raises(Unavailable) as err:
+                async with w0.open(view) as call:
+                    await call.images([encode(photo((40, 40)))])
+            assert err.value.status == 503 and err.value.headers["Retry-After"] == "1"
+
+    asyncio.run(main())
+
+
+def test_arena_space_is_first_fit_and_merges_back(tmp_path):
+    arena = shm.Arena(f"effnet-shm-test{os.getpid()}-alloc", 1 << 16)
+    try:
+        a = arena.alloc(1000)
+        b = arena.alloc(1000)
+        c = arena.alloc(1000)
+        assert (a, b, c) == (0, 1024, 2048)  # 64-byte aligned
+        arena.free(b, 1000)
+        assert arena.alloc(500) == 1024  # the hole is reused
+        arena.free(1024, 500)
+        arena.free(a, 1000)
+        arena.free(c, 1000)
+        assert arena.used == 0 and arena._free == [(0, 1 << 16)]  # merged into one block again
+        with pytest.raises(shm.ArenaFull):
+            arena.alloc((1 << 16) + 1)
+        x = arena.array(arena.alloc(12), (3,))
+        x[:] = [1, 2, 3]
+        assert list(np.ndarray((3,), np.float32, arena.shm.buf, 0)) == [1, 2, 3]
+    finally:
+        arena.close()
+    assert not Path("/dev/shm", arena.name).exists()
+
+
+def test_segments_of_a_dead_service_are_reclaimed_and_live_ones_kept(tmp_path):
+    dead_pid = 2 ** 22 + 12345  # above pid_max's default: no such process
+    (tmp_path / shm.segment_name(dead_pid, 7)).write_bytes(b"x")
+    (tmp_path / shm.segment_name(os.getpid(), 8)).write_bytes(b"x")
+    (tmp_path / "effnet-shm-notapid-1").write_bytes(b"x")
+    assert shm.reclaim(tmp_path) == [shm.segment_name(dead_pid, 7)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shm.segment_name(os.getpid(), 8), "effnet-shm-notapid-1"])
+
+
+def test_a_request_abandoned_while_queued_is_dropped_before_inference(repo, tmp_path):
+    """The client goes away while its image waits for a batch: the engine drops it unrun (counted as skipped,
+    the call as 499), and the worker gets its arena space back only once the engine has answered."""
+    s = settings_for(repo, max_batch=4, batch_wait="always", max_delay_ms=1000)
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, _, (w0, _w1)):
+            task = asyncio.create_task(_classify(w0, [encode(photo((40, 40)))]))
+            batcher = plane.registry.entries["fake"].batcher
+            await settle(lambda: batcher.queued == 1)  # decoded, submitted, waiting for company
+            assert w0.arena.used > 0
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            skipped = plane.metrics.images_skipped.labels("fake", "client_gone")
+            # Dropped when the batcher next looks at its queue (at the end of the delay).
+            await settle(lambda: w0.arena.used == 0 and plane.inflight["fake"] == 0 and skipped._value.get() == 1)
+            assert plane.metrics.requests.labels("fake", "499")._value.get() == 1
+            assert plane.metrics.batch_size.labels("fake")._sum.get() == 0  # nothing ran
+
+    asyncio.run(main())

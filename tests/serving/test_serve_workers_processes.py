@@ -1,0 +1,222 @@
+"""`effnet serve` with EFFNET_WORKERS=2 as real processes: a supervisor, one engine, two workers on shared
+ports. Each kind of process is killed under load: a killed worker is replaced and only its own requests
+fail; a killed engine makes the service exit non-zero (to be restarted whole); SIGTERM drains and exits 0.
+No shared memory is left behind in any case."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from serving_helpers import encode, photo, write_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    def __init__(self, repo: Path, **env: str) -> None:
+        self.port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {
+            **os.environ, "EFFNET_REPOSITORY": str(repo), "EFFNET_MODELS": "fake", "EFFNET_DEFAULT_MODEL": "fake",
+            "EFFNET_WORKERS": "2", "EFFNET_GRPC_PORT": str(self.grpc_port), "EFFNET_SHM_MB": "16",
+            "EFFNET_THREADS": "1", "EFFNET_DECODE_WORKERS": "1", "EFFNET_DRAIN_S": "5", "EFFNET_ACCESS_LOG": "false",
+            "PYTHONPATH": str(ROOT), **env,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, self.log
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, self.log
+            time.sleep(0.1)
+
+    def pids(self, kind: str) -> list[int]:
+        """Process ids the supervisor logged for `engine` or `worker` (the latest start of each worker)."""
+        if kind == "engine":
+            return [int(m) for m in re.findall(r"engine process started \(pid (\d+)\)", self.log)]
+        workers: dict[str, int] = {}
+        for i, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", self.log):
+            workers[i] = int(pid)
+        return list(workers.values())
+
+    def eventually(self, check, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.log
+            time.sleep(0.05)
+
+    def segments(self) -> list[str]:
+        return sorted(p.name for p in Path("/dev/shm").glob(f"effnet-shm-{self.proc.pid}-*"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    write_model(tmp_path / "repo", "fake", crop=32, resize=36)
+    return tmp_path / "repo"
+
+
+def _classify(url: str, data: bytes) -> int:
+    try:
+        return httpx.post(url + "/classify", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=30).status_code
+    except httpx.TransportError:
+        return 0  # the connection was on the worker that was killed
+
+
+def test_two_workers_serve_http_and_grpc_and_a_killed_worker_is_replaced(repo):
+    import tritonclient.grpc as grpcclient
+
+    svc = Service(repo)
+    try:
+        svc.wait_ready()
+        assert len(svc.pids("worker")) == 2
+        svc.eventually(lambda: len(svc.segments()) == 2)  # each worker made its arena (one may still start)
+        jpeg = encode(photo((96, 72), seed=5))
+        first = httpx.post(svc.url + "/classify?top_k=3", files={"file": ("x.jpg", jpeg, "image/jpeg")}, timeout=30)
+        assert first.status_code == 200, first.text
+        assert len(first.headers["X-Effnet-Model-Version"]) == 12 and len(first.json()["results"][0]["predictions"]) == 3
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{svc.grpc_port}")
+        x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        inp = grpcclient.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        logits = client.infer("fake", [inp]).as_numpy("logits")
+        assert logits.shape == (2, 1000) and client.is_server_ready()
+
+        victim = svc.pids("worker")[0]
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                statuses.append(_classify(svc.url, jpeg))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (len(svc.pids("worker")) == 2 and victim not in svc.pids("worker")):
+            assert time.monotonic() < deadline, svc.log
+            time.sleep(0.1)
+        svc.wait_ready()
+        n_after = len(statuses)
+        deadline = time.monotonic() + 30
+        while len(statuses) < n_after + 20:  # the service keeps answering after the replacement
+            assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        # Only the dead worker's own connections failed (0); everyone else got a 200; nothing else.
+        assert set(statuses) <= {200, 0}, sorted(set(statuses))
+        assert statuses[-10:] == [200] * 10
+        svc.eventually(lambda: len(svc.segments()) == 2)
+        assert shm_name(svc.proc.pid, victim) not in svc.segments(), svc.log
+
+        metrics = httpx.get(svc.url + "/metrics", timeout=10).text  # one /metrics for the whole service
+        ok = float(re.search(r'effnet_requests_total\{model="fake",status="200"\} (\S+)', metrics).group(1))
+        assert ok >= statuses.count(200) + 2  # every answer, whichever worker gave it (+ the first and gRPC)
+
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(60) == 0, svc.log
+        assert svc.segments() == []
+    finally:
+        svc.stop()
+
+
+def shm_name(service_pid: int, worker_pid: int) -> str:
+    return f"effnet-shm-{service_pid}-{worker_pid}"
+
+
+def test_a_killed_engine_turns_workers_unready_and_the_service_exits_non_zero(repo):
+    svc = Service(repo)
+    try:
+        svc.wait_ready()
+        (engine,) = svc.pids("engine")
+        os.kill(engine, signal.SIGKILL)
+        assert svc.proc.wait(60) == 1, svc.log
+        assert "the engine process died" in svc.log
+        assert svc.segments() == []
+    finally:
+        svc.stop()
+
+
+def test_too_little_shared_memory_is_refused_with_what_to_set(repo):
+    svc = Service(repo, EFFNET_SHM_MB="65536", EFFNET_WORKERS="64")
+    try:
+        assert svc.proc.wait(60) == 2, svc.log
+        assert "shm_size" in svc.log and "EFFNET_SHM_MB" in svc.log
+    finally:
+        svc.stop()
+
+
+def test_no_process_outlives_a_killed_supervisor(repo):
+    svc = Service(repo)
+    try:
+        svc.wait_ready()
+        svc.eventually(lambda: len(svc.segments()) == 2)
+        children = svc.pids("engine") + svc.pids("worker")
+        svc.proc.kill()
+        svc.proc.wait(10)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in children) or svc.segments():
+            assert time.monotonic() < deadline, (children, svc.segments())
+            time.sleep(0.1)
+    finally:
+        svc.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) is gone for our purpose.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
