@@ -138,8 +138,6 @@ def test_a_full_queue_is_refused_through_the_link_with_retry_after(repo, tmp_pat
                 with pytest.raises(Overloaded) as err:
                     await _classify(w0, [encode(photo((40, 40)))])
                 assert int(err.value.headers["Retry-After"]) >= 1
-                refusal = await w0.refusal(w0.find("fake"))  # the admission gate's question
-                assert isinstance(refusal, Overloaded)
             finally:
                 held.release()
             await _classify(w0, [encode(photo((40, 40)))])  # room again
@@ -162,7 +160,7 @@ def test_a_worker_that_goes_away_gives_back_what_it_held(repo, tmp_path):
             await w0._call("reserve", call.tid, 3, call.view.version)  # all of the queue, and then it dies
             room = plane.registry.entries["fake"].batcher.room
             assert room.reserved == 3
-            w0._writer.transport.abort()  # as a SIGKILL would leave the socket
+            w0._link.abort()  # as a SIGKILL would leave the socket
             await settle(lambda: room.reserved == 0 and len(server.sessions) == 1)
             assert plane.inflight["fake"] == 0
             assert plane.metrics.requests.labels("fake", "499")._value.get() == 1

@@ -31,7 +31,7 @@ from app.engine.batcher import softmax
 from app.engine.facade import ImageResult, ModelView, Readiness, RouteInfo
 from app.engine.link.server import State
 from app.engine.link.shm import Arena, ArenaFull
-from app.engine.link.wire import LinkClosed, encode, read_message
+from app.engine.link.wire import Link, LinkClosed
 from app.engine.memory import MemoryBudget
 from app.engine.dataplane import decode_all
 from app.engine.preprocess import set_max_pixels
@@ -54,66 +54,61 @@ class RemotePlane:
         self._views: dict[str, ModelView] = {}
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task | None = None
+        self._link: Link | None = None
         self.lost = False
 
     # --- the link --------------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                reader, self._writer = await asyncio.open_unix_connection(self.socket_path)
+                _, self._link = await loop.create_unix_connection(
+                    lambda: Link(self._on_message, self._on_lost), self.socket_path)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        self._reader_task = asyncio.get_running_loop().create_task(self._read(reader), name="engine-link")
         self._apply(await self._call("hello", os.getpid(), self.arena.name))
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            try:
-                await self._reader_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
-                pass
+        if self._link is not None:
+            self._link.close()
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                message = await read_message(reader)
-                kind = message[0]
-                if kind == "state":
-                    self._apply(message[2])
-                    continue
-                fut = self._pending.pop(message[1], None)
-                if fut is None or fut.done():
-                    continue
-                if kind == "ok":
-                    fut.set_result(message[2])
-                else:
-                    fut.set_exception(message[2])
-        except LinkClosed:
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "state":
+            self._apply(message[2])
+            return
+        fut = self._pending.pop(message[1], None)
+        if fut is None or fut.done():
+            return
+        if kind == "ok":
+            fut.set_result(message[2])
+        else:
+            fut.set_exception(message[2])
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        if not self._draining:
             log.error("the link to the engine is closed: answering 503 until the service restarts")
-        finally:
-            self.lost = True
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(engine_gone())
-            self._pending.clear()
+        self.lost = True
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(engine_gone())
+        self._pending.clear()
 
     def _apply(self, state: State) -> None:
         self._state = state
         self._views = {v.name: v for v in state.views}
 
     def _send(self, message: tuple) -> None:
-        if self.lost or self._writer is None:
+        if self.lost or self._link is None:
             raise engine_gone()
-        self._writer.write(encode(message))
+        try:
+            self._link.put(message)
+        except LinkClosed:
+            raise engine_gone() from None
 
     def _request(self, verb: str, *args: Any) -> asyncio.Future:
         mid = next(self._ids)
@@ -169,10 +164,10 @@ class RemotePlane:
         return RemoteCall(self, view, loop_now if arrived is None else arrived, timeout_s)
 
     async def refusal(self, view: ModelView) -> ApiError | None:
-        try:
-            return await self._call("refusal", view.name)
-        except ApiError as exc:
-            return exc
+        """None: in a worker the admission gate (app/api/gate.py) would cost a round trip to the engine on
+        every request only to ask what `open` asks again a moment later. So the engine decides once, in
+        `open` (stage one): a refused request here costs FastAPI's routing on top, which the workers share."""
+        return None
 
     async def route_info(self) -> dict[str, RouteInfo]:
         return await self._call("route_info")

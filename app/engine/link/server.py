@@ -25,7 +25,7 @@ from app.core.errors import ClientGone, ShuttingDown
 from app.engine.dataplane import Call, DataPlane, view_of
 from app.engine.facade import ModelView, Readiness
 from app.engine.link.shm import Regions
-from app.engine.link.wire import LinkClosed, encode, read_message, safe_exception
+from app.engine.link.wire import Link, LinkClosed, safe_exception
 
 log = logging.getLogger("effnet.engine")
 
@@ -59,16 +59,17 @@ class _Ticket:
 
 @dataclass(eq=False)  # one per connection, kept in a set
 class _Session:
-    server: EngineServer
-    writer: asyncio.StreamWriter
+    link: Link
     arena: str | None = None
     worker_pid: int | None = None
     tickets: dict[int, _Ticket] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def send(self, message: tuple) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(encode(message))
+        try:
+            self.link.put(message)
+        except LinkClosed:
+            pass  # the worker is gone; _abandon gives back what it held
 
 
 class EngineServer:
@@ -84,9 +85,10 @@ class EngineServer:
         self.idle.set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._connect, path=self.path)
         os.chmod(self.path, 0o600)
-        self._pusher = asyncio.get_running_loop().create_task(self._push_changes(), name="push-state")
+        self._pusher = loop.create_task(self._push_changes(), name="push-state")
 
     async def close(self) -> None:
         if self._pusher is not None:
@@ -96,7 +98,7 @@ class EngineServer:
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions):
-            s.writer.close()
+            s.link.close()
 
     # --- state ---------------------------------------------------------------------------
     def push(self) -> None:
@@ -117,29 +119,36 @@ class EngineServer:
                 log.exception("could not push the state to the workers")
 
     # --- sessions ------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        s = _Session(self, writer)
-        self.sessions.add(s)
-        self.idle.clear()
-        try:
-            while True:
-                kind, mid, verb, *rest = await read_message(reader)
-                if kind == "call":
-                    task = asyncio.get_running_loop().create_task(self._answer(s, mid, verb, rest[0]))
-                    s.tasks.add(task)
-                    task.add_done_callback(s.tasks.discard)
-                elif kind == "tell":
-                    self._tell(s, verb, rest[0])
-        except LinkClosed:
-            pass
-        except Exception:  # noqa: BLE001 - a malformed message ends that worker's session only
-            log.exception("the link to worker %s failed", s.worker_pid)
-        finally:
+    def _connect(self) -> Link:
+        """A worker connected: its session lives as long as its link."""
+        s: _Session
+
+        def on_message(message: tuple) -> None:
+            try:
+                kind, mid, verb, args = message
+            except (TypeError, ValueError):
+                log.error("worker %s sent a malformed message: ending its link", s.worker_pid)
+                s.link.abort()
+                return
+            if kind == "call":
+                task = asyncio.get_running_loop().create_task(self._answer(s, mid, verb, args))
+                s.tasks.add(task)
+                task.add_done_callback(s.tasks.discard)
+            elif kind == "tell":
+                self._tell(s, verb, args)
+
+        def on_lost(exc: BaseException | None) -> None:
+            if exc is not None and not isinstance(exc, ConnectionError):
+                log.error("the link to worker %s failed: %s", s.worker_pid, exc)
             self._abandon(s)
-            writer.close()
             self.sessions.discard(s)
             if not self.sessions:
                 self.idle.set()
+
+        s = _Session(Link(on_message, on_lost))
+        self.sessions.add(s)
+        self.idle.clear()
+        return s.link
 
     def _abandon(self, s: _Session) -> None:
         """The worker is gone: give back everything it held (see the module docstring)."""
@@ -228,9 +237,6 @@ class EngineServer:
             call.record_prepared(call.entry.name, prep, results)
         return [(r.queue_s, r.inference_s, r.batch_size) for r in results]
 
-    async def refusal(self, s: _Session, name: str | None):
-        return await self.plane.refusal(self.plane.entry(name))
-
     async def route_info(self, s: _Session):
         return self.plane.route_info()
 
@@ -253,5 +259,5 @@ class EngineServer:
 
 
 VERBS = {name: getattr(EngineServer, name) for name in (
-    "hello", "open", "reserve", "submit", "refusal", "route_info", "index", "load", "unload", "metrics_text", "view",
+    "hello", "open", "reserve", "submit", "route_info", "index", "load", "unload", "metrics_text", "view",
 )}
