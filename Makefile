@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak bench-reliability mutation clean
+.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench-soak: install
 # gates on. About 4 minutes; writes its own block of docs/benchmarks.md.
 bench-reliability: install system-deps $(PERF_ANALYZER)
 	$(PY) -m benchmarks.reliability
+
+# Worker processes: 1 and N (= cores) workers x {tiny, b0, b4} x {HTTP JPEGs, gRPC tensors}, beside LitServe
+# (1 and 2 workers) and the same work without a server, in alternating blocks; about 8 minutes; writes its
+# own block of docs/benchmarks.md.
+bench-scaling: install system-deps $(PERF_ANALYZER)
+	$(PY) -m benchmarks.scaling
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
 bench-smoke: install system-deps $(PERF_ANALYZER)

@@ -37,6 +37,7 @@ from app.api.server import serve_worker
 from app.core.config import Settings
 from app.engine.link import shm
 from app.engine.link.process import run_engine
+from app.engine.memory import SharedBudget
 
 log = logging.getLogger("effnet.supervisor")
 
@@ -61,6 +62,34 @@ def hold_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+MIN_ARENA = 8 << 20  # one B7 image (4.3 MB) and its logits, with room to spare
+SHM_HOW = ("give the container more /dev/shm (docker run --shm-size, compose shm_size; Kubernetes: an emptyDir "
+           "with medium: Memory mounted on /dev/shm) or lower EFFNET_WORKERS")
+
+
+def arena_bytes(settings: Settings, free: int | None) -> int:
+    """Each worker's shared-memory arena: EFFNET_SHM_MB, or, when that was not set and /dev/shm is smaller
+    than workers x the default (Docker gives 64 MB), an equal share of 80% of what is free, with a warning.
+    ValueError (what to set) when an explicit EFFNET_SHM_MB does not fit, or a share would be under 8 MB."""
+    want = settings.shm_mb << 20
+    if free is None or free >= settings.workers * want:
+        return want
+    if "shm_mb" in settings.model_fields_set:
+        raise ValueError(f"/dev/shm has {free >> 20} MB free; {settings.workers} workers x EFFNET_SHM_MB="
+                         f"{settings.shm_mb} need {(settings.workers * want) >> 20} MB: {SHM_HOW}, or lower EFFNET_SHM_MB")
+    share = int(free * 0.8) // settings.workers // ALIGN_MB * ALIGN_MB
+    if share < MIN_ARENA:
+        raise ValueError(f"/dev/shm has {free >> 20} MB free: under {MIN_ARENA >> 20} MB for each of "
+                         f"{settings.workers} workers; {SHM_HOW}")
+    log.warning("/dev/shm has %d MB free: each of %d workers gets %d MB of shared memory instead of %d "
+                "(EFFNET_SHM_MB); a request whose tensors do not fit in it is refused with 503. To lift it, %s",
+                free >> 20, settings.workers, share >> 20, settings.shm_mb, SHM_HOW)
+    return share
+
+
+ALIGN_MB = 1 << 20
+
+
 def shm_free_bytes(path: Path = shm.SHM_DIR) -> int | None:
     try:
         st = os.statvfs(path)
@@ -75,19 +104,20 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.stopping = False
         self.workers: dict[int, mp.process.BaseProcess] = {}
+        # Each worker's bytes held against EFFNET_MAX_INFLIGHT_MB (memory.SharedBudget), one lock for all.
+        self.budget_slots = self.ctx.Array("q", settings.workers)
         self.restarts: list[float] = []
+        self._terminated: set[int] = set()  # children already sent SIGTERM
 
     def run(self) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         s = self.settings
         for name in shm.reclaim():
             log.warning("removed shared memory %s left by a service that is gone", name)
-        need = s.workers * (s.shm_mb << 20)
-        free = shm_free_bytes()
-        if free is not None and free < need:
-            log.error("/dev/shm has %d MB free; %d workers x EFFNET_SHM_MB=%d need %d MB. Give the container more "
-                      "(docker: --shm-size / compose shm_size; Kubernetes: an emptyDir with medium: Memory on "
-                      "/dev/shm) or lower EFFNET_SHM_MB or EFFNET_WORKERS", free >> 20, s.workers, s.shm_mb, need >> 20)
+        try:
+            self.arena_bytes = arena_bytes(s, shm_free_bytes())
+        except ValueError as exc:
+            log.error("%s", exc)
             return 2
         try:
             holders = [hold_port(self.host, self.port)]
@@ -112,6 +142,14 @@ class Supervisor:
         if not self.stopping:
             log.info("signal %d: draining every process (up to %g s)", signum, self.settings.drain_s)
         self.stopping = True
+        self._terminate_all()  # at once: a request arriving a moment later must already be refused
+
+    def _terminate_all(self) -> None:
+        """SIGTERM to every child, once: the workers stop accepting and drain, the engine refuses new work."""
+        for p in [*self.workers.values(), getattr(self, "engine", None)]:
+            if p is not None and p.pid is not None and p.pid not in self._terminated and p.is_alive():
+                self._terminated.add(p.pid)
+                p.terminate()
 
     def _supervise(self) -> int:
         ready_rx, ready_tx = self.ctx.Pipe(duplex=False)
@@ -164,9 +202,11 @@ class Supervisor:
         return len(self.restarts) <= RESTARTS_PER_MINUTE
 
     def _start_worker(self, i: int) -> None:
+        SharedBudget.clear(self.budget_slots, i)  # what a dead predecessor held is not held any more
         w = self.ctx.Process(
             target=_worker_main, name=f"effnet-worker-{i}",
-            args=(self.host, self.port, self.socket_path, os.getpid(), self.settings.workers),
+            args=(self.host, self.port, self.socket_path, os.getpid(), self.settings.workers, self.budget_slots, i,
+                  self.arena_bytes),
         )
         w.start()
         log.info("worker %d started (pid %d)", i, w.pid)
@@ -175,11 +215,7 @@ class Supervisor:
     def _stop_all(self) -> None:
         """Workers drain first (they hold the clients); the engine serves them until they are gone."""
         grace = self.settings.drain_s + 10.0
-        for w in self.workers.values():
-            if w.is_alive():
-                w.terminate()
-        if self.engine.is_alive():
-            self.engine.terminate()
+        self._terminate_all()
         deadline = time.monotonic() + grace
         for p in [*self.workers.values(), self.engine]:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -205,9 +241,11 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(host: str, port: int, socket_path: str, service_pid: int, workers: int) -> None:
+def _worker_main(host: str, port: int, socket_path: str, service_pid: int, workers: int, budget_slots, index: int,
+                 arena_bytes: int) -> None:
     die_with_parent()
-    serve_worker(host, port, socket_path, shm.segment_name(service_pid, os.getpid()), workers)
+    serve_worker(host, port, socket_path, shm.segment_name(service_pid, os.getpid()), arena_bytes, workers,
+                 budget_slots, index)
 
 
 def _engine_main(socket_path: str, ready) -> None:

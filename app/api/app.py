@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.api import classify, health, models
 from app.api.errors import install_handlers
+from app.api.classify import ClassifyFastPath
 from app.api.gate import AdmissionGate
 from app.api.security import ApiKeyMiddleware
 from app.api.tracing import RequestTracing
@@ -73,9 +74,10 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
     app.include_router(health.router)
     app.include_router(v2_repository.router)  # the V2 model-repository extension (before the /v2 catch-all)
     app.include_router(v2_routes.router)  # Open Inference Protocol (KServe V2)
-    # Starlette runs the last middleware added first. Innermost: the admission gate, so a refusal still
-    # needs the key. Then the key. Outermost: CORS, so a browser's preflight (which never carries the key)
+    # Starlette runs the last middleware added first. Innermost: the /classify fast path, then the admission
+    # gate, so a refusal still needs the key. Then the key. Outermost: CORS, so a browser's preflight (which never carries the key)
     # is answered, and every answer, a 401 included, carries the CORS headers the browser needs to read it.
+    app.add_middleware(ClassifyFastPath)  # innermost: the common /classify request without FastAPI's routing
     app.add_middleware(AdmissionGate)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(), exempt=settings.api_key_exempt)

@@ -39,14 +39,21 @@ def _json(status: int, code: str, message: str, headers: dict[str, str] | None =
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "payload_too_large"}
 
 
+def error_response(exc: ApiError | ClientGone) -> Response:
+    """How our own errors are answered, by the handlers below and by routes that run outside FastAPI's."""
+    if isinstance(exc, ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        return error_response(exc)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -3,6 +3,7 @@ shutdown that turns readiness to 503 the moment SIGTERM arrives and exits 0 afte
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import signal
@@ -16,6 +17,8 @@ from app.api.app import create_app
 from app.core.config import Settings
 
 log = logging.getLogger("effnet.server")
+
+LINGER_S = 0.25  # after SIGTERM, new connections are still accepted (and refused with 503) this long
 
 
 def tune_malloc() -> None:
@@ -50,21 +53,35 @@ def serve(host: str, port: int) -> int:
     return 0 if server.started else 1
 
 
-def serve_worker(host: str, port: int, socket_path: str, arena_name: str, workers: int) -> None:
-    """One front-end worker process (app/supervisor.py): HTTP and gRPC on ports shared with the other
-    workers (each its own SO_REUSEPORT socket), over the engine process at `socket_path`."""
+def serve_worker(host: str, port: int, socket_path: str, arena_name: str, arena_bytes: int, workers: int,
+                 budget_slots, index: int) -> None:
+    """Front-end worker `index` (app/supervisor.py): HTTP and gRPC on ports shared with the other workers
+    (each its own SO_REUSEPORT socket), over the engine process at `socket_path`; `budget_slots` holds the
+    workers' shares of the in-flight memory budget."""
     from app.engine.link.shm import Arena
+    from app.engine.memory import SharedBudget
 
+    # The supervisor may stop the service while this worker is still starting: a SIGTERM that arrives
+    # before uvicorn listens for it must still stop it (uvicorn then exits right after its startup).
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _f: early.append(s))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
     tune_malloc()
     settings = Settings()
-    arena = Arena(arena_name, settings.shm_mb << 20)
+    arena = Arena(arena_name, arena_bytes)
     try:
         app = create_app(settings)
         app.state.host = host
-        app.state.engine_link = (socket_path, arena, workers)
+        budget = SharedBudget(settings.max_inflight_bytes, budget_slots, index)
+        app.state.engine_link = (socket_path, arena, workers, budget)
         server = DrainingServer(_config(app, settings, host, port), app)
-        _quiet_signals()
+        # Until uvicorn installs its own handlers, and again once it restores these and re-raises what it
+        # caught: a signal means "drain and stop", never "die" (exit 0 after the drain).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, server.handle_exit)
+        if early:
+            server.handle_exit(early[0], None)
         server.run(sockets=[shared_socket(host, port)])
     finally:
         arena.close()
@@ -111,3 +128,11 @@ class DrainingServer(uvicorn.Server):
         if plane is not None:
             plane.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Go on accepting for a moment, answering 503 shutting_down (draining is set), before the listening
+        socket closes: connections already in the kernel's accept queue when it closes are reset, which a
+        client cannot tell from a failure mid-request. With several workers the supervisor's signal reaches
+        them a little after clients were told to go away, so some connections are always in flight."""
+        await asyncio.sleep(LINGER_S)
+        await super().shutdown(sockets)

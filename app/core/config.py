@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     # session (ORT's default: fastest, but every session keeps its peak), or none.
     ort_arena: Literal["shared", "per-session", "off"] = "shared"
     # Front-end worker processes (HTTP, gRPC, bodies, decode) over one engine process that owns the models
-    # (app/supervisor.py). 1: everything in one process, as before.
-    workers: int = Field(default=1, ge=1, le=256)
+    # (app/supervisor.py); default: the CPU quota. 1: everything in one process.
+    workers: int = Field(default_factory=_cores, ge=1, le=256)
     # Shared memory per worker for the tensors it hands the engine (EFFNET_WORKERS > 1); /dev/shm must hold
     # workers x this (Docker's default /dev/shm is 64 MB: set shm_size).
     shm_mb: int = Field(default=256, ge=8, le=65536)

@@ -179,7 +179,10 @@ class Batcher:
         with self.reserve(len(xs)) as room:
             return await room.submit(xs, arrived)
 
-    async def _enqueue(self, xs: Sequence[np.ndarray], arrived: float | None, timeout_s: float | None = None) -> list[Result]:
+    async def enqueue_reserved(self, xs: Sequence[np.ndarray], arrived: float | None,
+                               timeout_s: float | None = None) -> list[Result]:
+        """Queue images whose room a Reservation holds (queue_room.py calls this, nobody else) and wait for
+        their answers."""
         # Room reserved before stop() began is honoured while the drain runs; after it, nothing is taken.
         if self._closing and self._task is None:
             raise ShuttingDown("the server is shutting down")
@@ -200,6 +203,10 @@ class Batcher:
             for i in items:
                 i.future.cancel()
             raise
+
+    def wake(self) -> None:
+        """Reserved room was given back: a partial batch waiting for those images need not wait any more."""
+        self._wakeup.set()
 
     # --- the loop --------------------------------------------------------------------
     async def _loop(self) -> None:

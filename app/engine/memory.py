@@ -39,3 +39,44 @@ class MemoryBudget:
     def give(self, n: int) -> None:
         with self._lock:
             self._used -= n
+
+
+class SharedBudget(MemoryBudget):
+    """The same budget held by several worker processes at once (app/supervisor.py): each worker charges its
+    own slot of an array in shared memory, under one lock shared by all of them, and a charge is refused
+    when the slots together would pass the limit. So the limit means what it means in one process, however
+    many workers there are, and a worker that dies leaves no charge behind: the supervisor zeroes its slot
+    (`clear`) before starting its replacement."""
+
+    def __init__(self, limit_bytes: int, slots, index: int) -> None:  # slots: multiprocessing.Array("q", n)
+        self.limit = int(limit_bytes)
+        self.peak = 0
+        self._slots, self._index = slots, index
+        self._lock = slots.get_lock()
+        self._raw = slots.get_obj()  # inside the lock: no second acquire per element
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._raw)
+
+    def take(self, n: int, what: str) -> None:
+        with self._lock:
+            total = sum(self._raw)
+            if total + n > self.limit:
+                raise OverBudget(
+                    f"the server is holding its limit of {self.limit >> 20} MB for requests in flight ({what}); "
+                    "retry shortly", retry_after=1,
+                )
+            self._raw[self._index] += n
+            self.peak = max(self.peak, total + n)
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self._raw[self._index] -= n
+
+    @staticmethod
+    def clear(slots, index: int) -> None:
+        """Forget what a dead worker held."""
+        with slots.get_lock():
+            slots.get_obj()[index] = 0

@@ -25,7 +25,7 @@ from typing import Any
 
 from app.core.errors import Overloaded, ShuttingDown
 
-# The batcher this room belongs to (its name, its queue, _enqueue); not imported: batcher imports us.
+# The batcher this room belongs to (its name, its queue, enqueue_reserved, wake); not imported: batcher imports us.
 Batcher = Any
 
 
@@ -159,13 +159,13 @@ class Reservation:
             raise ValueError(f"{len(xs)} images submitted on a reservation of {self._left}")
         self._left -= len(xs)
         self._room.reserved -= len(xs)
-        return await self._batcher._enqueue(xs, arrived, timeout_s)
+        return await self._batcher.enqueue_reserved(xs, arrived, timeout_s)
 
     def release(self) -> None:
         if self._left:
             self._room.reserved -= self._left
             self._left = 0
-            self._batcher._wakeup.set()  # a partial batch may have been waiting for these
+            self._batcher.wake()  # a partial batch may have been waiting for these
             self._room.grant()
 
     def __enter__(self) -> Reservation:

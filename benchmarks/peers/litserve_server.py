@@ -7,7 +7,7 @@ POST /predict, multipart/form-data with one image in the field `file` -> top-5 J
 The same model.onnx as the service, in a plain `onnxruntime.InferenceSession` with
 default session options; plain Pillow preprocessing from the manifest (common.py).
 LitServe's dynamic batching: max batch 8, batch_timeout 5 ms (the service's default
-EFFNET_MAX_DELAY_MS is 5 ms too); accelerator="cpu", one inference worker, one API
+EFFNET_MAX_DELAY_MS is 5 ms too); accelerator="cpu", one inference worker by default (--workers N: N), one API
 server. LitServe starts child processes: stop it by killing its process group.
 """
 
@@ -49,7 +49,8 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=8002)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
+    p.add_argument("--workers", type=int, default=1, help="inference workers (LitServe's workers_per_device)")
     args = p.parse_args()
     api = EfficientNetAPI(args.model_dir, max_batch_size=args.max_batch, batch_timeout=args.batch_timeout)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)

@@ -508,7 +508,7 @@ def test_a_failure_while_a_batch_is_taken_answers_its_clients_and_the_loop_goes_
 
 def test_work_submitted_before_start_waits_for_it():
     """A batcher queues work from the moment it exists and serves it once started; only stop() makes it
-    refuse work (which is why _enqueue checks `_closing` and not just for a missing loop task)."""
+    refuse work (which is why enqueue_reserved checks `_closing` and not just for a missing loop task)."""
 
     async def main():
         b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)

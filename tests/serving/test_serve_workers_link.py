@@ -20,6 +20,7 @@ from app.core.errors import BadRequest, Overloaded, Unavailable, UnknownModel
 from app.engine.link import shm
 from app.engine.link.client import RemotePlane
 from app.engine.link.server import EngineServer
+from app.engine.memory import MemoryBudget, SharedBudget
 from app.engine.runtime import running_plane
 from serving_helpers import encode, photo, write_model
 
@@ -49,7 +50,7 @@ async def engine_with_workers(settings: Settings, sock_dir: Path, workers: int =
             for i in range(workers):
                 arena = shm.Arena(f"effnet-shm-test{os.getpid()}-{id(server)}-{i}", 4 << 20)
                 arenas.append(arena)
-                c = RemotePlane(settings, str(sock_dir / "engine.sock"), arena, ThreadPoolExecutor(1), 256 << 20)
+                c = RemotePlane(settings, str(sock_dir / "engine.sock"), arena, ThreadPoolExecutor(1), MemoryBudget(256 << 20))
                 await c.connect()
                 clients.append(c)
             yield plane, server, clients
@@ -239,3 +240,60 @@ def test_a_request_abandoned_while_queued_is_dropped_before_inference(repo, tmp_
             assert plane.metrics.batch_size.labels("fake")._sum.get() == 0  # nothing ran
 
     asyncio.run(main())
+
+
+def test_every_verb_of_the_facade_answers_through_the_link(repo, tmp_path):
+    """Model control, the repository index, routing figures and metrics, asked by a worker: the same answers
+    the engine's own plane gives, and a load is visible to the asking worker as soon as it is answered."""
+    from app.policies.routing import classify_auto
+
+    write_model(repo, "fake2", crop=48, resize=52, seed=1)
+    s = settings_for(repo, model_control="explicit")
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, _, (w0, w1)):
+            assert await w0.index() == await plane.index()
+            assert not w0.knows("fake2")
+            await w0.load("fake2")
+            assert w0.find("fake2").serving and w0.find("fake2").manifest.preprocess.crop == 48
+            await settle(lambda: w1.knows("fake2"))  # the other worker hears of it from the next push
+            results, decision = await classify_auto(w1, 1000.0, _reader([encode(photo((60, 60)))]),
+                                                    asyncio.get_running_loop().time())
+            assert decision.chosen in ("fake", "fake2") and results[0].model == decision.chosen
+            info = await w1.route_info()
+            assert set(info) == {"fake", "fake2"} and info[decision.chosen].samples == 1
+            await w1.unload("fake2")
+            assert w1.find("fake2").status == "unavailable" and w1.find("fake2").reason == "unloaded"
+            text = (await w0.metrics_text()).decode()
+            assert 'effnet_model_loads_total{model="fake2",outcome="ok"} 1.0' in text
+            assert 'effnet_auto_routed_total{budget_missed="false",model="%s"} 1.0' % decision.chosen in text
+
+    asyncio.run(main())
+
+
+def _reader(data: list[bytes]):
+    async def read() -> list[bytes]:
+        return data
+    return read
+
+
+def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared():
+    """Two workers' budgets over one shared array: together they cannot pass the limit (a request one
+    process would take is not refused for being over a worker's slice), and clearing a slot frees it."""
+    import multiprocessing as mp
+
+    from app.core.errors import OverBudget
+
+    slots = mp.get_context("spawn").Array("q", 2)
+    a, b = SharedBudget(100, slots, 0), SharedBudget(100, slots, 1)
+    a.take(90, "x")  # more than half: one worker may hold nearly all of it
+    with pytest.raises(OverBudget):
+        b.take(20, "y")
+    b.take(10, "y")
+    assert a.used == b.used == 100
+    a.give(40)
+    b.take(40, "y")
+    assert list(slots) == [50, 50]
+    SharedBudget.clear(slots, 0)  # worker 0 died holding 50
+    b.take(50, "y")
+    assert list(slots) == [0, 100] and b.peak == 100

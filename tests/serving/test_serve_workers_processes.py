@@ -220,3 +220,32 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_arenas_shrink_to_a_small_dev_shm_unless_their_size_was_set():
+    from app.core.config import Settings
+    from app.supervisor import arena_bytes
+
+    mb = 1 << 20
+    assert arena_bytes(Settings(workers=2), 10_000 * mb) == 256 * mb  # room enough: the default
+    assert arena_bytes(Settings(workers=2), None) == 256 * mb  # no /dev/shm to ask
+    assert arena_bytes(Settings(workers=2), 64 * mb) == 25 * mb  # Docker's 64 MB: 80% shared, whole MB
+    with pytest.raises(ValueError, match="EFFNET_SHM_MB=256 need 512 MB"):
+        arena_bytes(Settings(workers=2, shm_mb=256), 64 * mb)  # set on purpose: not second-guessed
+    with pytest.raises(ValueError, match="under 8 MB"):
+        arena_bytes(Settings(workers=16), 64 * mb)
+
+
+def test_a_sigterm_while_workers_start_still_stops_the_service_at_once(repo):
+    """The signal can reach a worker before uvicorn listens for it: it must still drain and exit, not be lost
+    (the service would then wait for the engine's drain deadline with a worker still serving)."""
+    svc = Service(repo, EFFNET_DRAIN_S="20")
+    try:
+        svc.eventually(lambda: len(svc.pids("worker")) == 2, timeout_s=60)
+        started = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(60) == 0, svc.log
+        assert time.monotonic() - started < 15, svc.log  # well inside the 20 s drain: nobody waited it out
+        assert svc.segments() == []
+    finally:
+        svc.stop()

@@ -45,9 +45,9 @@ def engine_gone() -> Unavailable:
 
 class RemotePlane:
     def __init__(self, settings: Settings, socket_path: str, arena: Arena, decode_pool: Executor,
-                 memory_bytes: int) -> None:
+                 memory: MemoryBudget) -> None:
         self.settings, self.socket_path, self.arena, self.decode_pool = settings, socket_path, arena, decode_pool
-        self.memory = MemoryBudget(memory_bytes)  # this worker's share of EFFNET_MAX_INFLIGHT_MB
+        self.memory = memory  # EFFNET_MAX_INFLIGHT_MB, shared with the other workers (memory.SharedBudget)
         self.uploading = 0
         self._draining = False  # this worker is shutting down (SIGTERM)
         self._state: State | None = None
@@ -314,12 +314,13 @@ def decode_threads(settings: Settings, workers: int) -> int:
 
 
 @contextlib.asynccontextmanager
-async def remote_plane(settings: Settings, socket_path: str, arena: Arena, workers: int) -> AsyncIterator[RemotePlane]:
-    """A worker's plane for its lifetime: connected to the engine, with this worker's decode threads and its
-    share of the in-flight memory budget."""
+async def remote_plane(settings: Settings, socket_path: str, arena: Arena, workers: int,
+                       memory: MemoryBudget) -> AsyncIterator[RemotePlane]:
+    """A worker's plane for its lifetime: connected to the engine, with this worker's decode threads and the
+    service's in-flight memory budget."""
     set_max_pixels(settings.max_image_pixels)
     pool = ThreadPoolExecutor(max_workers=decode_threads(settings, workers), thread_name_prefix="decode")
-    plane = RemotePlane(settings, socket_path, arena, pool, settings.max_inflight_bytes // max(1, workers))
+    plane = RemotePlane(settings, socket_path, arena, pool, memory)
     try:
         await plane.connect()
         yield plane

@@ -169,8 +169,12 @@ class EngineServer:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
             s.send(("err", mid, safe_exception(exc)))
-        else:
+            return
+        try:
             s.send(("ok", mid, value))
+        except Exception as exc:  # noqa: BLE001 - an answer that cannot cross: the caller must still hear
+            log.exception("the answer to %s could not be sent", verb)
+            s.send(("err", mid, RuntimeError(f"the engine could not send its answer to {verb}: {type(exc).__name__}")))
 
     def _tell(self, s: _Session, verb: str, args: tuple) -> None:
         if verb == "close":
@@ -238,10 +242,10 @@ class EngineServer:
         return [(r.queue_s, r.inference_s, r.batch_size) for r in results]
 
     async def route_info(self, s: _Session):
-        return self.plane.route_info()
+        return await self.plane.route_info()
 
     async def index(self, s: _Session):
-        return self.plane.index()
+        return await self.plane.index()
 
     async def load(self, s: _Session, name: str) -> None:
         await self.plane.load(name)

@@ -88,9 +88,10 @@ class Link(asyncio.Protocol):
     def put(self, message: tuple[Any, ...]) -> None:
         if self.closed:
             raise LinkClosed("the link is closed")
+        data = encode(message)  # first: a message that cannot be encoded leaves nothing behind
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(encode(message))
+        self._outbox.append(data)
 
     def _flush(self) -> None:
         data, self._outbox = b"".join(self._outbox), []
