@@ -3,6 +3,7 @@ server, in one run on one machine.
 
     python -m benchmarks.scaling                    # -> docs/benchmarks-scaling.json + <!-- scaling --> block
     python -m benchmarks.scaling --quick --out DIR  # smoke: tiny only, short windows, never docs/
+    python -m benchmarks.scaling --render           # the block again from docs/benchmarks-scaling.json
 
 Contenders, each an `effnet serve` (or peer) process group of its own, all started before a case is measured:
   service, 1 worker     EFFNET_WORKERS=1 (one process)
@@ -205,6 +206,24 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
 
+# (case, what the default worker count is divided by, the goal)
+GOALS = [("tiny http", "service, 1 worker", 1.7), ("tiny http", "LitServe", 1.5), ("b0 http", "serverless", 0.85),
+         ("b0 http", "LitServe", 1.3), ("b0 photo", "LitServe", 2.0)]
+
+
+def goal_line(result: dict, case: str, baseline: str, goal: float) -> str:
+    row = next((c for c in result["cases"] if c["case"] == case), None)
+    if row is None:
+        return f"- {case}: not measured in this run"
+    v = row["img_per_s"]
+    mine = v.get(f"service, {result['workers']} workers")
+    base = max([x for k, x in v.items() if k.startswith(baseline)], default=None)
+    if not mine or not base:
+        return f"- {case} against {baseline}: not measured in this run"
+    got = mine / base
+    return f"- {case}: {got:.2f}× {baseline} (goal ≥ {goal:g}×): **{'met' if got >= goal else 'missed'}**"
+
+
 def render(result: dict) -> str:
     n = result["workers"]
     many = f"service, {n} workers"
@@ -223,8 +242,24 @@ def render(result: dict) -> str:
         cells = [v.get("service, 1 worker"), v.get(many), ls, v.get("serverless")]
         lines.append(f"| {c['case']} ({c['image']}) | {c['clients']} | " + " | ".join("–" if x is None else f"{x:.0f}" for x in cells)
                      + f" | {ratio(cells[1], cells[0])} | {ratio(cells[1], ls)} | {ratio(cells[1], cells[3])} |")
+    lines += ["", "Goals (the default worker count against each baseline):", ""]
+    lines += [goal_line(result, *g) for g in GOALS]
+    for c in result["cases"]:
+        v = c["img_per_s"]
+        ls = max([x for k, x in v.items() if k.startswith("LitServe")], default=None)
+        if ls and v.get("serverless"):
+            lines.append(f"- {c['case']}: the same work without a server is {v['serverless'] / ls:.2f}× LitServe here, "
+                         "so no server on this machine can be more than that ahead of it")
     lines += ["", "gRPC rows: the service's V2 gRPC endpoint with ready FP32 tensors, by Triton's perf_analyzer "
               "(batch 1, the clients column is its concurrency); LitServe and the serverless pipeline take JPEGs only.",
+              "",
+              f"Threads, as the service splits them by default with {n} workers: the engine's ONNX Runtime intra-op "
+              f"pool gets EFFNET_THREADS = the cores ({m.get('cores')}); each worker decodes with cores / workers "
+              "threads (at least 1) beside its event loop. That is the serverless pipeline's split (a default ORT "
+              "session, which takes every core, beside a decode pool the size of the machine): decode and "
+              "inference take turns on the same cores rather than each owning a fixed part of them, because the "
+              "share each needs depends on the model (the tiny model is almost all front end, b4 almost all "
+              "inference). EFFNET_THREADS and EFFNET_DECODE_WORKERS override either side.",
               "<!-- /scaling -->"]
     return "\n".join(lines)
 
@@ -235,7 +270,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON and the block (default: docs/)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--window", type=float, default=None)
+    p.add_argument("--render", action="store_true", help="rewrite the block from docs/benchmarks-scaling.json only")
     plan = p.parse_args()
+    if plan.render:
+        block = render(json.loads((DOCS / "benchmarks-scaling.json").read_text()))
+        write_owned_block(DOCS / "benchmarks.md", "scaling", block)
+        print(block)
+        return
     plan.rounds = plan.rounds or (1 if plan.quick else 2)
     plan.window = plan.window or (2.0 if plan.quick else 6.0)
     plan.warmup = 0.5 if plan.quick else 1.0
