@@ -297,3 +297,23 @@ def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared():
     SharedBudget.clear(slots, 0)  # worker 0 died holding 50
     b.take(50, "y")
     assert list(slots) == [0, 100] and b.peak == 100
+
+
+def test_images_a_worker_decoded_are_recorded_as_in_one_process(repo, tmp_path):
+    """The engine records what a worker tells it about each image: its decode and preprocess times on
+    /metrics, and decode + preprocess + inference as the routing sample, exactly as images() would."""
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, _, (w0, _w1)):
+            (r,) = await _classify(w0, [encode(photo((120, 80), seed=4))])
+            decode = plane.metrics.stage_duration.labels("fake", "decode")
+            pre = plane.metrics.stage_duration.labels("fake", "preprocess")
+            assert decode._sum.get() == pytest.approx(r.decode_s) and r.decode_s > 0
+            assert pre._sum.get() == pytest.approx(r.preprocess_s) and r.preprocess_s > 0
+            assert plane.stats.fresh("fake") == pytest.approx([r.decode_s + r.preprocess_s + r.inference_s])
+            x = np.zeros((3, 32, 32), np.float32)
+            async with w0.open(w0.find("fake")) as call:
+                await call.tensors([x])  # ready tensors: nothing decoded, nothing recorded
+            assert decode._sum.get() == pytest.approx(r.decode_s) and len(plane.stats.fresh("fake")) == 1
+
+    asyncio.run(main())
