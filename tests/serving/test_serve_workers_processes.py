@@ -98,6 +98,28 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path / "repo"
 
 
+class Load:
+    """Four clients sending one JPEG each, back to back, each on a new connection; their statuses in order."""
+
+    def __init__(self, url: str, data: bytes, clients: int = 4) -> None:
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(url, data)) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, url: str, data: bytes) -> None:
+        while not self._stop.is_set():
+            self.statuses.append(_classify(url, data))
+
+    def stop(self) -> bool:
+        """Stop the clients; False if one is still stuck after its request's own 30 s timeout."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(40)
+        return not any(t.is_alive() for t in self._threads)
+
+
 def _classify(url: str, data: bytes) -> int:
     try:
         return httpx.post(url + "/classify", files={"file": ("x.jpg", data, "image/jpeg")}, timeout=30).status_code
@@ -126,16 +148,8 @@ def test_two_workers_serve_http_and_grpc_and_a_killed_worker_is_replaced(repo):
         assert logits.shape == (2, 1000) and client.is_server_ready()
 
         victim = svc.pids("worker")[0]
-        statuses: list[int] = []
-        stop = threading.Event()
-
-        def load() -> None:
-            while not stop.is_set():
-                statuses.append(_classify(svc.url, jpeg))
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
+        load = Load(svc.url, jpeg)
+        statuses = load.statuses
         time.sleep(0.5)
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
@@ -148,9 +162,7 @@ def test_two_workers_serve_http_and_grpc_and_a_killed_worker_is_replaced(repo):
         while len(statuses) < n_after + 20:  # the service keeps answering after the replacement
             assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log
             time.sleep(0.05)
-        stop.set()
-        for t in threads:
-            t.join(30)
+        load.stop()
         # Only the dead worker's own connections failed (0); everyone else got a 200; nothing else.
         assert set(statuses) <= {200, 0}, sorted(set(statuses))
         assert statuses[-10:] == [200] * 10
@@ -172,13 +184,20 @@ def shm_name(service_pid: int, worker_pid: int) -> str:
     return f"effnet-shm-{service_pid}-{worker_pid}"
 
 
-def test_a_killed_engine_turns_workers_unready_and_the_service_exits_non_zero(repo):
+def test_a_killed_engine_under_load_fails_requests_cleanly_and_the_service_exits_non_zero(repo):
+    """Killed mid-load: every request still gets an answer (200 before, 503 once the link is gone) or a closed
+    connection as the service stops; none hangs; the service exits 1 so that it is restarted whole."""
     svc = Service(repo)
     try:
         svc.wait_ready()
+        load = Load(svc.url, encode(photo((64, 48), seed=9)))
+        statuses = load.statuses
+        svc.eventually(lambda: statuses.count(200) >= 20)
         (engine,) = svc.pids("engine")
         os.kill(engine, signal.SIGKILL)
         assert svc.proc.wait(60) == 1, svc.log
+        assert load.stop(), "a request hung"
+        assert set(statuses) <= {200, 503, 0}, sorted(set(statuses))
         assert "the engine process died" in svc.log
         assert svc.segments() == []
     finally:
