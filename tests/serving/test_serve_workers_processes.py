@@ -162,7 +162,7 @@ def test_two_workers_serve_http_and_grpc_and_a_killed_worker_is_replaced(repo):
         while len(statuses) < n_after + 20:  # the service keeps answering after the replacement
             assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log
             time.sleep(0.05)
-        load.stop()
+        assert load.stop(), "a request hung"
         # Only the dead worker's own connections failed (0); everyone else got a 200; nothing else.
         assert set(statuses) <= {200, 0}, sorted(set(statuses))
         assert statuses[-10:] == [200] * 10
