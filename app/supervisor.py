@@ -33,7 +33,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from app.api.server import serve as serve_one_process
-from app.api.server import serve_worker
+from app.api.server import reuseport_socket, serve_worker
 from app.core.config import Settings
 from app.engine.link import shm
 from app.engine.link.process import run_engine
@@ -53,13 +53,9 @@ def serve(host: str, port: int) -> int:
 
 
 def hold_port(host: str, port: int) -> socket.socket:
-    """Bind (not listen) the port with SO_REUSEPORT: a port taken by someone else fails here, clearly, and
-    port 0 becomes a real port the workers then share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
+    """Bind (not listen) the port the workers will share: a port taken by someone else fails here, clearly,
+    and port 0 becomes a real port the workers then bind too."""
+    return reuseport_socket(host, port)
 
 
 MIN_ARENA = 8 << 20  # one B7 image (4.3 MB) and its logits, with room to spare

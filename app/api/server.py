@@ -87,16 +87,21 @@ def serve_worker(host: str, port: int, socket_path: str, arena_name: str, arena_
         arena.close()
 
 
-def shared_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket that other processes may bind too (SO_REUSEPORT: the kernel spreads new
-    connections over them by hash, rather than waking every process for each one)."""
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to a port that other processes may bind too (SO_REUSEPORT: the kernel spreads new
+    connections over the listening ones by hash, rather than waking every process for each one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    return sock
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A worker's own listening socket on the service's shared port."""
+    sock = reuseport_socket(host, port)
     sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
