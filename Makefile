@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling mutation clean
+.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,9 +46,21 @@ $(PERF_ANALYZER): $(VENV)/.installed
 
 perf-analyzer: $(PERF_ANALYZER)
 
+# The service split as EFFNET_WORKERS=2 splits it (two front ends on one port over the engine, through the link
+# and shared memory; tests/serving/serving_helpers.py): `make test` reruns these there, `make test-workers`
+# every test that starts a server (about 7 minutes more).
+WORKER_TESTS ?= tests/serving/test_serve_api.py tests/family/test_model_control.py tests/family/test_grpc.py \
+	tests/serving/test_serve_uploads_limit.py tests/serving/test_serve_memory_release.py \
+	tests/family/test_reload_under_load.py tests/reliability/test_rel_shutdown.py
+SERVER_TESTS ?= tests/serving tests/family tests/reliability tests/eval tests/deploy/test_kserve.py
+
 test: install system-deps $(PERF_ANALYZER)
 	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache --no-logo
 	$(PY) -m pytest
+	EFFNET_TEST_WORKERS=2 $(PY) -m pytest -q -p no:cacheprovider $(WORKER_TESTS)
+
+test-workers: install system-deps $(PERF_ANALYZER)
+	EFFNET_TEST_WORKERS=2 $(PY) -m pytest $(SERVER_TESTS)
 
 # Builds the Docker image on a local debootstrap base, runs it and the compose stack (needs root).
 test-deploy: install

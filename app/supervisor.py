@@ -37,7 +37,7 @@ from app.api.server import reuseport_socket, serve_worker
 from app.core.config import Settings
 from app.engine.link import shm
 from app.engine.link.process import run_engine
-from app.engine.memory import SharedBudget
+from app.engine.memory import SharedBudget, SharedUploadCount
 
 log = logging.getLogger("effnet.supervisor")
 
@@ -102,6 +102,7 @@ class Supervisor:
         self.workers: dict[int, mp.process.BaseProcess] = {}
         # Each worker's bytes held against EFFNET_MAX_INFLIGHT_MB (memory.SharedBudget), one lock for all.
         self.budget_slots = self.ctx.Array("q", settings.workers)
+        self.upload_slots = self.ctx.Array("q", settings.workers)  # and uploads in progress (SharedUploadCount)
         self.restarts: list[float] = []
         self._terminated: set[int] = set()  # children already sent SIGTERM
 
@@ -199,10 +200,11 @@ class Supervisor:
 
     def _start_worker(self, i: int) -> None:
         SharedBudget.clear(self.budget_slots, i)  # what a dead predecessor held is not held any more
+        SharedUploadCount.clear(self.upload_slots, i)
         w = self.ctx.Process(
             target=_worker_main, name=f"effnet-worker-{i}",
-            args=(self.host, self.port, self.socket_path, os.getpid(), self.settings.workers, self.budget_slots, i,
-                  self.arena_bytes),
+            args=(self.host, self.port, self.socket_path, os.getpid(), self.settings.workers, self.budget_slots,
+                  self.upload_slots, i, self.arena_bytes),
         )
         w.start()
         log.info("worker %d started (pid %d)", i, w.pid)
@@ -237,11 +239,11 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(host: str, port: int, socket_path: str, service_pid: int, workers: int, budget_slots, index: int,
-                 arena_bytes: int) -> None:
+def _worker_main(host: str, port: int, socket_path: str, service_pid: int, workers: int, budget_slots,
+                 upload_slots, index: int, arena_bytes: int) -> None:
     die_with_parent()
     serve_worker(host, port, socket_path, shm.segment_name(service_pid, os.getpid()), arena_bytes, workers,
-                 budget_slots, index)
+                 budget_slots, upload_slots, index)
 
 
 def _engine_main(socket_path: str, ready) -> None:

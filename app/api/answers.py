@@ -1,6 +1,6 @@
 """The /classify answer: one shape whatever the image count.
 
-    {"model": ..., "pretrained": ..., "results": [{"model", "predictions": [...], "timing_ms": {...}}, ...]}
+    {"model": ..., "pretrained": ..., "results": [{"model", "provider", "predictions": [...], "timing_ms": {...}}, ...]}
 
 one entry per image, in upload order. Policies add their own block beside `results` (`routing` for
 model=auto, `cascade` for cascades) and, for cascades, a `cascade` block inside each result.
@@ -28,7 +28,8 @@ def _timing(r: ImageResult, total_s: float) -> dict[str, float]:
 
 
 def result_json(r: ImageResult, top_k: int, total_s: float) -> dict[str, Any]:
-    return {"model": r.model, "predictions": [p.as_dict() for p in r.top(top_k)], "timing_ms": _timing(r, total_s)}
+    return {"model": r.model, "provider": r.provider, "predictions": [p.as_dict() for p in r.top(top_k)],
+            "timing_ms": _timing(r, total_s)}
 
 
 def classify_body(model: str, pretrained: bool, results: list[ImageResult], top_k: int, started: float) -> dict[str, Any]:

@@ -61,9 +61,8 @@ class Upload:
         self._ended = False  # the client's last body message has been received: nothing more will come
 
     async def __aenter__(self) -> Upload:
-        if self.plane.uploading >= self.settings.max_uploads:
+        if not self.plane.uploads.try_take():
             raise Overloaded(f"{self.settings.max_uploads} uploads are in progress; retry shortly", retry_after=1)
-        self.plane.uploading += 1
         self._counted = True
         return self
 
@@ -75,7 +74,7 @@ class Upload:
 
     def _finish_upload(self) -> None:
         if self._counted:
-            self.plane.uploading -= 1
+            self.plane.uploads.give()
             self._counted = False
         self._done.set()
 

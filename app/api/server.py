@@ -54,12 +54,12 @@ def serve(host: str, port: int) -> int:
 
 
 def serve_worker(host: str, port: int, socket_path: str, arena_name: str, arena_bytes: int, workers: int,
-                 budget_slots, index: int) -> None:
+                 budget_slots, upload_slots, index: int) -> None:
     """Front-end worker `index` (app/supervisor.py): HTTP and gRPC on ports shared with the other workers
     (each its own SO_REUSEPORT socket), over the engine process at `socket_path`; `budget_slots` holds the
-    workers' shares of the in-flight memory budget."""
+    workers' shares of the in-flight memory budget, `upload_slots` their uploads in progress."""
     from app.engine.link.shm import Arena
-    from app.engine.memory import SharedBudget
+    from app.engine.memory import SharedBudget, SharedUploadCount
 
     # The supervisor may stop the service while this worker is still starting: a SIGTERM that arrives
     # before uvicorn listens for it must still stop it (uvicorn then exits right after its startup).
@@ -74,7 +74,8 @@ def serve_worker(host: str, port: int, socket_path: str, arena_name: str, arena_
         app = create_app(settings)
         app.state.host = host
         budget = SharedBudget(settings.max_inflight_bytes, budget_slots, index)
-        app.state.engine_link = (socket_path, arena, workers, budget)
+        uploads = SharedUploadCount(settings.max_uploads, upload_slots, index)
+        app.state.engine_link = (socket_path, arena, workers, budget, uploads)
         server = DrainingServer(_config(app, settings, host, port), app)
         # Until uvicorn installs its own handlers, and again once it restores these and re-raises what it
         # caught: a signal means "drain and stop", never "die" (exit 0 after the drain).

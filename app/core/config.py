@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     # ORT's CPU memory arena: one shared by all sessions (default; see app/engine/sessions.py), one per
     # session (ORT's default: fastest, but every session keeps its peak), or none.
     ort_arena: Literal["shared", "per-session", "off"] = "shared"
+    # On a GPU, TensorRT (fp16) ahead of CUDA when onnxruntime-gpu has it; its engines take minutes to
+    # build, so they are cached here (mount a volume there to keep them across restarts).
+    tensorrt: bool = True
+    tensorrt_cache: Path = Path.home() / ".cache" / "effnet" / "tensorrt"
     # Front-end worker processes (HTTP, gRPC, bodies, decode) over one engine process that owns the models
     # (app/supervisor.py); default: the CPU quota. 1: everything in one process.
     workers: int = Field(default_factory=_cores, ge=1, le=256)

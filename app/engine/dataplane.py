@@ -42,7 +42,7 @@ from app.core.errors import ApiError, BadRequest, ClientGone, Overloaded, Shutti
 from app.engine.batcher import Result
 from app.engine.control import ModelControl
 from app.engine.facade import ImageResult, ModelView, Prediction, Readiness, RouteInfo  # noqa: F401 - re-exported
-from app.engine.memory import MemoryBudget
+from app.engine.memory import MemoryBudget, UploadCount
 from app.engine.metrics import Metrics
 from app.engine.preprocess import Prepared, prepare
 from app.engine.registry import ModelEntry, Registry
@@ -61,7 +61,11 @@ class DataPlane:
         self.draining = False
         # Requests admitted per model and not yet finished (uploading, decoding or queued).
         self.inflight: dict[str, int] = {}
-        self.uploading = 0  # requests still sending their body, across models
+        self.uploads = UploadCount(settings.max_uploads)  # requests still sending their body, across models
+
+    @property
+    def uploading(self) -> int:
+        return self.uploads.used
 
     # --- the facade (facade.Plane): what front ends may ask ----------------------------------
     def find(self, name: str | None) -> ModelView:
@@ -329,6 +333,7 @@ class Call:
         return ImageResult(
             self.entry.name, r.probs, r.logits, self.entry.manifest.labels, decode_s, preprocess_s,
             r.queue_s, r.inference_s, r.batch_size, self.entry.version, self.entry.manifest.weights.pretrained,
+            self.entry.provider,
         )
 
 

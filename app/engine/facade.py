@@ -43,6 +43,7 @@ class ImageResult:
     # The version (registry.ModelEntry.version) that computed it: a reload can swap versions between requests.
     version: str | None = None
     pretrained: bool = False  # the weights are real (from the manifest), not random
+    provider: str | None = None  # the ONNX Runtime execution provider that ran it (CPU, CUDA, TensorRT)
 
     def top(self, k: int) -> list[Prediction]:
         """The k best classes, best first; ties go to the lower index."""

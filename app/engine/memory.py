@@ -80,3 +80,53 @@ class SharedBudget(MemoryBudget):
         """Forget what a dead worker held."""
         with slots.get_lock():
             slots.get_obj()[index] = 0
+
+
+class UploadCount:
+    """Requests still sending their body (EFFNET_MAX_UPLOADS): a slow upload holds a connection, a task and
+    its bytes so far, so their number is bounded apart from the bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def try_take(self) -> bool:
+        if self._used >= self.limit:
+            return False
+        self._used += 1
+        return True
+
+    def give(self) -> None:
+        self._used -= 1
+
+
+class SharedUploadCount(UploadCount):
+    """The same count over several worker processes, one slot each under one lock (as SharedBudget)."""
+
+    def __init__(self, limit: int, slots, index: int) -> None:  # slots: multiprocessing.Array("q", n)
+        self.limit = int(limit)
+        self._index = index
+        self._lock = slots.get_lock()
+        self._raw = slots.get_obj()
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._raw)
+
+    def try_take(self) -> bool:
+        with self._lock:
+            if sum(self._raw) >= self.limit:
+                return False
+            self._raw[self._index] += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self._raw[self._index] -= 1
+
+    clear = staticmethod(SharedBudget.clear)  # a dead worker's uploads are over

@@ -24,7 +24,7 @@ from typing import Literal
 from app.engine.batcher import Batcher, Hooks
 from app.core.config import Settings, read_batch_table
 from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
-from app.engine.sessions import ModelSession, SessionError, create_session, resolve_device
+from app.engine.sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device
 
 log = logging.getLogger("effnet.registry")
 
@@ -139,16 +139,21 @@ class Registry:
         onnx_path = verify_onnx(entry.folder, manifest)
         device = resolve_device(self.settings.device)
         entry.manifest = manifest
+        crop = manifest.preprocess.crop
+        profile = BatchProfile(manifest.onnx.input.name, (3, crop, crop), self._max_batch(entry.name, "cuda", tables))
         entry.session = create_session(
             onnx_path, manifest.onnx.input.name, manifest.onnx.output.name,
             device=device, threads=self.settings.threads, spinning=self.settings.ort_spinning,
             arena=self.settings.ort_arena,
+            tensorrt_cache=self.settings.tensorrt_cache if self.settings.tensorrt else None, profile=profile,
         )
         # The batch table of the device that actually runs the graph (auto may pick CUDA, CUDA may fall back).
-        device = entry.session.device
+        entry.max_batch = self._max_batch(entry.name, entry.session.device, tables)
+
+    def _max_batch(self, name: str, device: str, tables: dict[str, dict[str, int]]) -> int:
         if device not in tables:
             tables[device] = read_batch_table(self.settings.repository, device)
-        entry.max_batch = self.settings.max_batch_for(entry.name, device, tables[device])
+        return self.settings.max_batch_for(name, device, tables[device])
 
     async def _bring_up(self, entry: ModelEntry, tables: dict[str, dict[str, int]]) -> None:
         """Load, warm and start one entry; on failure it is marked unavailable with a reason."""

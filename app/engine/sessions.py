@@ -38,7 +38,10 @@ import onnxruntime as ort
 log = logging.getLogger("effnet.sessions")
 
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 CPU = "CPUExecutionProvider"
+# Where each GPU provider wants its inputs and outputs (the device IOBinding allocates them on).
+BUFFER_DEVICE = {TENSORRT: "cuda", CUDA: "cuda"}
 
 
 class SessionError(Exception):
@@ -63,9 +66,46 @@ class ModelSession:
     output_name: str
     provider: str  # the provider that actually runs the graph
     device: str  # "cpu" or "cuda"
+    bound: "BoundBuffers | None" = None  # on a GPU: inputs and outputs in device buffers of their own
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        if self.bound is not None:
+            return self.bound.run(x)
         return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class BoundBuffers:
+    """IOBinding over buffers on the device that runs the graph, one input and one output per batch shape,
+    made the first time that shape runs (on CUDA the batcher pads to a few sizes, and warm-up runs each).
+    A run copies the batch into its input buffer and the logits out of its output buffer: nothing is
+    allocated per run, and ORT's own copies around Run() (pageable host memory in, a fresh output out)
+    are gone. One run at a time per session, as the batcher runs them."""
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, output_name: str, device: str) -> None:
+        self.session, self.input_name, self.output_name = session, input_name, output_name
+        self.device = device  # ORT's name for it: "cuda" or "cpu"
+        self._slots: dict[tuple[int, ...], tuple[ort.OrtValue, ort.OrtValue, ort.IOBinding]] = {}
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        slot = self._slots.get(x.shape)
+        if slot is None:
+            slot = self._slots[x.shape] = self._slot(x)
+        inp, out, binding = slot
+        inp.update_inplace(x)
+        self.session.run_with_iobinding(binding)
+        # On the GPU numpy() copies to the host; on the CPU it is a view of a buffer the next run reuses.
+        return out.numpy() if self.device != "cpu" else out.numpy().copy()
+
+    def _slot(self, x: np.ndarray) -> tuple[ort.OrtValue, ort.OrtValue, ort.IOBinding]:
+        # The output's shape from one ordinary run: the graph may leave its class axis symbolic.
+        shape = self.session.run([self.output_name], {self.input_name: x})[0].shape
+        inp = ort.OrtValue.ortvalue_from_shape_and_type(x.shape, np.float32, self.device, 0)
+        out = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device, 0)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, inp)
+        binding.bind_ortvalue_output(self.output_name, out)
+        return inp, out, binding
 
 
 def resolve_device(requested: str) -> str:
@@ -112,12 +152,51 @@ def session_options(threads: int, spinning: bool, arena: str = "shared") -> ort.
     return so
 
 
+@dataclass(frozen=True)
+class BatchProfile:
+    """The input shapes a model will run: one TensorRT engine covers them all (without a profile, TensorRT
+    builds an engine per batch size the warm-up runs, minutes each for a big model)."""
+
+    input_name: str
+    chw: tuple[int, int, int]
+    max_batch: int
+
+    def options(self) -> dict[str, str]:
+        c, h, w = self.chw
+        shape = lambda n: f"{self.input_name}:{n}x{c}x{h}x{w}"  # noqa: E731
+        return {"trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(self.max_batch),
+                "trt_profile_max_shapes": shape(self.max_batch)}
+
+
+def providers_for(device: str, available: list[str], tensorrt_cache: Path | None,
+                  profile: BatchProfile | None = None) -> list:
+    """What to ask ORT for, best first. On a GPU: TensorRT (fp16, its engines cached on disk, since building
+    one takes minutes) when this onnxruntime has it and EFFNET_TENSORRT is on (tensorrt_cache set), then
+    CUDA; the CPU always last, for any node the others do not take."""
+    if device != "cuda":
+        return [CPU]
+    # Arena growth by request size, not by doubling: bounded GPU memory with fixed shapes.
+    providers: list = [(CUDA, {"arena_extend_strategy": "kSameAsRequested"}), CPU]
+    if tensorrt_cache is not None and TENSORRT in available:
+        providers.insert(0, (TENSORRT, {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(tensorrt_cache),
+            **(profile.options() if profile is not None else {}),
+        }))
+    return providers
+
+
 def create_session(path: Path, input_name: str, output_name: str, *, device: str, threads: int, spinning: bool,
-                   arena: str = "shared") -> ModelSession:
-    providers: list = [CPU]
-    if device == "cuda":
-        # Arena growth by request size, not by doubling: bounded GPU memory with fixed shapes.
-        providers = [(CUDA, {"arena_extend_strategy": "kSameAsRequested"}), CPU]
+                   arena: str = "shared", tensorrt_cache: Path | None = None,
+                   profile: BatchProfile | None = None) -> ModelSession:
+    if tensorrt_cache is not None and device == "cuda" and TENSORRT in ort.get_available_providers():
+        try:
+            tensorrt_cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("no TensorRT engine cache at %s (%s): running on CUDA without TensorRT", tensorrt_cache, exc)
+            tensorrt_cache = None
+    providers = providers_for(device, ort.get_available_providers(), tensorrt_cache, profile)
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options(threads, spinning, arena), providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
@@ -129,4 +208,7 @@ def create_session(path: Path, input_name: str, output_name: str, *, device: str
     if input_name not in inputs or output_name not in outputs:
         raise SessionError(f"the ONNX graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, not the manifest's")
     provider = session.get_providers()[0]
-    return ModelSession(session, input_name, output_name, provider, "cuda" if provider == CUDA else "cpu")
+    if provider not in BUFFER_DEVICE:
+        return ModelSession(session, input_name, output_name, provider, "cpu")
+    return ModelSession(session, input_name, output_name, provider, "cuda",
+                        BoundBuffers(session, input_name, output_name, BUFFER_DEVICE[provider]))

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-from serving_helpers import LiveServer, encode, live_server, photo, queue_held, write_model
+from serving_helpers import LiveServer, encode, live_server, make_live_server, photo, queue_held, write_model
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -119,6 +119,16 @@ def _code(exc: pytest.ExceptionInfo) -> str:
 def _requests(http: httpx.Client, model: str, status: str) -> float:
     m = re.search(rf'^effnet_requests_total{{model="{model}",status="{status}"}} (\S+)$', http.get("/metrics").text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def _requests_reach(http: httpx.Client, model: str, status: str, want: float) -> float:
+    """The count once it reaches `want` (or what it is after 10 s). Split in processes, a worker tells the
+    engine how a request ended without waiting for it, so a /metrics read through another worker may run
+    a moment before that message is read."""
+    deadline = time.monotonic() + 10
+    while (got := _requests(http, model, status)) < want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
 
 
 # --- health and descriptions ------------------------------------------------------------------
@@ -334,11 +344,11 @@ def test_metrics_count_grpc_requests(client, http):
     before = _requests(http, "tiny", "200")
     for _ in range(3):
         client.infer("tiny", [_fp32_input(_tensor(1))])
-    assert _requests(http, "tiny", "200") == before + 3
+    assert _requests_reach(http, "tiny", "200", before + 3) == before + 3
     before_400 = _requests(http, "tiny", "400")
     with pytest.raises(InferenceServerException):
         client.infer("tiny", [_fp32_input(_tensor(1, crop=32))])
-    assert _requests(http, "tiny", "400") == before_400 + 1
+    assert _requests_reach(http, "tiny", "400", before_400 + 1) == before_400 + 1
 
 
 def test_repository_control_is_refused_unless_explicit(client):
@@ -456,7 +466,7 @@ def test_a_call_in_flight_at_shutdown_gets_its_answer(tmp_path):
     import threading
 
     write_model(tmp_path, "fake")
-    srv = LiveServer(Settings(repository=tmp_path, threads=1, max_delay_ms=1500, batch_wait="always", drain_s=10,
+    srv = make_live_server(Settings(repository=tmp_path, threads=1, max_delay_ms=1500, batch_wait="always", drain_s=10,
                               grpc_port=free_port())).start()
     c = grpcclient.InferenceServerClient(_target(srv))
     got: dict = {}

@@ -107,7 +107,7 @@ def check_error(status: int, headers: Any, body: bytes) -> dict:
 
 def check_classify_ok(body: dict, top_k: int) -> None:
     assert set(body) == {"model", "pretrained", "results"} and len(body["results"]) == 1, body
-    assert set(body["results"][0]) == {"model", "predictions", "timing_ms"}, body
+    assert set(body["results"][0]) == {"model", "provider", "predictions", "timing_ms"}, body
     preds = body["results"][0]["predictions"]
     assert len(preds) == top_k and all(0.0 <= p["score"] <= 1.0 for p in preds)
     scores = [p["score"] for p in preds]

@@ -7,10 +7,14 @@ path is exercised in milliseconds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
+import itertools
 import json
+import os
+import shutil
 import socket
 import threading
 import time
@@ -133,9 +137,212 @@ class LiveServer:
         self.sock.close()
 
 
+# EFFNET_TEST_WORKERS=N (N > 1) runs every live server of the suite as the service runs with EFFNET_WORKERS=N:
+# N front-end apps on one shared port (SO_REUSEPORT), each over the engine through the link and shared
+# memory, the engine's data plane on a loop of its own. All in this process, so that the white-box tests
+# can still reach the engine's registry and batchers; tests/serving/test_serve_workers_processes.py covers
+# the real processes (spawn, signals, deaths).
+TEST_WORKERS = int(os.environ.get("EFFNET_TEST_WORKERS", "1"))
+_ARENA_IDS = itertools.count(1)  # arena names: the test process's pid and this
+
+
+class EngineThread:
+    """The engine (app/engine/link/process.py's loop, without its signals) on a thread of its own."""
+
+    def __init__(self, settings: Settings, socket_path: str) -> None:
+        self.settings, self.socket_path = settings, socket_path
+        self.plane = None
+        self.server = None
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="engine", daemon=True)
+
+    async def _main(self) -> None:
+        from app.engine.link.server import EngineServer
+        from app.engine.runtime import running_plane
+
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with running_plane(self.settings, decode_workers=1) as plane:
+            self.plane, self.server = plane, EngineServer(plane, self.socket_path)
+            await self.server.start()
+            self._ready.set()
+            await self._stop.wait()
+            plane.draining = True
+            self.server.push()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.drain_s + 5.0):
+                    await self.server.idle.wait()
+            await self.server.close()
+
+    def start(self) -> None:
+        self.thread.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the engine did not start")
+
+    def call(self, fn) -> None:
+        """Run fn() on the engine's loop and wait for it."""
+        async def run():
+            fn()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=60)
+
+
+class ServiceView:
+    """`srv.plane` of a service split in two layers: the engine's data plane (registry, batchers, stats,
+    queue room), with what the workers hold themselves: uploads in progress and the memory budget (shared
+    counts), and their decode pools."""
+
+    def __init__(self, engine: EngineThread, workers: list) -> None:
+        object.__setattr__(self, "_engine", engine)
+        object.__setattr__(self, "_workers", workers)
+
+    def _planes(self) -> list:
+        return [w.state.plane for w in self._workers]
+
+    def __getattr__(self, name: str):
+        planes = self._planes()
+        if name == "uploading":
+            return planes[0].uploading  # every worker's, under the shared lock (memory.SharedUploadCount)
+        if name == "memory":
+            return BudgetView(planes)
+        if name == "decode_pool":
+            return EveryPool([p.decode_pool for p in planes])
+        return getattr(self._engine.plane, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Anything a test patches (a spy on `open`, say) is the engine's: the workers' calls end there.
+        self._engine.call(lambda: setattr(self._engine.plane, name, value))
+        if name == "draining":
+            # SIGTERM reaches every process at once: the engine refuses new work and each worker drains;
+            # and each worker has the engine's word (a real drain never ends; a test's does).
+            for p in self._planes():
+                p.draining = value
+            self._engine.call(self._engine.server.push)
+            deadline = time.monotonic() + 10
+            while any(p.readiness().draining != value for p in self._planes()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not see the engine's drain change")
+                time.sleep(0.01)
+
+    def __delattr__(self, name: str) -> None:
+        self._engine.call(lambda: delattr(self._engine.plane, name))
+
+
+class EveryPool:
+    """The workers' decode pools as one: a job submitted runs on each (a test holding "the" decode thread
+    holds every worker's, wherever the kernel sends its connection)."""
+
+    def __init__(self, pools: list) -> None:
+        self.pools = pools
+
+    def submit(self, fn, *args, **kwargs):
+        return [pool.submit(fn, *args, **kwargs) for pool in self.pools][0]
+
+
+class BudgetView:
+    """The in-flight memory budget the workers share (memory.SharedBudget): one number for the service."""
+
+    def __init__(self, planes: list) -> None:
+        self._budgets = [p.memory for p in planes]
+
+    @property
+    def used(self) -> int:
+        return self._budgets[0].used  # every slot, under the shared lock
+
+    @property
+    def peak(self) -> int:
+        return max(b.peak for b in self._budgets)
+
+    def __getattr__(self, name: str):
+        return getattr(self._budgets[0], name)
+
+
+class WorkersLiveServer:
+    """LiveServer's interface over a service split as EFFNET_WORKERS=N splits it (see TEST_WORKERS)."""
+
+    def __init__(self, settings: Settings, workers: int = TEST_WORKERS, **app_options) -> None:
+        import multiprocessing
+        import tempfile
+
+        from app.api.server import reuseport_socket
+        from app.engine.link import shm
+        from app.engine.memory import SharedBudget, SharedUploadCount
+
+        self.rundir = tempfile.mkdtemp(prefix="effnet-test-")
+        self.engine = EngineThread(settings, os.path.join(self.rundir, "engine.sock"))
+        slots, upload_slots = multiprocessing.Array("q", workers), multiprocessing.Array("q", workers)
+        self.arenas, self.apps, self.servers, self.socks, self.threads = [], [], [], [], []
+        for i in range(workers):
+            sock = reuseport_socket("127.0.0.1", self.socks[0].getsockname()[1] if self.socks else 0)
+            sock.listen(2048)
+            arena = shm.Arena(shm.segment_name(os.getpid(), next(_ARENA_IDS)), settings.shm_mb << 20)
+            app = create_app(settings, **app_options)
+            app.state.host = "127.0.0.1"
+            app.state.engine_link = (self.engine.socket_path, arena, workers,
+                                     SharedBudget(settings.max_inflight_bytes, slots, i),
+                                     SharedUploadCount(settings.max_uploads, upload_slots, i))
+            config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+            server = uvicorn.Server(config)
+            self.arenas.append(arena)
+            self.apps.append(app)
+            self.servers.append(server)
+            self.socks.append(sock)
+            self.threads.append(threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True))
+        self.app = self.apps[0]
+        self.port = self.socks[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.plane = ServiceView(self.engine, self.apps)
+
+    def start(self, wait_ready: bool = True, timeout: float = 60) -> "WorkersLiveServer":
+        self.engine.start()
+        for t in self.threads:
+            t.start()
+        deadline = time.monotonic() + timeout
+        while not all(s.started for s in self.servers):
+            if time.monotonic() > deadline or not all(t.is_alive() for t in self.threads):
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        # Loaded in the engine, and every worker told so (the engine pushes its state every 50 ms).
+        while wait_ready and not (self.engine.plane.registry.loaded and self._workers_current()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("models did not load")
+            time.sleep(0.02)
+        return self
+
+    def _workers_current(self) -> bool:
+        want = self.engine.plane.readiness()
+        return all(getattr(app.state, "plane", None) is not None and app.state.plane.readiness() == want
+                   for app in self.apps)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.should_exit = True
+        for t in self.threads:
+            t.join(timeout=30)
+        self.engine.stop()
+        for sock in self.socks:
+            sock.close()
+        for arena in self.arenas:
+            arena.close()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def make_live_server(settings: Settings, **app_options):
+    """A LiveServer, or its split twin when the suite runs with EFFNET_TEST_WORKERS > 1."""
+    if TEST_WORKERS > 1:
+        return WorkersLiveServer(settings, **app_options)
+    return LiveServer(settings, **app_options)
+
+
 @contextlib.contextmanager
 def live_server(settings: Settings, **app_options) -> Iterator[LiveServer]:
-    srv = LiveServer(settings, **app_options).start()
+    srv = make_live_server(settings, **app_options).start()
     try:
         yield srv
     finally:

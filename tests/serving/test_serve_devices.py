@@ -55,6 +55,8 @@ def gpu_build(monkeypatch):
     """onnxruntime-gpu on a machine with a GPU: CUDA is listed, sessions report it."""
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(sessions.ort, "InferenceSession", CudaStandIn)
+    # The stand-in's graph runs on the CPU: its bound buffers must live there too (the binding logic is the same).
+    monkeypatch.setattr(sessions, "BUFFER_DEVICE", {CUDA: "cpu", sessions.TENSORRT: "cpu"})
     CudaStandIn.created = []
 
 
@@ -105,6 +107,52 @@ def test_effnet_device_cuda_without_cuda_refuses_every_model_with_the_reason(cpu
         entry = registry.entries[name]
         assert entry.status == "unavailable" and entry.session is None and entry.batcher is None
         assert "EFFNET_DEVICE=cuda" in entry.reason and "CUDAExecutionProvider" in entry.reason
+
+
+# --- IOBinding and TensorRT ------------------------------------------------------------------
+def test_gpu_providers_put_tensorrt_first_only_when_it_is_there_and_has_a_cache(tmp_path):
+    cuda = (CUDA, {"arena_extend_strategy": "kSameAsRequested"})
+    assert sessions.providers_for("cpu", [sessions.TENSORRT, CUDA, CPU], tmp_path) == [CPU]
+    assert sessions.providers_for("cuda", [CUDA, CPU], tmp_path) == [cuda, CPU]
+    assert sessions.providers_for("cuda", [sessions.TENSORRT, CUDA, CPU], None) == [cuda, CPU]  # EFFNET_TENSORRT=0
+    trt, *rest = sessions.providers_for("cuda", [sessions.TENSORRT, CUDA, CPU], tmp_path / "trt")
+    assert trt == (sessions.TENSORRT, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                        "trt_engine_cache_path": str(tmp_path / "trt")})
+    assert rest == [cuda, CPU]  # CUDA, then the CPU, for whatever TensorRT does not take
+    # One engine for every batch size the model runs, not one per size (minutes each).
+    profile = sessions.BatchProfile("images", (3, 380, 380), 32)
+    trt, *_ = sessions.providers_for("cuda", [sessions.TENSORRT, CUDA, CPU], tmp_path, profile)
+    assert {k: v for k, v in trt[1].items() if k.startswith("trt_profile")} == {
+        "trt_profile_min_shapes": "images:1x3x380x380", "trt_profile_opt_shapes": "images:32x3x380x380",
+        "trt_profile_max_shapes": "images:32x3x380x380"}
+
+
+def test_bound_buffers_compute_what_a_plain_run_computes_and_answers_never_share_memory(tiny_repo):
+    """IOBinding over buffers made per batch shape (here on the CPU, where ORT binds the same way): the same
+    logits as session.run for each batch size, in any order, and an earlier answer is not overwritten by
+    the next run of its shape (the buffer is reused, the answer must not be)."""
+    path, m = tiny_model(tiny_repo)
+    session = REAL_ORT_SESSION(str(path), providers=[CPU])
+    plain = lambda x: session.run(None, {m.onnx.input.name: x})[0]  # noqa: E731
+    bound = sessions.BoundBuffers(session, m.onnx.input.name, m.onnx.output.name, "cpu")
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((n, 3, 64, 64)).astype(np.float32) for n in (1, 4, 1, 4, 2)]
+    answers = [bound.run(x) for x in batches]
+    for x, got in zip(batches, answers):
+        np.testing.assert_allclose(got, plain(x), rtol=1e-5, atol=1e-5)
+    assert answers[0].shape == (1, 1000) and not np.array_equal(answers[0], answers[2])
+    assert sorted(bound._slots) == [(1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64)]  # one slot per shape
+    cpu = create_session(path, m.onnx.input.name, m.onnx.output.name, device="cpu", threads=1, spinning=False)
+    assert cpu.bound is None  # on the CPU ORT reads numpy memory where it lies: nothing to bind
+
+
+def test_a_gpu_session_runs_through_its_bound_buffers(gpu_build, tiny_repo):
+    path, m = tiny_model(tiny_repo)
+    s = create_session(path, m.onnx.input.name, m.onnx.output.name, device="cuda", threads=1, spinning=False)
+    assert s.bound is not None
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(s.run(x), s.session.run(None, {m.onnx.input.name: x})[0], rtol=1e-5, atol=1e-5)
+    assert list(s.bound._slots) == [x.shape]
 
 
 # --- CUDA padding on a real session ---------------------------------------------------------

@@ -20,7 +20,7 @@ from app.core.errors import BadRequest, Overloaded, Unavailable, UnknownModel
 from app.engine.link import shm
 from app.engine.link.client import RemotePlane
 from app.engine.link.server import EngineServer
-from app.engine.memory import MemoryBudget, SharedBudget
+from app.engine.memory import MemoryBudget, SharedBudget, SharedUploadCount, UploadCount
 from app.engine.runtime import running_plane
 from serving_helpers import encode, photo, write_model
 
@@ -50,7 +50,8 @@ async def engine_with_workers(settings: Settings, sock_dir: Path, workers: int =
             for i in range(workers):
                 arena = shm.Arena(f"effnet-shm-test{os.getpid()}-{id(server)}-{i}", 4 << 20)
                 arenas.append(arena)
-                c = RemotePlane(settings, str(sock_dir / "engine.sock"), arena, ThreadPoolExecutor(1), MemoryBudget(256 << 20))
+                c = RemotePlane(settings, str(sock_dir / "engine.sock"), arena, ThreadPoolExecutor(1),
+                                MemoryBudget(256 << 20), UploadCount(settings.max_uploads))
                 await c.connect()
                 clients.append(c)
             yield plane, server, clients
@@ -297,6 +298,22 @@ def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared():
     SharedBudget.clear(slots, 0)  # worker 0 died holding 50
     b.take(50, "y")
     assert list(slots) == [0, 100] and b.peak == 100
+
+
+def test_workers_share_one_upload_count_and_a_dead_workers_uploads_are_cleared():
+    """EFFNET_MAX_UPLOADS means the service's uploads in progress, not each worker's: two workers' counts over
+    one shared array refuse the upload past the limit wherever it lands, and a cleared slot frees its share."""
+    import multiprocessing as mp
+
+    slots = mp.get_context("spawn").Array("q", 2)
+    a, b = SharedUploadCount(3, slots, 0), SharedUploadCount(3, slots, 1)
+    assert a.try_take() and a.try_take() and b.try_take()
+    assert not b.try_take() and not a.try_take()  # 3 in progress across both workers
+    assert a.used == b.used == 3 and list(slots) == [2, 1]
+    b.give()
+    assert a.try_take() and list(slots) == [3, 0]
+    SharedUploadCount.clear(slots, 0)  # worker 0 died mid-upload three times over
+    assert b.try_take() and b.used == 1
 
 
 def test_images_a_worker_decoded_are_recorded_as_in_one_process(repo, tmp_path):

@@ -32,7 +32,7 @@ from app.engine.facade import ImageResult, ModelView, Readiness, RouteInfo
 from app.engine.link.server import State
 from app.engine.link.shm import Arena, ArenaFull
 from app.engine.link.wire import Link, LinkClosed
-from app.engine.memory import MemoryBudget
+from app.engine.memory import MemoryBudget, UploadCount
 from app.engine.dataplane import decode_all
 from app.engine.preprocess import set_max_pixels
 
@@ -45,10 +45,10 @@ def engine_gone() -> Unavailable:
 
 class RemotePlane:
     def __init__(self, settings: Settings, socket_path: str, arena: Arena, decode_pool: Executor,
-                 memory: MemoryBudget) -> None:
+                 memory: MemoryBudget, uploads: UploadCount) -> None:
         self.settings, self.socket_path, self.arena, self.decode_pool = settings, socket_path, arena, decode_pool
-        self.memory = memory  # EFFNET_MAX_INFLIGHT_MB, shared with the other workers (memory.SharedBudget)
-        self.uploading = 0
+        # EFFNET_MAX_INFLIGHT_MB and EFFNET_MAX_UPLOADS, each shared with the other workers (memory.Shared*)
+        self.memory, self.uploads = memory, uploads
         self._draining = False  # this worker is shutting down (SIGTERM)
         self._state: State | None = None
         self._views: dict[str, ModelView] = {}
@@ -125,6 +125,10 @@ class RemotePlane:
             self._send(("tell", 0, verb, args))
         except Unavailable:
             pass  # nobody left to tell
+
+    @property
+    def uploading(self) -> int:
+        return self.uploads.used
 
     # --- facade.Plane ------------------------------------------------------------------------
     @property
@@ -285,7 +289,7 @@ class RemoteCall:
         d = prep or [(0.0, 0.0)] * len(xs)
         results = [
             ImageResult(view.name, probs[i], logits[i], view.manifest.labels, d[i][0], d[i][1], q, inf, bs,
-                        view.version, pretrained)
+                        view.version, pretrained, view.provider)
             for i, (q, inf, bs) in enumerate(meta)
         ]
         tracing.batch_spans(submitted, results, model=view.name, model_version=view.version)
@@ -315,12 +319,12 @@ def decode_threads(settings: Settings, workers: int) -> int:
 
 @contextlib.asynccontextmanager
 async def remote_plane(settings: Settings, socket_path: str, arena: Arena, workers: int,
-                       memory: MemoryBudget) -> AsyncIterator[RemotePlane]:
+                       memory: MemoryBudget, uploads: UploadCount) -> AsyncIterator[RemotePlane]:
     """A worker's plane for its lifetime: connected to the engine, with this worker's decode threads and the
-    service's in-flight memory budget."""
+    service's in-flight memory budget and upload count."""
     set_max_pixels(settings.max_image_pixels)
     pool = ThreadPoolExecutor(max_workers=decode_threads(settings, workers), thread_name_prefix="decode")
-    plane = RemotePlane(settings, socket_path, arena, pool, memory)
+    plane = RemotePlane(settings, socket_path, arena, pool, memory, uploads)
     try:
         await plane.connect()
         yield plane
