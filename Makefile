@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling mutation clean
+.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,16 @@ bench-reliability: install system-deps $(PERF_ANALYZER)
 # own block of docs/benchmarks.md.
 bench-scaling: install system-deps $(PERF_ANALYZER)
 	$(PY) -m benchmarks.scaling
+
+# Latency when the service is quiet (1 and 4 clients, b0 and lite0, HTTP JPEGs and gRPC tensors) against the same
+# work without a server and LitServe, spinning on and off; about 6 minutes; writes its own block of docs/benchmarks.md.
+bench-quiet: install system-deps $(PERF_ANALYZER)
+	$(PY) -m benchmarks.quiet
+
+# B0/B4/B7 on a GPU in one table: raw ORT CUDA (and TensorRT), the service over gRPC tensors and HTTP JPEGs, 1 and N
+# workers; <= 8 min; no `install`: pip brings what is missing (EFFNET_GPU_WHEELS=DIR first). --cpu-smoke: on a CPU.
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(BENCH_GPU_ARGS)
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
 bench-smoke: install system-deps $(PERF_ANALYZER)

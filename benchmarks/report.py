@@ -5,22 +5,26 @@ own (`<!-- precision -->`, `<!-- soak -->`), which are kept. Sections: benchmark
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
 import subprocess
+import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from benchmarks import report_tables as T
+from benchmarks.harness import DOCS
 from benchmarks.report_plot import plot
 from benchmarks.report_targets import GIB, bought, row, targets
 
 MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
 # Blocks other benchmark scripts own (benchmarks.precision, benchmarks.soak, benchmarks.reliability): kept as they are.
-OWNED_NAMES = ("precision", "soak", "reliability", "scaling")
+OWNED_NAMES = ("precision", "soak", "reliability", "scaling", "quiet")
 OWNED_BLOCKS = [re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S) for name in OWNED_NAMES]
 CONTENDED_PCT = 20.0  # other processes' CPU during the run, % of one core, above which the doc says so
 
@@ -37,6 +41,37 @@ def write_owned_block(md_path: Path, name: str, block: str) -> None:
     else:
         text += "\n" + block + "\n"
     md_path.write_text(text)
+
+def block_main(name: str, run: Callable[[argparse.Namespace], dict], render: Callable[[dict], str],
+               window_s: float, rounds: int = 2) -> None:
+    """The command line of a benchmark that owns a block of docs/benchmarks.md (and docs/benchmarks-NAME.json):
+    a run (or --quick: a smoke run into --out or stdout, never docs/), or --render from the saved JSON."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON and the block (default: docs/)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--window", type=float, default=None)
+    p.add_argument("--render", action="store_true", help=f"rewrite the block from docs/benchmarks-{name}.json only")
+    plan = p.parse_args()
+    if plan.render:
+        block = render(json.loads((DOCS / f"benchmarks-{name}.json").read_text()))
+        write_owned_block(DOCS / "benchmarks.md", name, block)
+        print(block)
+        return
+    plan.rounds = plan.rounds or (1 if plan.quick else rounds)
+    plan.window = plan.window or (2.0 if plan.quick else window_s)
+    plan.warmup = 0.5 if plan.quick else 1.0
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        plan.work = Path(tmp)
+        result = run(plan)
+    block = render(result)
+    out = plan.out or (None if plan.quick else DOCS)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"benchmarks-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_owned_block(out / "benchmarks.md", name, block)
+    print(block)
+
 
 def machine_info() -> dict:
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}

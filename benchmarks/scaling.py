@@ -27,16 +27,17 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks import perf_analyzer as pa
-from benchmarks.harness import (DEFAULT_REPO, DOCS, MULTIPART_TYPE, QUICK_CACHE, ROOT, Process, build_models, free_port,
+from benchmarks.harness import (DEFAULT_REPO, MULTIPART_TYPE, QUICK_CACHE, ROOT, Process, build_models, free_port,
                                 loadgen, log, python_env, write_photo)
 from benchmarks.peers.payloads import multipart_body
-from benchmarks.report import machine_info, write_owned_block
+from benchmarks.report import block_main, machine_info
 
 PEERS_DIR = ROOT / "benchmarks" / "peers"
 
@@ -90,11 +91,11 @@ class Contender:
             self.proc.stop()
 
 
-def start_service(work: Path, repo: Path, model: str, workers: int) -> Contender:
+def start_service(work: Path, repo: Path, model: str, workers: int, extra: dict[str, str] | None = None) -> Contender:
     env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
     grpc = free_port()
     env.update(EFFNET_REPOSITORY=str(repo), EFFNET_MODELS=model, EFFNET_DEFAULT_MODEL=model, EFFNET_WORKERS=str(workers),
-               EFFNET_GRPC_PORT=str(grpc))
+               EFFNET_GRPC_PORT=str(grpc), **(extra or {}))
     port = free_port()
     name = f"service, {workers} worker" + ("s" if workers > 1 else "")
     proc = Process(name, [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
@@ -136,26 +137,42 @@ def window(c: Contender, case: Case, repo: Path, image: Path, body: Path, plan: 
     return float(r.get("img_per_s") or 0.0)
 
 
-def measure(case: Case, contenders: list[Contender], repo: Path, work: Path, plan: argparse.Namespace) -> None:
-    image = jpeg(work, case.image)
+def jpeg_and_multipart(work: Path, image_spec: str) -> tuple[Path, Path]:
+    """The case's JPEG, and the same JPEG as the multipart body the peers take."""
+    image = jpeg(work, image_spec)
     body = work / f"{image.stem}.multipart"
     data, ctype = multipart_body(image.read_bytes())
     assert ctype == MULTIPART_TYPE
     body.write_bytes(data)
+    return image, body
+
+
+def alternating(contenders: list[Contender], rounds: int, one: Callable[[Contender], Any], label: str) -> dict[str, list]:
+    """`one(c)` for each contender in turn, `rounds` times, every other contender frozen (SIGSTOP) meanwhile:
+    one after the other instead, the machine's drift alone moves ratios by ±15% here."""
+    rows: dict[str, list] = {}
     for c in contenders:
         c.signal(signal.SIGSTOP)
-    for rnd in range(plan.rounds):
+    try:
+        for rnd in range(rounds):
+            for c in contenders:
+                c.signal(signal.SIGCONT)
+                time.sleep(0.3)
+                try:
+                    value = one(c)
+                finally:
+                    c.signal(signal.SIGSTOP)
+                rows.setdefault(c.name, []).append(value)
+                log(f"{label} round {rnd + 1}: {c.name}: {value}")
+    finally:
         for c in contenders:
             c.signal(signal.SIGCONT)
-            time.sleep(0.3)
-            try:
-                value = window(c, case, repo, image, body, plan)
-            finally:
-                c.signal(signal.SIGSTOP)
-            case.rows.setdefault(c.name, []).append(value)
-            log(f"{case.key} round {rnd + 1}: {c.name}: {value:.1f} img/s")
-    for c in contenders:
-        c.signal(signal.SIGCONT)
+    return rows
+
+
+def measure(case: Case, contenders: list[Contender], repo: Path, work: Path, plan: argparse.Namespace) -> None:
+    image, body = jpeg_and_multipart(work, case.image)
+    case.rows = alternating(contenders, plan.rounds, lambda c: window(c, case, repo, image, body, plan), case.key)
 
 
 def run(plan: argparse.Namespace) -> dict:
@@ -265,33 +282,7 @@ def render(result: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="folder for the JSON and the block (default: docs/)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--window", type=float, default=None)
-    p.add_argument("--render", action="store_true", help="rewrite the block from docs/benchmarks-scaling.json only")
-    plan = p.parse_args()
-    if plan.render:
-        block = render(json.loads((DOCS / "benchmarks-scaling.json").read_text()))
-        write_owned_block(DOCS / "benchmarks.md", "scaling", block)
-        print(block)
-        return
-    plan.rounds = plan.rounds or (1 if plan.quick else 2)
-    plan.window = plan.window or (2.0 if plan.quick else 6.0)
-    plan.warmup = 0.5 if plan.quick else 1.0
-    with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
-        plan.work = Path(tmp)
-        result = run(plan)
-    block = render(result)
-    out = plan.out or (None if plan.quick else DOCS)
-    if out is None:
-        print(block)
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks-scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_owned_block(out / "benchmarks.md", "scaling", block)
-    print(block)
+    block_main("scaling", run, render, window_s=6.0)
 
 
 if __name__ == "__main__":

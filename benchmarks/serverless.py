@@ -6,7 +6,8 @@ One process: `--threads` threads decode and preprocess the JPEG with plain Pillo
 as a user writes torchvision's eval transform) into a bounded queue, while the main thread runs a default
 ONNX Runtime session on batches of `--batch`. No HTTP, no admission, no answers to encode: what is left is
 decode, preprocessing and the model. Prints one JSON object: images per second over the window (after a
-warm-up), and the process's CPU seconds per image.
+warm-up), and the process's CPU seconds per image. With `--latency N`: one request of N images at a time
+(N decodes side by side, then one batch of N), and its median and p99 in milliseconds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--duration", type=float, default=6.0)
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--latency", type=int, default=0, metavar="N",
+                   help="time requests instead: N images decoded side by side (N threads), then one batch of N")
+    p.add_argument("--tensors", action="store_true", help="with --latency: the tensors ready, only the model timed")
     args = p.parse_args()
 
     onnx_path, manifest = load_model_dir(args.model_dir)
@@ -47,6 +51,9 @@ def main() -> None:
     name = session.get_inputs()[0].name
     data = Path(args.image).read_bytes()
     pp = manifest["preprocess"]
+    if args.latency:
+        latency(session, name, data, pp, args)
+        return
     ready: queue.Queue[np.ndarray] = queue.Queue(maxsize=4 * args.batch)
     stop = threading.Event()
 
@@ -79,6 +86,29 @@ def main() -> None:
     stop.set()
     print(json.dumps({"img_per_s": done / elapsed, "cpu_ms_per_image": 1000.0 * used / done, "images": done,
                       "window_s": elapsed, "threads": args.threads, "batch": args.batch}))
+
+
+def latency(session: ort.InferenceSession, name: str, data: bytes, pp: dict, args: argparse.Namespace) -> None:
+    """The quiet-service ceiling: one request of N images at a time, start to answer, as a script would do it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = args.latency
+    pool = ThreadPoolExecutor(max_workers=n)
+    ready = np.stack([preprocess(data, pp)] * n)
+    times: list[float] = []
+    t0 = time.perf_counter()
+    while True:
+        start = time.perf_counter()
+        batch = ready if args.tensors else np.stack(list(pool.map(lambda _: preprocess(data, pp), range(n))))
+        session.run(None, {name: batch})
+        now = time.perf_counter()
+        if now - t0 >= args.warmup:
+            times.append(now - start)
+            if now - t0 >= args.warmup + args.duration:
+                break
+    times.sort()
+    pick = lambda q: 1000.0 * times[min(len(times) - 1, int(q / 100 * len(times)))]  # noqa: E731
+    print(json.dumps({"images": n, "requests": len(times), "p50_ms": pick(50), "p99_ms": pick(99)}))
 
 
 if __name__ == "__main__":
