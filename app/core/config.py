@@ -96,11 +96,15 @@ class Settings(BaseSettings):
 
     # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
     threads: int = Field(default_factory=_cores, ge=1)
-    # ORT worker spinning: faster single runs, but the spin steals the cores that decode needs.
-    ort_spinning: bool = False
+    # ORT worker spinning: faster runs (b0 batch 1: 7.0 against 8.9 ms here), but the spin steals the cores the
+    # front end needs when both share a process. Unset: on in the engine process (EFFNET_WORKERS > 1, where the
+    # front ends are processes of their own), off in one process.
+    ort_spinning: bool | None = None
     # ORT's CPU memory arena: one shared by all sessions (default; see app/engine/sessions.py), one per
     # session (ORT's default: fastest, but every session keeps its peak), or none.
     ort_arena: Literal["shared", "per-session", "off"] = "shared"
+    # A CPU run whose input is at least this big gives back what the arena grew for it (sessions.py); 0: never.
+    ort_shrink_mb: float = Field(default=8.0, ge=0)
     # On a GPU, TensorRT (fp16) ahead of CUDA when onnxruntime-gpu has it; its engines take minutes to
     # build, so they are cached here (mount a volume there to keep them across restarts).
     tensorrt: bool = True

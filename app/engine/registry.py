@@ -143,9 +143,10 @@ class Registry:
         profile = BatchProfile(manifest.onnx.input.name, (3, crop, crop), self._max_batch(entry.name, "cuda", tables))
         entry.session = create_session(
             onnx_path, manifest.onnx.input.name, manifest.onnx.output.name,
-            device=device, threads=self.settings.threads, spinning=self.settings.ort_spinning,
+            device=device, threads=self.settings.threads, spinning=bool(self.settings.ort_spinning),
             arena=self.settings.ort_arena,
             tensorrt_cache=self.settings.tensorrt_cache if self.settings.tensorrt else None, profile=profile,
+            shrink_above=int(self.settings.ort_shrink_mb * (1 << 20)) if self.settings.ort_shrink_mb else None,
         )
         # The batch table of the device that actually runs the graph (auto may pick CUDA, CUDA may fall back).
         entry.max_batch = self._max_batch(entry.name, entry.session.device, tables)
@@ -173,6 +174,7 @@ class Registry:
                 pad=entry.session.device == "cuda",
                 hooks=self.hooks_for(entry.name),
             )
+            entry.session.idle = lambda: batcher.depth == 0  # big runs shrink the arena only when none waits
             stage = "warm-up"
             await asyncio.to_thread(batcher.warm_up, (3, crop, crop))
             batcher.start()

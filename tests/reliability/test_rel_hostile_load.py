@@ -126,7 +126,7 @@ def test_16x_overload_with_immediate_retries_answers_every_request_within_the_qu
 # 110 s when other work shares it; only a server that keeps refusing gets near the deadline.
 BURST_DEADLINE_S = 420
 # Freed memory glibc may keep resident before handing it back: the trim threshold (64 MB) in each of the
-# two malloc arenas app/api/server.py:tune_malloc allows.
+# two malloc arenas app/core/malloc.py:tune_malloc allows.
 MALLOC_RETAINED = 2 * (64 << 20)
 
 

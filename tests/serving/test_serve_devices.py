@@ -155,6 +155,30 @@ def test_a_gpu_session_runs_through_its_bound_buffers(gpu_build, tiny_repo):
     assert list(s.bound._slots) == [x.shape]
 
 
+def test_cpu_runs_from_the_shrink_size_up_give_the_arena_back_and_compute_the_same(tiny_repo):
+    """EFFNET_ORT_SHRINK_MB: a run whose input reaches it, with no other batch waiting, carries ORT's
+    arena-shrink run option; smaller runs, and big ones with work behind them, run plainly; all compute what
+    ORT computes. Without an arena there is nothing to shrink."""
+    path, m = tiny_model(tiny_repo)
+    s = create_session(path, m.onnx.input.name, m.onnx.output.name, device="cpu", threads=1, spinning=False,
+                       shrink_above=3 * 3 * 64 * 64 * 4)  # three images of 64 px
+    seen: list = []
+    real_run = s.session.run
+    s.session = type("Spy", (), {"run": lambda _self, out, feed, options=None: (seen.append(options), real_run(out, feed))[1]})()
+    rng = np.random.default_rng(2)
+    small, big = (rng.standard_normal((n, 3, 64, 64)).astype(np.float32) for n in (2, 3))
+    for x in (small, big):
+        np.testing.assert_allclose(s.run(x), real_run(None, {m.onnx.input.name: x})[0], rtol=1e-5, atol=1e-5)
+    assert seen[0] is None and seen[1] is sessions._SHRINK
+    assert seen[1].get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    s.idle = lambda: False  # another batch waits: the next run reuses the memory, so it is kept
+    s.run(big)
+    assert seen[2] is None
+    off = create_session(path, m.onnx.input.name, m.onnx.output.name, device="cpu", threads=1, spinning=False,
+                         arena="off", shrink_above=1)
+    assert off.shrink_above is None
+
+
 # --- CUDA padding on a real session ---------------------------------------------------------
 def test_cuda_padding_does_not_change_the_real_rows(tiny_repo):
     path, m = tiny_model(tiny_repo)

@@ -15,6 +15,7 @@ import signal
 from multiprocessing.connection import Connection
 
 from app.core.config import Settings
+from app.core.malloc import tune_malloc
 from app.engine.link.server import EngineServer
 from app.engine.runtime import running_plane
 
@@ -24,7 +25,10 @@ log = logging.getLogger("effnet.engine")
 def run_engine(socket_path: str, ready: Connection) -> None:
     """The engine process's main function."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    tune_malloc()  # ORT's buffers outside its arena, and the batches the batcher stacks
     settings = Settings()
+    if settings.ort_spinning is None:  # the front ends run elsewhere: spinning takes no loop's core here
+        settings = settings.model_copy(update={"ort_spinning": True})
     try:
         import uvloop
 
