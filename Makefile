@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-gpu mutation clean
+.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-memory bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-scaling: install system-deps $(PERF_ANALYZER)
 # work without a server and LitServe, spinning on and off; about 6 minutes; writes its own block of docs/benchmarks.md.
 bench-quiet: install system-deps $(PERF_ANALYZER)
 	$(PY) -m benchmarks.quiet
+
+# b0..b7 with default settings: the memory (PSS) of every process of the service summed, at ready, through a burst
+# on each model and after it, for N workers and one process; about 6 minutes; writes its own block.
+bench-memory: install
+	$(PY) -m benchmarks.memory
 
 # B0/B4/B7 on a GPU in one table: raw ORT CUDA (and TensorRT), the service over gRPC tensors and HTTP JPEGs, 1 and N
 # workers; <= 8 min; no `install`: pip brings what is missing (EFFNET_GPU_WHEELS=DIR first). --cpu-smoke: on a CPU.

@@ -24,7 +24,7 @@ from benchmarks.report_targets import GIB, bought, row, targets
 
 MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
 # Blocks other benchmark scripts own (benchmarks.precision, benchmarks.soak, benchmarks.reliability): kept as they are.
-OWNED_NAMES = ("precision", "soak", "reliability", "scaling", "quiet")
+OWNED_NAMES = ("precision", "soak", "reliability", "scaling", "quiet", "memory")
 OWNED_BLOCKS = [re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S) for name in OWNED_NAMES]
 CONTENDED_PCT = 20.0  # other processes' CPU during the run, % of one core, above which the doc says so
 

@@ -3,7 +3,7 @@
     python -m benchmarks.soak [--minutes 10] [--models b0,b2,b4,b7] [--clients 16]
 
 Starts `effnet serve` on the benchmark repository with all of b0..b7 loaded, warms every burst
-model up with a short burst, and records VmRSS: that is the reference. Then it runs the load
+model up with a short burst, and records VmRSS summed over its processes: that is the reference. Then it runs the load
 for `--minutes`, in 30-second segments that rotate over the burst models (1920×1080 JPEG
 photos, `--clients` keep-alive clients from the separate load-generator process), and samples
 RSS after every segment. Too long for `make bench` (which must stay under 10 minutes), so it is
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, loadgen, python_env, rss_kib, write_photo
+from benchmarks.harness import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, group_rss_kib, loadgen, python_env, write_photo
 
 SEGMENT_S = 30.0
 WARMUP_S = 8.0
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready(600)
             for m in burst:  # every batch shape and every code path touched once before the reference
                 loadgen(f"{server.base}/classify?model={m}", body, args.clients, WARMUP_S, 1.0, 60, server_pgid=server.pid)
-            ref = rss_kib(server.pid)["VmRSS"]
+            ref = group_rss_kib(server.pid)  # every process of the service (engine, workers, supervisor)
             log(f"after warm-up: {gib(ref):.2f} GiB; bursting for {args.minutes:g} minutes")
             samples, requests, errors = [], 0, 0
             t0 = time.monotonic()
@@ -92,22 +92,22 @@ def main(argv: list[str] | None = None) -> int:
                 r = loadgen(f"{server.base}/classify?model={model}", body, args.clients, SEGMENT_S, 0.0, 120, server_pgid=server.pid)
                 requests += r["ok"]
                 errors += r["errors"]
-                samples.append({"t_s": round(time.monotonic() - t0, 1), "model": model, "rss_kib": rss_kib(server.pid)["VmRSS"]})
+                samples.append({"t_s": round(time.monotonic() - t0, 1), "model": model, "rss_kib": group_rss_kib(server.pid)})
                 log(f"{samples[-1]['t_s']:>6.0f} s  {model}: RSS {gib(samples[-1]['rss_kib']):.2f} GiB")
                 i += 1
-            end = rss_kib(server.pid)
+            end = group_rss_kib(server.pid)
         finally:
             server.stop()
     data = {
         "command": " ".join(["python -m benchmarks.soak", *argv]).strip(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(), "minutes": args.minutes,
         "clients": args.clients, "loaded": loaded, "burst_models": burst, "requests": requests, "errors": errors,
-        "rss_after_warmup_kib": ref, "rss_end_kib": end["VmRSS"], "hwm_kib": end.get("VmHWM"), "samples": samples,
+        "rss_after_warmup_kib": ref, "rss_end_kib": end, "samples": samples,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-soak.json").write_text(json.dumps(data, indent=2) + "\n")
     write_owned_block(args.out / "benchmarks.md", "soak", markdown(data))
-    log(f"RSS {gib(ref):.2f} -> {gib(end['VmRSS']):.2f} GiB ({end['VmRSS'] / ref - 1:+.1%}); wrote {args.out}")
+    log(f"RSS {gib(ref):.2f} -> {gib(end):.2f} GiB ({end / ref - 1:+.1%}); wrote {args.out}")
     return 0
 
 
