@@ -5,18 +5,20 @@
 * `explicit`: `EFFNET_MODELS` (or every folder) is loaded at start; afterwards only load/unload requests
   change what serves.
 * `poll`: everything is loaded at start, then the repository is scanned every `EFFNET_POLL_S`: a new model
-  folder is loaded, a folder whose manifest changed (a rebuild: new ONNX sha256) is reloaded, a removed one
-  is unloaded. Load/unload requests are refused, as Triton does. The build writes a model into a hidden
-  folder and renames it into place only once complete, so a scan never sees half a model.
+  folder is loaded, a folder any of whose files changed is reloaded, a removed one is unloaded. Load/unload
+  requests are refused, as Triton does. The build writes a model into a hidden folder and renames it into
+  place only once complete, so a scan never sees half a model; a file changed in place (cp, rsync, a volume
+  sync) is seen too: a folder's fingerprint is every file in it (manifest, ONNX, anything beside them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.manifest import MANIFEST_FILE
+from app.engine.manifest import sha256_file
 from app.engine.metrics import Metrics
 from app.engine.registry import UNLOADED, ControlError, Registry, model_folders
 
@@ -31,7 +33,7 @@ class ModelControl:
     def __init__(self, registry: Registry, metrics: Metrics, mode: str, poll_s: float) -> None:
         self.registry, self.metrics, self.mode, self.poll_s = registry, metrics, mode, poll_s
         self._task: asyncio.Task | None = None
-        self._seen: dict[str, str] = {}  # folder -> fingerprint of its manifest when last looked at
+        self._seen: dict[str, Fingerprint] = {}  # folder -> its files when last looked at
 
     @property
     def api_allowed(self) -> bool:
@@ -78,9 +80,9 @@ class ModelControl:
                 pass
             self._task = None
 
-    def _scan(self) -> dict[str, str]:
+    def _scan(self) -> dict[str, Fingerprint]:
         root = self.registry.settings.repository
-        return {name: _fingerprint(root / name) for name in model_folders(root)}
+        return {name: fingerprint(root / name, self._seen.get(name, {})) for name in model_folders(root)}
 
     async def _poll(self) -> None:
         while True:
@@ -96,7 +98,7 @@ class ModelControl:
         entries = self.registry.entries
         for name, fp in now.items():
             known = entries.get(name)
-            if known is None or self._seen.get(name) != fp or known.reason == UNLOADED:
+            if known is None or changed(self._seen.get(name), fp) or known.reason == UNLOADED:
                 log.info("repository: %s %s", "loading" if known is None else "reloading", name)
                 try:
                     await self._load(name)
@@ -109,10 +111,51 @@ class ModelControl:
         self._seen = now
 
 
-def _fingerprint(folder: Path) -> str:
-    """What changes when a model is rebuilt: its manifest (which names the ONNX file's sha256)."""
+@dataclass(frozen=True)
+class Stamp:
+    """One file as the poll saw it. `stat` is its size and mtime, and its inode and ctime, which no copy
+    tool can set back (`cp -p` and `rsync -t` restore the mtime). The sha256 is computed only when the stat
+    changed (hashing a big ONNX file on every poll would cost seconds of disk); None: not hashed yet."""
+
+    stat: tuple[int, int, int, int]
+    sha256: str | None = None
+
+
+Fingerprint = dict[str, Stamp]  # file name -> stamp, for every file of a model folder
+
+
+def fingerprint(folder: Path, before: Fingerprint) -> Fingerprint:
+    """Every regular file of the folder (what a model version is made of: manifest, ONNX, anything it names);
+    a file whose size and mtime are as before keeps its stamp, any other is hashed."""
+    out: Fingerprint = {}
     try:
-        st = (folder / MANIFEST_FILE).stat()
+        files = [p for p in folder.iterdir() if not p.name.startswith(".")]
     except OSError:
-        return ""
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        return out  # the folder went away mid-scan: the next scan says so
+    for path in files:
+        try:
+            if not path.is_file():
+                continue
+            st = path.stat()
+            stat = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            old = before.get(path.name)
+            if old is not None and old.stat == stat:
+                out[path.name] = old
+            else:
+                out[path.name] = Stamp(stat, sha256_file(path) if old is not None else None)
+        except OSError:
+            continue  # removed between listing and reading: as if it was never there
+    return out
+
+
+def changed(before: Fingerprint | None, now: Fingerprint) -> bool:
+    """Whether a folder's content changed: a file appeared or went, or one's stat changed and its content
+    with it (a `touch`, or a copy of the same bytes, is not a change). A file not hashed before cannot be
+    compared by content, so any change of its stat counts."""
+    if before is None or before.keys() != now.keys():
+        return True
+    for name, stamp in now.items():
+        old = before[name]
+        if old.stat != stamp.stat and (old.sha256 is None or old.sha256 != stamp.sha256):
+            return True
+    return False

@@ -16,6 +16,7 @@ from serving_helpers import encode, live_server, photo, write_model
 from tritonclient.utils import InferenceServerException
 
 from app.core.config import Settings
+from app.engine.control import changed, fingerprint
 
 JPEG = {"Content-Type": "image/jpeg"}
 PHOTO = encode(photo())
@@ -128,17 +129,19 @@ def test_a_reload_under_steady_load_loses_no_request(repo):
     assert len(statuses) > 20 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
 
 
+def until(check, seconds=10.0) -> bool:
+    """Poll `check` until it holds or the deadline passes (the poll's timing is the server's business)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_poll_mode_follows_the_repository_by_itself(repo):
     settings = Settings(repository=repo, model_control="poll", poll_s=0.2, threads=1)
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
-        def until(check, seconds=10.0):
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                if check():
-                    return True
-                time.sleep(0.05)
-            return False
-
         publish(repo, "gamma", seed=3)
         assert until(lambda: c.get("/v2/models/gamma/ready").status_code == 200)
         assert c.post("/classify?model=gamma", content=PHOTO, headers=JPEG).status_code == 200
@@ -168,3 +171,28 @@ def test_the_repository_endpoints_need_the_api_key(repo):
         assert c.post("/v2/repository/index").status_code == 401
         assert c.post("/v2/repository/models/alpha/unload").status_code == 401
         assert c.post("/v2/repository/index", headers={"X-API-Key": "k3y"}).status_code == 200
+
+
+# --- poll: every change seen (issue 26) ---------------------------------------------------------------
+def test_the_fingerprint_follows_content_not_timestamps(tmp_path):
+    folder = write_model(tmp_path, "alpha")
+    onnx = folder / "model.onnx"
+    tick = 0.02  # past the file system's clock tick, so every write below gets a new ctime
+    first = fingerprint(folder, {})
+    assert set(first) == {"manifest.json", "model.onnx"} and not changed(first, fingerprint(folder, first))
+    time.sleep(tick)
+    os.utime(onnx)
+    hashed = fingerprint(folder, first)
+    assert changed(first, hashed)  # first seen unhashed: any new stat counts, and now it is hashed
+    time.sleep(tick)
+    os.utime(onnx)  # touched again: the same bytes
+    assert not changed(hashed, fingerprint(folder, hashed))
+    st = onnx.stat()
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 1
+    time.sleep(tick)
+    onnx.write_bytes(data)
+    os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, mtime put back (cp -p, rsync -t)
+    assert changed(hashed, fingerprint(folder, hashed))
+    (folder / "labels.txt").write_text("a file beside them is part of the version too\n")
+    assert changed(hashed, fingerprint(folder, hashed))
