@@ -15,7 +15,7 @@ router = APIRouter()
 
 
 def model_info(entry: ModelView) -> ModelInfo:
-    info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason, "version": entry.version}
+    info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason or entry.drift, "version": entry.version}
     m = entry.manifest
     if m is not None:
         info.update(

@@ -62,7 +62,8 @@ class AccuracyInfo(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     status: Literal["loading", "ready", "unavailable"]
-    reason: str | None = Field(None, description="why the model is not ready (\"unloaded\": stopped on request)")
+    reason: str | None = Field(None, description="why the model is not ready (\"unloaded\": stopped on request); "
+                               "when ready, why its files on disk failed to load (the version shown serves on)")
     version: str | None = Field(None, description="changes whenever the model's ONNX file changes (its sha256, 12 hex digits)")
     family: str | None = None
     variant: str | None = None

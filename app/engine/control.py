@@ -9,6 +9,11 @@
   requests are refused, as Triton does. The build writes a model into a hidden folder and renames it into
   place only once complete, so a scan never sees half a model; a file changed in place (cp, rsync, a volume
   sync) is seen too: a folder's fingerprint is every file in it (manifest, ONNX, anything beside them).
+
+A failed load or reload is tried again only when the folder's files change again, so it is logged once,
+not on every poll. A failed reload of a serving model leaves the old version serving with the reason as
+its drift (registry.py), counted in `effnet_model_reload_failures_total` and flagged by
+`effnet_model_disk_drift` until a reload works.
 """
 
 from __future__ import annotations
@@ -58,12 +63,18 @@ class ModelControl:
             await self.registry.load(name)
         except ControlError:
             self.metrics.model_loads.labels(name, "failed").inc()
+            entry = self.registry.entries.get(name)
+            if entry is not None and entry.drift:  # the old version serves on
+                self.metrics.model_reload_failures.labels(name).inc()
+                self.metrics.model_disk_drift.labels(name).set(1)
             raise
         self.metrics.model_loads.labels(name, "ok").inc()
+        self.metrics.model_disk_drift.labels(name).set(0)
 
     async def _unload(self, name: str) -> None:
         await self.registry.unload(name)
         self.metrics.model_unloads.labels(name).inc()
+        self.metrics.model_disk_drift.labels(name).set(0)  # what is on disk no longer matters
 
     # --- poll ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -54,6 +54,11 @@ class ImageResult:
         return [Prediction(i, self.labels[i], min(1.0, max(0.0, float(probs[i])))) for i in order]
 
 
+def index_state(status: str) -> str:
+    """A model's status as the V2 repository index names it."""
+    return {"ready": "READY", "loading": "LOADING"}.get(status, "UNAVAILABLE")
+
+
 @dataclass(frozen=True)
 class ModelView:
     """One model as the front ends see it at one moment."""
@@ -66,6 +71,7 @@ class ModelView:
     provider: str | None = None  # the ONNX Runtime execution provider that runs it
     max_batch: int | None = None
     batch_sizes: tuple[int, ...] | None = None  # the batch shapes it runs; None unless it serves
+    drift: str | None = None  # serving, but its files on disk failed to load: why (registry.ModelEntry.drift)
 
     @property
     def serving(self) -> bool:

@@ -59,6 +59,14 @@ class Metrics:
             "effnet_model_loads", "Model loads and reloads, by outcome (ok, failed)", ["model", "outcome"], registry=r,
         )
         self.model_unloads = Counter("effnet_model_unloads", "Models unloaded", ["model"], registry=r)
+        self.model_reload_failures = Counter(
+            "effnet_model_reload_failures", "Reloads that failed while the previous version kept serving",
+            ["model"], registry=r,
+        )
+        self.model_disk_drift = Gauge(
+            "effnet_model_disk_drift", "1 while the model's files on disk failed to load and an older version serves",
+            ["model"], registry=r,
+        )
         self.model_version = Gauge(
             "effnet_model_version_info", "The version serving (always 1)", ["model", "version"], registry=r,
         )

@@ -8,7 +8,8 @@ load.
 A reload builds and warms the new version beside the old one, then swaps the registry's entry in one step:
 requests that already hold the old entry finish on it (a request that had not reserved queue room yet
 follows `successor` to the new one), new requests get the new one, and the old batcher drains and stops.
-A reload whose new files are broken leaves the old version serving and says why.
+A reload whose new files are broken leaves the old version serving and says why: the serving entry keeps
+that reason as its `drift` (the files on disk are not what serves), shown beside READY until a reload works.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Literal
 
 from app.engine.batcher import Batcher, Hooks
 from app.core.config import Settings, read_batch_table
+from app.engine.facade import index_state
 from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
 from app.engine.sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device
 
@@ -49,6 +51,8 @@ class ModelEntry:
     batcher: Batcher | None = None
     max_batch: int | None = None
     successor: ModelEntry | None = None  # set when a reload replaced this entry
+    declared: str | None = None  # the version its manifest declares, once the manifest is read (loaded or not)
+    drift: str | None = None  # serving, but the files on disk failed to load as its successor: why
 
     @property
     def provider(self) -> str | None:
@@ -62,7 +66,15 @@ class ModelEntry:
     def fail(self, reason: str) -> None:
         self.status, self.reason = "unavailable", reason
         self.session = None
-        log.error("model %s unavailable: %s", self.name, reason)
+        # "could not be loaded", not "unavailable": a failed reload's candidate fails while the old version serves.
+        log.error("model %s could not be loaded: %s", self.name, reason)
+
+
+def drift_reason(serving: ModelEntry, candidate: ModelEntry) -> str:
+    """Why the files on disk are not what serves: the candidate that failed (the version its manifest
+    declares, when it could be read) and why, and which version serves instead."""
+    which = f"candidate {candidate.declared}" if candidate.declared else "candidate on disk"
+    return f"version {serving.version} serves; the files on disk failed to load ({which}): {candidate.reason}"
 
 
 def model_folders(root: Path) -> list[str]:
@@ -134,6 +146,7 @@ class Registry:
         if not entry.folder.is_dir():
             raise ManifestError(f"no folder {entry.name!r} in the repository")
         manifest = load_manifest(entry.folder)
+        entry.declared = manifest.onnx.sha256[:12]
         if manifest.name != entry.name:
             raise ManifestError(f"manifest name {manifest.name!r} does not match its folder")
         onnx_path = verify_onnx(entry.folder, manifest)
@@ -221,8 +234,9 @@ class Registry:
             if new.status != "ready":
                 if old is None or old.status != "ready":
                     self.entries[name] = new
-                raise ControlError(f"model {name!r} could not be loaded: {new.reason}"
-                                   + ("; the previous version keeps serving" if old is not None and old.status == "ready" else ""))
+                    raise ControlError(f"model {name!r} could not be loaded: {new.reason}")
+                old.drift = drift_reason(old, new)
+                raise ControlError(f"model {name!r} could not be loaded: {new.reason}; the previous version keeps serving")
             self.entries[name] = new
             if old is not None and old is not new:
                 old.successor = new
@@ -261,9 +275,9 @@ class Registry:
             if e is not None:
                 if e.version:
                     row["version"] = e.version
-                row["state"] = {"ready": "READY", "loading": "LOADING"}.get(e.status, "UNAVAILABLE")
-                if e.reason:
-                    row["reason"] = e.reason
+                row["state"] = index_state(e.status)
+                if e.reason or e.drift:
+                    row["reason"] = e.reason or e.drift
             out.append(row)
         return out
 

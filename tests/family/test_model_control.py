@@ -3,14 +3,17 @@ while the server runs, by request (explicit) or by watching the repository (poll
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from serving_helpers import encode, live_server, photo, write_model
 from tritonclient.utils import InferenceServerException
@@ -173,7 +176,20 @@ def test_the_repository_endpoints_need_the_api_key(repo):
         assert c.post("/v2/repository/index", headers={"X-API-Key": "k3y"}).status_code == 200
 
 
-# --- poll: every change seen (issue 26) ---------------------------------------------------------------
+# --- poll: every change seen, drift reported, readiness (issue 26) ------------------------------------
+POLL = {"model_control": "poll", "poll_s": 0.2, "threads": 1}
+
+
+def index_row(c: httpx.Client, name: str) -> dict:
+    return {row["name"]: row for row in c.post("/v2/repository/index").json()}.get(name, {})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_the_fingerprint_follows_content_not_timestamps(tmp_path):
     folder = write_model(tmp_path, "alpha")
     onnx = folder / "model.onnx"
@@ -196,3 +212,55 @@ def test_the_fingerprint_follows_content_not_timestamps(tmp_path):
     assert changed(hashed, fingerprint(folder, hashed))
     (folder / "labels.txt").write_text("a file beside them is part of the version too\n")
     assert changed(hashed, fingerprint(folder, hashed))
+
+
+def test_poll_sees_an_onnx_file_truncated_in_place_and_says_so_once(repo, caplog):
+    caplog.set_level(logging.INFO, logger="effnet")
+    with live_server(Settings(repository=repo, **POLL)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        serving = version(c, "alpha")
+        onnx = repo / "alpha" / "model.onnx"
+        good = onnx.read_bytes()
+        with onnx.open("r+b") as f:  # the same file, half its bytes: as an interrupted cp or rsync --inplace
+            f.truncate(len(good) // 2)
+
+        assert until(lambda: "reason" in index_row(c, "alpha"))
+        row = index_row(c, "alpha")
+        assert row["state"] == "READY" and row["version"] == serving, row
+        assert "does not match" in row["reason"] and f"version {serving} serves" in row["reason"], row
+        assert f"candidate {serving}" in row["reason"]  # what its (unchanged) manifest declares
+        # /v2/models/{m} and /models/{m} say it too (split in processes, a worker has it from the engine's push).
+        assert until(lambda: c.get("/v2/models/alpha").json().get("reason") == row["reason"])
+        meta = c.get("/v2/models/alpha").json()
+        assert meta["versions"] == [serving] and meta["state"] == "READY"
+        assert c.get("/models/alpha").json()["reason"] == row["reason"]
+        assert c.post("/classify?model=alpha", content=PHOTO, headers=JPEG).status_code == 200  # old one serves
+        assert c.get("/health/ready").status_code == 200
+        metrics = c.get("/metrics").text
+        assert 'effnet_model_reload_failures_total{model="alpha"} 1.0' in metrics
+        assert 'effnet_model_disk_drift{model="alpha"} 1.0' in metrics
+
+        time.sleep(1.0)  # five more polls of the unchanged folder: none of them says it again
+        said = [r for r in caplog.records if r.name == "effnet.control" and r.levelno >= logging.ERROR]
+        assert len(said) == 1 and "alpha" in said[0].getMessage(), [r.getMessage() for r in said]
+
+        onnx.write_bytes(good)  # repaired in place
+        assert until(lambda: "reason" not in index_row(c, "alpha"))
+        assert version(c, "alpha") == serving
+        assert 'effnet_model_disk_drift{model="alpha"} 0.0' in c.get("/metrics").text
+
+
+def test_a_manifest_broken_in_place_is_reported_in_the_index_and_even_a_strict_server_stays_ready(repo):
+    settings = Settings(repository=repo, strict_readiness=True, grpc_port=free_port(), **POLL)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        serving = version(c, "alpha")
+        (repo / "alpha" / "manifest.json").write_text("{}")
+        assert until(lambda: "reason" in index_row(c, "alpha"))
+        row = index_row(c, "alpha")
+        assert row["state"] == "READY" and row["version"] == serving
+        assert "candidate on disk" in row["reason"] and "manifest.json is invalid" in row["reason"], row
+        grpc = triton_grpc.InferenceServerClient(f"127.0.0.1:{srv.app.state.grpc.port}")
+        rows = {r.name: r for r in grpc.get_model_repository_index().models}
+        assert rows["alpha"].state == "READY" and rows["alpha"].reason == row["reason"]
+        grpc.close()
+        # The old version serves, so even "every model must serve" holds.
+        assert c.get("/health/ready").status_code == 200 and c.get("/v2/health/ready").status_code == 200

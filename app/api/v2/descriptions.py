@@ -9,7 +9,7 @@ from typing import Any
 from app import __version__
 from app.api.v2.codec import VERSION, ProtocolError
 from app.core.errors import UnknownModel
-from app.engine.facade import ModelView, Plane
+from app.engine.facade import ModelView, Plane, index_state
 
 SERVER_NAME = "effnet-serve"
 PLATFORM = "onnxruntime_onnx"
@@ -43,6 +43,16 @@ def metadata(entry: ModelView) -> dict[str, Any]:
         out["outputs"] = [{"name": m.onnx.output.name, "datatype": "FP32", "shape": [-1, len(m.labels)]}]
     else:  # not loaded: the manifest could not be read; say what we know
         out["inputs"], out["outputs"] = [], []
+    return out
+
+
+def model_state(entry: ModelView) -> dict[str, Any]:
+    """The state the repository index gives the model (READY, LOADING, UNAVAILABLE), and the reason when there is
+    one: why it does not serve, or, while it serves, why its files on disk failed to load. HTTP only: gRPC's
+    ModelMetadataResponse has no such fields (RepositoryIndex carries them there)."""
+    out: dict[str, Any] = {"state": index_state(entry.status)}
+    if entry.reason or entry.drift:
+        out["reason"] = entry.reason or entry.drift
     return out
 
 

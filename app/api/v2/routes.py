@@ -24,7 +24,7 @@ from app.api.v2.errors import V2_ERRORS
 from app.api.body import Upload, client_timeout_s
 from app.api.v2.codec import HEADER, ProtocolError, decode_content, encode_infer
 from app.api.v2.json_worker import JsonWorker
-from app.api.v2.descriptions import find_entry, metadata, model_config
+from app.api.v2.descriptions import find_entry, metadata, model_config, model_state
 from app.api.v2.descriptions import server_metadata as describe_server
 from app.core import tracing
 from app.core.errors import ApiError
@@ -62,9 +62,12 @@ async def health_ready(request: Request) -> JSONResponse:
 # --- models -----------------------------------------------------------------------------
 async def _model_metadata(request: Request, name: str, version: str | None) -> JSONResponse:
     try:
-        return JSONResponse(metadata(_entry(request, name, version)))
+        entry = _entry(request, name, version)
     except ProtocolError as exc:
         return _error(exc.status, exc.message)
+    # Beyond V2's fields, the index's state and reason: a model serving one version while its files on disk
+    # failed to load says so here too (clients ignore fields they do not know).
+    return JSONResponse({**metadata(entry), **model_state(entry)})
 
 
 async def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:

@@ -43,7 +43,8 @@ class State:
     def key(self) -> tuple:
         """What tells two states apart (manifests change only with the version)."""
         return (self.readiness, self.default_model,
-                tuple((v.name, v.status, v.reason, v.version, v.provider, v.max_batch, v.batch_sizes) for v in self.views))
+                tuple((v.name, v.status, v.reason, v.version, v.provider, v.max_batch, v.batch_sizes, v.drift)
+                      for v in self.views))
 
 
 def state_of(plane: DataPlane) -> State:
