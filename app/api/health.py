@@ -22,7 +22,8 @@ async def live() -> Health:
 
 @router.get(
     "/health/ready", response_model=Health, response_model_exclude_none=True,
-    summary="Ready for traffic: every model serves (EFFNET_STRICT_READINESS=false: at least one)",
+    summary="Ready for traffic: the models asked for at start serve (EFFNET_STRICT_READINESS=true: every "
+            "model in the repository; false: at least one)",
     responses={503: {"model": ErrorResponse, "description": "not ready; `models` maps each name to its reason"}},
 )
 async def ready(request: Request) -> Any:
@@ -33,7 +34,7 @@ async def ready(request: Request) -> Any:
         pending = state.not_ready or {v.name: v.status for v in plane_of(request).views()}
         message = "no models configured or found" if not state.models else "models not ready: " + ", ".join(sorted(pending))
         return JSONResponse({"error": {"code": "not_ready", "message": message, "models": pending}}, status_code=503)
-    # Not strict: ready with some models down; they are listed with their reason, the answer is still 200.
+    # Ready with some models down (later arrivals, or any when not strict): listed with their reason, still 200.
     return Health(status="ready", models=list(state.serving), unavailable=state.not_ready or None)
 
 

@@ -96,4 +96,5 @@ class Health(BaseModel):
     status: Literal["alive", "ready"]
     models: list[str] = Field(default_factory=list, description="the models that serve")
     unavailable: dict[str, str] | None = Field(
-        None, description="EFFNET_STRICT_READINESS=false only: models that do not serve, and why")
+        None, description="models that do not serve, and why, when the server is ready without them "
+                          "(EFFNET_STRICT_READINESS unset or false)")

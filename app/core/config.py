@@ -86,9 +86,11 @@ class Settings(BaseSettings):
     # (or Envoy's x-envoy-expected-rq-timeout-ms) can only shorten it.
     request_timeout_s: float = Field(default=30.0, gt=0)
     drain_s: float = Field(default=20.0, ge=0)
-    # true (Triton's default): /health/ready is 503 while any configured model is unavailable; false:
-    # ready once loading is over and at least one model serves (the pod still takes traffic for the others).
-    strict_readiness: bool = True
+    # Which models /health/ready waits for (app/engine/registry.py Registry.ready; the README's model control).
+    # Unset (default): the models asked for at start (EFFNET_MODELS, or every folder there then) must serve; one
+    # that appears later and fails never makes a serving server unready. true (Triton's --strict-readiness):
+    # every model in the repository, later ones too. false: loading is over and at least one model serves.
+    strict_readiness: bool | None = None
     # One access-log line per request (method, path, model, status, images, ms, request id).
     access_log: bool = True
     # The V2 protocol over gRPC (app/api/grpc), beside HTTP; 0 turns it off.

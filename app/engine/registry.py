@@ -10,6 +10,9 @@ requests that already hold the old entry finish on it (a request that had not re
 follows `successor` to the new one), new requests get the new one, and the old batcher drains and stops.
 A reload whose new files are broken leaves the old version serving and says why: the serving entry keeps
 that reason as its `drift` (the files on disk are not what serves), shown beside READY until a reload works.
+
+Readiness (`ready`, EFFNET_STRICT_READINESS) follows the models the operator asked for at start, not whatever
+appears in the repository later: see `Registry.ready`.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ class Registry:
             name: ModelEntry(name, settings.repository / name) for name in discover(settings)
         }
         self.loaded = False  # every entry reached ready or unavailable
+        # What the operator asked for at start (EFFNET_MODELS, or every folder then): what readiness waits for.
+        self.asked: tuple[str, ...] = tuple(self.entries)
         self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
         self.on_stopped: Callable[[str], None] = lambda name: None  # a model stopped serving (unload)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -130,14 +135,21 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        """Ready to take traffic. Strict (EFFNET_STRICT_READINESS, default, as Triton's --strict-readiness):
-        every configured model serves. Not strict: loading is over and at least one model serves, so a pod
-        whose other models serve still gets traffic while one stays broken."""
-        if not self.entries:
+        """Ready to take traffic: at least one model serves, and (EFFNET_STRICT_READINESS)
+        * unset (default): loading is over and every model asked for at start serves. A model that appears
+          later and fails does not count: the same bad folder on a shared volume would otherwise take every
+          replica out of rotation at once. A reload that fails keeps the old version, so it keeps serving.
+        * true (Triton's --strict-readiness): every model in the repository serves, later ones too.
+        * false: loading is over (the broken ones are listed beside "ready").
+        A model unloaded on request (or whose folder went away) never counts."""
+        if not any(e.status == "ready" for e in self.entries.values()):
             return False
-        if self.settings.strict_readiness:
-            return not self.not_ready() and any(e.status == "ready" for e in self.entries.values())
-        return self.loaded and any(e.status == "ready" for e in self.entries.values())
+        strict, missing = self.settings.strict_readiness, self.not_ready()
+        if strict:  # every model in the repository
+            return not missing
+        if strict is None:  # the models asked for at start
+            return self.loaded and not missing.keys() & set(self.asked)
+        return self.loaded
 
     # --- loading ---------------------------------------------------------------------
     def _load_blocking(self, entry: ModelEntry, tables: dict[str, dict[str, int]]) -> None:

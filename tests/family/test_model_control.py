@@ -190,6 +190,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def drop_in(repo: Path, name: str, manifest: str) -> None:
+    """A folder with just a manifest, renamed into place whole (so the poll never reads half of it)."""
+    staging = repo / f".staging-{name}"
+    staging.mkdir()
+    (staging / "manifest.json").write_text(manifest)
+    os.replace(staging, repo / name)
+
+
 def test_the_fingerprint_follows_content_not_timestamps(tmp_path):
     folder = write_model(tmp_path, "alpha")
     onnx = folder / "model.onnx"
@@ -264,3 +272,48 @@ def test_a_manifest_broken_in_place_is_reported_in_the_index_and_even_a_strict_s
         grpc.close()
         # The old version serves, so even "every model must serve" holds.
         assert c.get("/health/ready").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("strict", [None, True], ids=["default", "strict"])
+def test_a_bogus_new_folder_is_listed_unavailable_and_takes_the_server_out_only_when_strict(repo, strict):
+    settings = Settings(repository=repo, strict_readiness=strict, **POLL)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/health/ready").status_code == 200
+        drop_in(repo, "evil", "{}")
+        assert until(lambda: index_row(c, "evil").get("state") == "UNAVAILABLE")
+        assert "manifest.json is invalid" in index_row(c, "evil")["reason"]
+        assert 'effnet_model_loads_total{model="evil",outcome="failed"} 1.0' in c.get("/metrics").text
+        if strict:  # EFFNET_STRICT_READINESS=1: every model in the repository must serve
+            assert until(lambda: c.get("/health/ready").status_code == 503)
+            assert "manifest.json is invalid" in c.get("/health/ready").json()["error"]["models"]["evil"]
+            assert c.get("/v2/health/ready").status_code == 503
+        else:  # nobody asked for it: the server stays in rotation, and says what is wrong beside "ready"
+            assert until(lambda: "evil" in (c.get("/health/ready").json().get("unavailable") or {}))
+            r = c.get("/health/ready")
+            assert r.status_code == 200 and r.json()["models"] == ["alpha"], r.text
+            assert "manifest.json is invalid" in r.json()["unavailable"]["evil"]
+            assert c.get("/v2/health/ready").status_code == 200
+        assert c.post("/classify?model=alpha", content=PHOTO, headers=JPEG).status_code == 200
+
+
+def test_a_restart_with_a_broken_model_on_disk_is_unready_until_repaired_when_it_was_asked_for(repo):
+    publish(repo, "beta", seed=1)
+    onnx = repo / "alpha" / "model.onnx"
+    good = onnx.read_bytes()
+    onnx.write_bytes(good[: len(good) // 2])  # left broken by the last run
+    # Every folder present at start is asked for: not ready, while the others serve and the broken one says why.
+    with live_server(Settings(repository=repo, **POLL)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and "does not match" in r.json()["error"]["models"]["alpha"], r.text
+        assert index_row(c, "alpha")["state"] == "UNAVAILABLE" and "does not match" in index_row(c, "alpha")["reason"]
+        assert c.post("/classify?model=beta", content=PHOTO, headers=JPEG).status_code == 200
+        onnx.write_bytes(good)  # repaired: the poll loads it, and the server turns ready
+        assert until(lambda: c.get("/health/ready").status_code == 200)
+        assert c.post("/classify?model=alpha", content=PHOTO, headers=JPEG).status_code == 200
+    # EFFNET_MODELS=beta: alpha is not asked for. The poll still tries it and lists it; the server is ready.
+    onnx.write_bytes(good[: len(good) // 2])
+    settings = Settings(repository=repo, models=["beta"], **POLL)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert until(lambda: index_row(c, "alpha").get("state") == "UNAVAILABLE")
+        assert until(lambda: "alpha" in (c.get("/health/ready").json().get("unavailable") or {}))
+        assert c.get("/health/ready").status_code == 200
