@@ -12,7 +12,7 @@ saturation. For b0 and lite0 (256 px JPEG; gRPC: ready FP32 tensors):
   32 clients   throughput, to show what spinning costs under load
 Contenders, all started before a model is measured, each frozen (SIGSTOP) while another runs:
   service                the default (EFFNET_WORKERS = cores, EFFNET_ORT_SPINNING off)
-  service, spinning      the same with EFFNET_ORT_SPINNING=true (ORT's own default)
+  service, spinning      the same with EFFNET_ORT_SPINNING=true
   service, 1 process     EFFNET_WORKERS=1
   LitServe, 1 worker     benchmarks/peers/litserve_server.py (1 client only)
   serverless             benchmarks/serverless.py --latency N: Pillow + a default ORT session in one process
@@ -161,7 +161,7 @@ def render(result: dict) -> str:
              f"`make bench-quiet` (`python -m benchmarks.quiet`), {result['seconds']:.0f} s, on {m.get('cpu')} "
              f"({m.get('cores')} cores, {m.get('isa', '')}). Median of {result['rounds']} windows of "
              f"{result['window_s']:g} s per contender, in alternating blocks with every other contender frozen "
-             f"(SIGSTOP). `service` is the default ({result['workers']} workers, spinning off); the serverless "
+             f"(SIGSTOP). `service` is the default ({result['workers']} workers, ORT spinning off); the serverless "
              "pipeline decodes the same JPEG with Pillow and runs a default ONNX Runtime session in one process "
              "(gRPC rows: the tensor only), N images side by side then one batch of N.", "",
              "| model | case | " + " | ".join(f"{n} p50 / p99 ms" for n in names) + " | service / serverless (p50) |",

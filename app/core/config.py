@@ -98,10 +98,9 @@ class Settings(BaseSettings):
 
     # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
     threads: int = Field(default_factory=_cores, ge=1)
-    # ORT worker spinning: faster runs (b0 batch 1: 7.0 against 8.9 ms here), but the spin steals the cores the
-    # front end needs when both share a process. Unset: on in the engine process (EFFNET_WORKERS > 1, where the
-    # front ends are processes of their own), off in one process.
-    ort_spinning: bool | None = None
+    # ORT worker spinning: faster runs (b0 batch 1: 7.0 against 8.9 ms here), but the spin steals the cores
+    # other work needs, and raised the 1-client p99; see app/engine/sessions.py.
+    ort_spinning: bool = False
     # ORT's CPU memory arena: one shared by all sessions (default; see app/engine/sessions.py), one per
     # session (ORT's default: fastest, but every session keeps its peak), or none.
     ort_arena: Literal["shared", "per-session", "off"] = "shared"

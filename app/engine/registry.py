@@ -168,7 +168,7 @@ class Registry:
         profile = BatchProfile(manifest.onnx.input.name, (3, crop, crop), self._max_batch(entry.name, "cuda", tables))
         entry.session = create_session(
             onnx_path, manifest.onnx.input.name, manifest.onnx.output.name,
-            device=device, threads=self.settings.threads, spinning=bool(self.settings.ort_spinning),
+            device=device, threads=self.settings.threads, spinning=self.settings.ort_spinning,
             arena=self.settings.ort_arena,
             tensorrt_cache=self.settings.tensorrt_cache if self.settings.tensorrt else None, profile=profile,
             shrink_above=int(self.settings.ort_shrink_mb * (1 << 20)) if self.settings.ort_shrink_mb else None,

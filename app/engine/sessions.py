@@ -7,12 +7,15 @@ thread), so the question is only how wide each run may go:
   model - the common case - then uses the whole machine. Dividing the budget statically
   (THREADS / models) would leave one busy B0 on 1 of 2 cores while seven idle models
   hold the rest.
-* Spinning (`EFFNET_ORT_SPINNING`) is on in the engine process and off when everything runs in one
-  process. Measured on this 2-core box, ORT's workers spin ~30 ms after every run: in one process that
-  time belongs to the event loop and the decode pool preparing the next batch. In the engine process
-  (EFFNET_WORKERS > 1) no loop shares its cores, and spinning is worth having: b0 batch 1 runs in 7.0 ms
-  with it and 8.9 ms without, and at 32 clients b0 went 86 -> 94 img/s and lite0 128 -> 123 (make
-  bench-quiet).
+* Spinning is off by default (`EFFNET_ORT_SPINNING=false`). Measured on this 2-core box, ORT's
+  workers spin ~30 ms after every run; in one process that time belongs to the event loop and the
+  decode pool preparing the next batch. In the engine process (EFFNET_WORKERS > 1) it measured better:
+  b0 batch 1 in 7.0 ms against 8.9, and through the service with 2 workers (b0, 256 px JPEGs, four
+  alternating 6 s windows) a median of 10.4 against 12.4 ms at 1 client, 35.1 against 36.7 at 4, and
+  119 against 116 img/s at 32; but the 1-client p99 rose (b0 21.5 against 16.5 ms), a tiny model's
+  spinners never rest (1220 -> ~1080 img/s), and two full test runs out of three saw the engine fail to
+  exit within 30 s of SIGTERM under a hostile flood, which no run with spinning off ever did. So it
+  stays off until that is understood; turn it on for a latency-first deployment of real-size models.
 * With spinning off an idle session's pool sleeps, so eight loaded models cost eight
   parked pools, not eight busy ones. When several models are busy at once they share the
   cores through the OS scheduler, which for compute-bound kernels costs little throughput.
@@ -29,10 +32,11 @@ Big runs give their memory back. ORT records a shape's memory pattern on its fir
 on takes it as one contiguous block, which the arena cannot carve out of the chunks it holds, so it grows by
 the whole block and keeps it: b0..b7 at batch 8 went from 4.4 GiB after warm-up to 7.7 GiB after one burst of
 photos (b5..b7 alone +3.3 GiB). A CPU run whose input is at least EFFNET_ORT_SHRINK_MB (default 8: b3 and up
-at full batches, never b0..b2) and after which no batch waits asks ORT to shrink the arena when it ends
-(run option `memory.enable_memory_arena_shrinkage`): the last batch of a burst gives the memory back, and
-warm-up leaves none behind. Not every run: faulting the pages in again each time cost b4 15% of its
-throughput at 32 clients. Below the threshold, where runs are short and their memory small, nothing changes.
+at full batches, never b0..b2) makes the session owe a shrink, and its first run after which no batch
+waits asks ORT to shrink the arena when it ends (run option `memory.enable_memory_arena_shrinkage`): the
+last batch of a burst gives the memory back, however small it is, and warm-up leaves none behind. Not
+every run: faulting the pages in again each time cost b4 15% of its throughput at 32 clients. Below the
+threshold, where runs are short and their memory small, nothing changes.
 """
 
 from __future__ import annotations
@@ -78,13 +82,17 @@ class ModelSession:
     provider: str  # the provider that actually runs the graph
     device: str  # "cpu" or "cuda"
     bound: "BoundBuffers | None" = None  # on a GPU: inputs and outputs in device buffers of their own
-    shrink_above: int | None = None  # input bytes from which a CPU run gives its arena growth back...
-    idle: Callable[[], bool] = lambda: True  # ...when no other batch waits (the registry asks the batcher)
+    shrink_above: int | None = None  # input bytes from which a CPU run grows the arena enough to give back...
+    idle: Callable[[], bool] = lambda: True  # ...once no other batch waits (the registry asks the batcher)
+    owes_shrink: bool = False  # a big run since the last shrink
 
     def run(self, x: np.ndarray) -> np.ndarray:
         if self.bound is not None:
             return self.bound.run(x)
-        if self.shrink_above is not None and x.nbytes >= self.shrink_above and self.idle():
+        if self.shrink_above is not None and x.nbytes >= self.shrink_above:
+            self.owes_shrink = True
+        if self.owes_shrink and self.idle():  # the burst's last batch, however small: the growth goes back
+            self.owes_shrink = False
             return self.session.run([self.output_name], {self.input_name: x}, _SHRINK)[0]
         return self.session.run([self.output_name], {self.input_name: x})[0]
 

@@ -156,9 +156,9 @@ def test_a_gpu_session_runs_through_its_bound_buffers(gpu_build, tiny_repo):
 
 
 def test_cpu_runs_from_the_shrink_size_up_give_the_arena_back_and_compute_the_same(tiny_repo):
-    """EFFNET_ORT_SHRINK_MB: a run whose input reaches it, with no other batch waiting, carries ORT's
-    arena-shrink run option; smaller runs, and big ones with work behind them, run plainly; all compute what
-    ORT computes. Without an arena there is nothing to shrink."""
+    """EFFNET_ORT_SHRINK_MB: a run whose input reaches it makes the session owe a shrink, paid by the first run
+    with no other batch waiting (ORT's arena-shrink run option), whatever its size; other runs run plainly;
+    all compute what ORT computes. Without an arena there is nothing to shrink."""
     path, m = tiny_model(tiny_repo)
     s = create_session(path, m.onnx.input.name, m.onnx.output.name, device="cpu", threads=1, spinning=False,
                        shrink_above=3 * 3 * 64 * 64 * 4)  # three images of 64 px
@@ -173,7 +173,12 @@ def test_cpu_runs_from_the_shrink_size_up_give_the_arena_back_and_compute_the_sa
     assert seen[1].get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
     s.idle = lambda: False  # another batch waits: the next run reuses the memory, so it is kept
     s.run(big)
-    assert seen[2] is None
+    s.run(small)
+    assert seen[2:] == [None, None] and s.owes_shrink
+    s.idle = lambda: True  # the burst's last batch is a small one: it still gives the big runs' growth back
+    s.run(small)
+    s.run(small)
+    assert seen[4:] == [sessions._SHRINK, None] and not s.owes_shrink
     off = create_session(path, m.onnx.input.name, m.onnx.output.name, device="cpu", threads=1, spinning=False,
                          arena="off", shrink_above=1)
     assert off.shrink_above is None

@@ -27,8 +27,6 @@ def run_engine(socket_path: str, ready: Connection) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
     tune_malloc()  # ORT's buffers outside its arena, and the batches the batcher stacks
     settings = Settings()
-    if settings.ort_spinning is None:  # the front ends run elsewhere: spinning takes no loop's core here
-        settings = settings.model_copy(update={"ort_spinning": True})
     try:
         import uvloop
 
