@@ -41,37 +41,32 @@ class MemoryBudget:
             self._used -= n
 
 
-class SharedBudget(MemoryBudget):
-    """The same budget held by several worker processes at once (app/supervisor.py): each worker charges its
-    own slot of an array in shared memory, under one lock shared by all of them, and a charge is refused
-    when the slots together would pass the limit. So the limit means what it means in one process, however
-    many workers there are, and a worker that dies leaves no charge behind: the supervisor zeroes its slot
-    (`clear`) before starting its replacement."""
+class SharedSlots:
+    """A count held by several worker processes at once (app/supervisor.py): each worker adds to its own slot
+    of an array in shared memory, under one lock shared by all of them, and an addition is refused when the
+    slots together would pass the limit. So a limit means what it means in one process, however many workers
+    there are, and a worker that dies leaves nothing behind: the supervisor zeroes its slot (`clear`) before
+    starting its replacement."""
 
-    def __init__(self, limit_bytes: int, slots, index: int) -> None:  # slots: multiprocessing.Array("q", n)
-        self.limit = int(limit_bytes)
-        self.peak = 0
-        self._slots, self._index = slots, index
+    def __init__(self, slots, index: int) -> None:  # slots: multiprocessing.Array("q", n)
+        self._index = index
         self._lock = slots.get_lock()
         self._raw = slots.get_obj()  # inside the lock: no second acquire per element
 
-    @property
-    def used(self) -> int:
+    def total(self) -> int:
         with self._lock:
             return sum(self._raw)
 
-    def take(self, n: int, what: str) -> None:
+    def add_within(self, n: int, limit: int) -> int | None:
+        """Add n to this worker's slot if the total stays within limit: the new total, or None (nothing added)."""
         with self._lock:
-            total = sum(self._raw)
-            if total + n > self.limit:
-                raise OverBudget(
-                    f"the server is holding its limit of {self.limit >> 20} MB for requests in flight ({what}); "
-                    "retry shortly", retry_after=1,
-                )
+            total = sum(self._raw) + n
+            if total > limit:
+                return None
             self._raw[self._index] += n
-            self.peak = max(self.peak, total + n)
+            return total
 
-    def give(self, n: int) -> None:
+    def sub(self, n: int) -> None:
         with self._lock:
             self._raw[self._index] -= n
 
@@ -80,6 +75,33 @@ class SharedBudget(MemoryBudget):
         """Forget what a dead worker held."""
         with slots.get_lock():
             slots.get_obj()[index] = 0
+
+
+class SharedBudget(MemoryBudget):
+    """The memory budget over several worker processes (SharedSlots)."""
+
+    clear = staticmethod(SharedSlots.clear)
+
+    def __init__(self, limit_bytes: int, slots, index: int) -> None:
+        self.limit = int(limit_bytes)
+        self.peak = 0
+        self._shared = SharedSlots(slots, index)
+
+    @property
+    def used(self) -> int:
+        return self._shared.total()
+
+    def take(self, n: int, what: str) -> None:
+        total = self._shared.add_within(n, self.limit)
+        if total is None:
+            raise OverBudget(
+                f"the server is holding its limit of {self.limit >> 20} MB for requests in flight ({what}); "
+                "retry shortly", retry_after=1,
+            )
+        self.peak = max(self.peak, total)
+
+    def give(self, n: int) -> None:
+        self._shared.sub(n)
 
 
 class UploadCount:
@@ -105,28 +127,20 @@ class UploadCount:
 
 
 class SharedUploadCount(UploadCount):
-    """The same count over several worker processes, one slot each under one lock (as SharedBudget)."""
+    """The upload count over several worker processes (SharedSlots)."""
 
-    def __init__(self, limit: int, slots, index: int) -> None:  # slots: multiprocessing.Array("q", n)
+    clear = staticmethod(SharedSlots.clear)
+
+    def __init__(self, limit: int, slots, index: int) -> None:
         self.limit = int(limit)
-        self._index = index
-        self._lock = slots.get_lock()
-        self._raw = slots.get_obj()
+        self._shared = SharedSlots(slots, index)
 
     @property
     def used(self) -> int:
-        with self._lock:
-            return sum(self._raw)
+        return self._shared.total()
 
     def try_take(self) -> bool:
-        with self._lock:
-            if sum(self._raw) >= self.limit:
-                return False
-            self._raw[self._index] += 1
-            return True
+        return self._shared.add_within(1, self.limit) is not None
 
     def give(self) -> None:
-        with self._lock:
-            self._raw[self._index] -= 1
-
-    clear = staticmethod(SharedBudget.clear)  # a dead worker's uploads are over
+        self._shared.sub(1)
