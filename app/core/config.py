@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     access_log: bool = True
     # The V2 protocol over gRPC (app/api/grpc), beside HTTP; 0 turns it off.
     grpc_port: int = Field(default=8001, ge=0, le=65535)
+    # gRPC's own bind address; unset: the HTTP host. gRPC has no per-route exemptions, so an operator may
+    # want it on a private interface while HTTP faces the load balancer.
+    grpc_host: str | None = None
+    # TLS for both protocols (PEM files); both or neither. Unset: plaintext (terminate TLS in front).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
     threads: int = Field(default_factory=_cores, ge=1)
@@ -141,6 +147,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("EFFNET_TLS_CERT and EFFNET_TLS_KEY go together: set both or neither")
+        return self
 
     @model_validator(mode="after")
     def _collect_overrides(self) -> "Settings":
