@@ -8,7 +8,7 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-memory bench-gpu mutation clean
+.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-timeline bench-memory bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,12 @@ bench-scaling: install system-deps $(PERF_ANALYZER)
 # work without a server and LitServe, spinning on and off; about 6 minutes; writes its own block of docs/benchmarks.md.
 bench-quiet: install system-deps $(PERF_ANALYZER)
 	$(PY) -m benchmarks.quiet
+
+# One b0 request's time hop by hop (spans over real OTLP, beside the client's clock), 2 workers and one process;
+# about 2 minutes; LABEL names its block of docs/timeline.md (before, after).
+LABEL ?= current
+bench-timeline: install
+	$(PY) -m benchmarks.timeline --label $(LABEL)
 
 # b0..b7 with default settings: the memory (PSS) of every process of the service summed, at ready, through a burst
 # on each model and after it, for N workers and one process; about 6 minutes; writes its own block.

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.harness import ROOT, log
+from app.engine.sessions import spin_mode
 from benchmarks.raw_ort import alternate, best_batch, default_session, measure_model, model_file, server_session
 
 CEILING_BATCHES = [1, 8]
@@ -95,7 +96,7 @@ def phase_arena(plan, results: dict) -> None:
     for key, what, arena, spinning in ARENA_SETTINGS:
         m = measured[key][str(batch)]
         rows.append({"key": key, "what": what, "arena": arena, "spinning": spinning,
-                     "is_server_default": arena == s.ort_arena and spinning == bool(s.ort_spinning), **m})
+                     "is_server_default": arena == s.ort_arena and spin_mode(spinning) == s.ort_spinning, **m})
         log(f"  {key:12} {m['img_per_s']:6.1f} img/s  {m['cpu_ms_per_img']:.1f} ms CPU/img")
     results["arena"] = {"model": name, "batch": batch, "threads": s.threads, "rounds": plan.arena_rounds,
                         "seconds_per_setting": plan.arena_s, "rows": rows}

@@ -51,7 +51,7 @@ def server_session(path: Path, input_name: str, output_name: str, *, threads: in
     s = Settings()
     return create_session(path, input_name, output_name, device=resolve_device(s.device),
                           threads=s.threads if threads is None else threads,
-                          spinning=bool(s.ort_spinning) if spinning is None else spinning,
+                          spinning=s.ort_spinning if spinning is None else spinning,
                           arena=s.ort_arena if arena is None else arena)
 
 
@@ -131,7 +131,7 @@ def measure_model(folder: Path, batches: list[int], seconds: float, *, default_b
     measured = alternate(runs, crop, want, seconds, rounds=rounds if default_batches else 1)
     out = {
         "provider": session.provider, "device": session.device, "threads": settings.threads,
-        "spinning": bool(settings.ort_spinning), "arena": settings.ort_arena, "session_load_s": load_s,
+        "spinning": settings.ort_spinning, "arena": settings.ort_arena, "session_load_s": load_s,
         "macs": manifest.macs, "params": manifest.params, "resolution": crop, "batches": measured["server"],
     }
     if default_batches:

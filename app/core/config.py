@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=_cores, ge=1)
     # ORT worker spinning: faster runs (b0 batch 1: 7.0 against 8.9 ms here), but the spin steals the cores
     # other work needs, and raised the 1-client p99; see app/engine/sessions.py.
-    ort_spinning: bool = False
+    ort_spinning: Literal["off", "run", "on"] = "off"
     # ORT's CPU memory arena: one shared by all sessions (default; see app/engine/sessions.py), one per
     # session (ORT's default: fastest, but every session keeps its peak), or none.
     ort_arena: Literal["shared", "per-session", "off"] = "shared"
@@ -142,6 +142,16 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, v: Any) -> Any:
         return _split(v)
+
+    @field_validator("ort_spinning", mode="before")
+    @classmethod
+    def _spinning_bool(cls, v: Any) -> Any:
+        # true/false as before: ORT's own spinning, or none.
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        if isinstance(v, str) and v.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return "on" if v.lower() in ("true", "1", "yes") else "off"
+        return v
 
     @field_validator("api_key", mode="before")
     @classmethod

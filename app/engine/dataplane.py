@@ -274,7 +274,8 @@ class Call:
         tracing.annotate(images=n, version=self.entry.version)  # for the access log and the request span
         if self.entry.batcher is None:  # unloaded meanwhile
             self.plane.check_admissible(self.entry)
-        return await self.entry.batcher.room.reserve_within(n, self._wait_left())
+        with tracing.span("admission", images=n):
+            return await self.entry.batcher.room.reserve_within(n, self._wait_left())
 
     async def reserve(self, n: int):
         """Stage two alone, for a worker process that decodes the images itself (app/engine/link): queue room
@@ -310,8 +311,9 @@ class Call:
             for p in prepared:
                 decode_hist.observe(p.decode_s)
                 pre_hist.observe(p.preprocess_s)
-            submitted = tracing.now_ns()
-            results = await room.submit([p.tensor for p in prepared], self.arrived, self._timeout())
+            with tracing.span("submit"):  # the batcher's queue, its run and the wake-ups either side
+                submitted = tracing.now_ns()
+                results = await room.submit([p.tensor for p in prepared], self.arrived, self._timeout())
         tracing.batch_spans(submitted, results, model=entry.name, model_version=entry.version)
         for p, r in zip(prepared, results):
             plane.stats.observe(entry.name, p.decode_s + p.preprocess_s + r.inference_s)
@@ -321,8 +323,9 @@ class Call:
         """Already-preprocessed [3, crop, crop] float32 tensors -> answers, in order."""
         self._check_count(len(xs))
         with await self._reserve(len(xs)) as room:
-            submitted = tracing.now_ns()
-            results = await room.submit(xs, self.arrived, self._timeout())
+            with tracing.span("submit"):
+                submitted = tracing.now_ns()
+                results = await room.submit(xs, self.arrived, self._timeout())
         tracing.batch_spans(submitted, results, model=self.entry.name, model_version=self.entry.version)
         return [self._result(r, 0.0, 0.0) for r in results]
 

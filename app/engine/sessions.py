@@ -167,7 +167,14 @@ def ensure_shared_arena() -> None:
         _env_arena = True
 
 
-def session_options(threads: int, spinning: bool, arena: str = "shared") -> ort.SessionOptions:
+def spin_mode(spinning: bool | str) -> str:
+    """EFFNET_ORT_SPINNING as one of "off", "run" (spin within a run only) or "on"; booleans as before."""
+    if isinstance(spinning, bool):
+        return "on" if spinning else "off"
+    return spinning
+
+
+def session_options(threads: int, spinning: bool | str, arena: str = "shared") -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -178,7 +185,10 @@ def session_options(threads: int, spinning: bool, arena: str = "shared") -> ort.
     if arena == "shared":
         ensure_shared_arena()
         so.add_session_config_entry("session.use_env_allocators", "1")
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    mode = spin_mode(spinning)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if mode == "off" else "1")
+    if mode == "run":  # spin while a run's parallel sections hand work over; park the threads when it returns
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: warnings about unused initialisers are noise here
     return so
@@ -219,7 +229,7 @@ def providers_for(device: str, available: list[str], tensorrt_cache: Path | None
     return providers
 
 
-def create_session(path: Path, input_name: str, output_name: str, *, device: str, threads: int, spinning: bool,
+def create_session(path: Path, input_name: str, output_name: str, *, device: str, threads: int, spinning: bool | str,
                    arena: str = "shared", tensorrt_cache: Path | None = None,
                    profile: BatchProfile | None = None, shrink_above: int | None = None) -> ModelSession:
     if tensorrt_cache is not None and device == "cuda" and TENSORRT in ort.get_available_providers():

@@ -80,3 +80,23 @@ def test_manifest_validation_and_checksum(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="onnx.file"):
         load_manifest(folder)
+
+
+@pytest.mark.parametrize("value, mode", [("false", "off"), ("true", "on"), ("off", "off"), ("run", "run"), ("on", "on")])
+def test_ort_spinning_takes_a_mode_or_the_old_booleans(monkeypatch, value, mode):
+    from app.engine.sessions import session_options
+
+    monkeypatch.setenv("EFFNET_ORT_SPINNING", value)
+    s = Settings()
+    assert s.ort_spinning == mode
+    so = session_options(1, s.ort_spinning, arena="per-session")
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == ("0" if mode == "off" else "1")
+    # "run": spinning within a run only; ORT parks the threads the moment a run returns.
+    stops = so.get_session_config_entry("session.force_spinning_stop") if mode == "run" else None
+    assert stops == ("1" if mode == "run" else None)
+
+
+def test_ort_spinning_refuses_an_unknown_mode(monkeypatch):
+    monkeypatch.setenv("EFFNET_ORT_SPINNING", "fast")
+    with pytest.raises(ValidationError):
+        Settings()

@@ -214,7 +214,8 @@ class RemoteCall:
     async def __aenter__(self) -> RemoteCall:
         plane = self.plane
         elapsed = asyncio.get_running_loop().time() - self.arrived
-        self.tid, fresh = await plane._call("open", self.view.name, elapsed, self.timeout_s, self.view.version)
+        with tracing.span("open"):  # a round trip to the engine: stage one of admission
+            self.tid, fresh = await plane._call("open", self.view.name, elapsed, self.timeout_s, self.view.version)
         self.view = plane._current(self.view, fresh)
         return self
 
@@ -228,7 +229,8 @@ class RemoteCall:
         self.plane._tell("close", self.tid, exc, self._skipped)
 
     async def _reserve(self, n: int) -> ModelView:
-        fresh = await self.plane._call("reserve", self.tid, n, self.view.version)
+        with tracing.span("admission", images=n):  # a round trip: queue room in the engine
+            fresh = await self.plane._call("reserve", self.tid, n, self.view.version)
         self.view = self.plane._current(self.view, fresh)
         tracing.annotate(images=n, version=self.view.version)
         return self.view
@@ -268,10 +270,11 @@ class RemoteCall:
         except ArenaFull as exc:
             _free(arena, held)
             raise OverBudget(str(exc), retry_after=1) from None
-        submitted = tracing.now_ns()
         fut = plane._request("submit", self.tid, inputs, outputs, prep)
         try:
-            meta = await asyncio.shield(fut)
+            with tracing.span("submit"):  # the trip to the engine, its queue and run, and the way back
+                submitted = tracing.now_ns()
+                meta = await asyncio.shield(fut)
         except asyncio.CancelledError:
             # The engine may still be reading the tensors: the space goes back once it has answered.
             plane._tell("cancel", self.tid)
