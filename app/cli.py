@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.tools.eval_cli import main as eval_main
 
         return eval_main(argv)
+    if argv and argv[0] == "tune":
+        from app.tools.tune import main as tune_main
+
+        return tune_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="effnet", description="Serve the EfficientNet family.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=f"see `effnet {name} --help` (needs the build extra)")
     for name in sorted(EVAL_COMMANDS):
         sub.add_parser(name, help=f"see `effnet {name} --help`")
+    sub.add_parser("tune", help="measure each model's best batch size here, into <repo>/batch_sizes.json")
     args = parser.parse_args(argv)
 
     if args.command == "serve":

@@ -58,26 +58,11 @@ def phase_raw(plan, results: dict) -> None:
 
 
 def write_batch_sizes(repo: Path, raw: dict, best: dict[str, int]) -> dict:
-    from app.core.config import BATCH_SIZES_FILE
+    from app.core.config import BATCH_SIZES_FILE, write_batch_table
 
     device = next((r["device"] for r in raw.values()), "cpu")
-    path = repo / BATCH_SIZES_FILE
-    data: dict = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    if not isinstance(data, dict):
-        data = {}
-    # A flat table ({"b0": 8}) is the same as a per-device one for whichever device reads it;
-    # keep its entries under the device they were most likely measured on.
-    if data and not all(isinstance(v, dict) for v in data.values()):
-        data = {device: {k: v for k, v in data.items() if isinstance(v, int)},
-                **{k: v for k, v in data.items() if isinstance(v, dict)}}
-    data.setdefault(device, {}).update(best)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return {"path": str(path), "device": device, "written": best, "table": data}
+    table = write_batch_table(repo, device, best)
+    return {"path": str(repo / BATCH_SIZES_FILE), "device": device, "written": best, "table": table}
 
 
 def phase_arena(plan, results: dict) -> None:

@@ -228,3 +228,26 @@ def read_batch_table(repository: Path, device: str) -> dict[str, int]:
     except (OSError, ValueError) as exc:
         log.warning("ignoring %s: %s", path, exc)
         return {}
+
+
+def write_batch_table(repository: Path, device: str, sizes: dict[str, int]) -> dict:
+    """Merge `sizes` (model -> best batch on `device`) into the repository's batch_sizes.json and return the
+    whole table. Entries for other models and other devices are kept; a flat table from before is taken as
+    this device's, and an unreadable one is replaced."""
+    path = repository / BATCH_SIZES_FILE
+    data: dict = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    if not isinstance(data, dict):
+        data = {}
+    if data and not all(isinstance(v, dict) for v in data.values()):
+        data = {device: {k: v for k, v in data.items() if isinstance(v, int)},
+                **{k: v for k, v in data.items() if isinstance(v, dict)}}
+    data.setdefault(device, {}).update(sizes)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # a server starting meanwhile reads the old table or the new one, never half of one
+    return data
