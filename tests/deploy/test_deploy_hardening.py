@@ -20,9 +20,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
-from compose_helpers import ENV_EXAMPLE, ROOT, TEST_PASSWORD, clean_env, config, run_config
+from deploy_helpers import ENV_EXAMPLE, ROOT, TEST_PASSWORD, clean_env, config, one, render, run_config
 from prerequisites import require_tool
 
 BASE = ["docker-compose.yml"]
@@ -198,3 +199,136 @@ def test_healthcheck_speaks_https_to_a_tls_server_with_a_certificate_for_another
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------- Kubernetes and KServe
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = sorted(p for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+KSERVE = ROOT / "deploy" / "kserve"
+
+
+def _key_from_secret(container: dict) -> dict:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == "EFFNET_API_KEY"]
+    assert "value" not in entry, "the key is never written into a manifest"
+    ref = entry["valueFrom"]["secretKeyRef"]
+    assert ref["name"] and ref["key"]
+    # Required: a missing Secret keeps the pod from starting instead of serving without a key.
+    assert ref.get("optional") is not True
+    return ref
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_the_deployment_reads_the_api_key_from_a_secret_it_does_not_ship(overlay):
+    docs = render(overlay)
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    _key_from_secret(container)
+    # An applied placeholder Secret would overwrite the operator's real key on every apply.
+    assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def test_the_kserve_runtime_reads_the_api_key_from_a_secret():
+    runtime = yaml.safe_load((KSERVE / "cluster-serving-runtime.yaml").read_text())
+    (container,) = [c for c in runtime["spec"]["containers"] if c["name"] == "kserve-container"]
+    _key_from_secret(container)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # Probes and metrics stay reachable without the key.
+    exempt = env["EFFNET_API_KEY_EXEMPT"].split(",")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert any(container[probe]["httpGet"]["path"].startswith(p) for p in exempt), probe
+
+
+def _matches(selector: dict | None, labels: dict) -> bool:
+    """A NetworkPolicy label selector (matchLabels only, which is all the shipped ones use)."""
+    assert set(selector or {}) <= {"matchLabels"}, "this evaluator knows matchLabels only"
+    return (selector or {}).get("matchLabels", {}).items() <= labels.items()
+
+
+def _allowed(policy: dict, own_namespace: str, peer_ns: dict, peer_pod: dict, port) -> bool:
+    """Whether `policy` lets a pod (labels peer_pod) in a namespace (labels peer_ns) reach `port`."""
+    for rule in policy["spec"].get("ingress", []):
+        if not any(p["port"] == port for p in rule.get("ports", [])):
+            continue
+        for peer in rule["from"]:
+            ns_ok = (_matches(peer["namespaceSelector"], peer_ns) if "namespaceSelector" in peer
+                     else peer_ns.get("kubernetes.io/metadata.name") == own_namespace)
+            pod_ok = _matches(peer.get("podSelector"), peer_pod) if "podSelector" in peer else True
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def _check_policy(policy: dict, pod_labels: dict, namespace: str, http, grpc) -> None:
+    kubernetes_validate.validate(policy, kubernetes_validate.utils.latest_version(), strict=True)
+    assert _matches(policy["spec"]["podSelector"], pod_labels), "the policy does not select the server's pods"
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and rule.get("ports"), "a rule without from/ports opens the pods to everyone"
+    here = {"kubernetes.io/metadata.name": namespace}
+    client = {"effnet-serve/client": "true"}
+    ingress_ns = {"kubernetes.io/metadata.name": "ingress-nginx", "effnet-serve/client": "true"}
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    other_ns = {"kubernetes.io/metadata.name": "elsewhere"}
+    for port in (http, grpc):
+        assert _allowed(policy, namespace, here, client, port)  # a labelled client beside it
+        assert _allowed(policy, namespace, ingress_ns, {"app": "controller"}, port)  # a client namespace
+        assert not _allowed(policy, namespace, here, {"app": "anything"}, port)  # an unlabelled pod
+        assert not _allowed(policy, namespace, other_ns, client, port)  # a label in a foreign namespace
+        assert not _allowed(policy, namespace, other_ns, prometheus, port)  # not the monitoring namespace
+    assert _allowed(policy, namespace, monitoring, prometheus, http)  # /metrics
+    assert not _allowed(policy, namespace, monitoring, prometheus, grpc)
+    assert not _allowed(policy, namespace, monitoring, {"app": "grafana"}, http)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_a_network_policy_lets_only_clients_and_prometheus_reach_the_pods(overlay):
+    docs = render(overlay)
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    names = {p["name"] for p in container["ports"]}
+    assert names == {"http", "grpc"}
+    policy = one(docs, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    _check_policy(policy, pod["metadata"]["labels"], deployment["metadata"]["namespace"], "http", "grpc")
+
+
+def test_the_kserve_network_policy_covers_the_example_inference_service():
+    policy = yaml.safe_load((KSERVE / "network-policy.yaml").read_text())
+    isvc = yaml.safe_load((KSERVE / "inference-service.yaml").read_text())
+    runtime = yaml.safe_load((KSERVE / "cluster-serving-runtime.yaml").read_text())
+    (container,) = [c for c in runtime["spec"]["containers"] if c["name"] == "kserve-container"]
+    http, grpc = (p["containerPort"] for p in container["ports"])
+    # KServe labels the predictor's pods with the InferenceService's name.
+    pod_labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
+    _check_policy(policy, pod_labels, "effnet", http, grpc)
+    assert "NetworkPolicy" in {d["kind"] for d in render(KSERVE)}
+
+
+def test_the_tls_overlay_mounts_the_secret_and_the_server_reads_its_pem_files():
+    from app.core.config import Settings
+
+    docs = render(K8S / "overlays" / "tls")
+    pod = one(docs, "Deployment")["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if "secret" in volumes[m["name"]]]
+    secret = volumes[mount["name"]]["secret"]
+    assert mount.get("readOnly") is True and secret["defaultMode"] & 0o007 == 0  # not world-readable
+    # A kubernetes.io/tls Secret holds tls.crt and tls.key.
+    assert env["EFFNET_TLS_CERT"] == f"{mount['mountPath']}/tls.crt"
+    assert env["EFFNET_TLS_KEY"] == f"{mount['mountPath']}/tls.key"
+    assert pod["spec"]["securityContext"]["fsGroup"] == pod["spec"]["securityContext"]["runAsGroup"]
+    s = Settings(tls_cert=env["EFFNET_TLS_CERT"], tls_key=env["EFFNET_TLS_KEY"])
+    assert str(s.tls_cert) == env["EFFNET_TLS_CERT"]
+    # The kubelet's probes and annotation-based scraping speak TLS too.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    assert pod["metadata"]["annotations"]["prometheus.io/scheme"] == "https"
+    # The gRPC port is no longer announced as HTTP/2 in clear.
+    service = one(docs, "Service")
+    assert all(p.get("appProtocol") != "kubernetes.io/h2c" for p in service["spec"]["ports"])
+    # Without the component the plain overlay keeps plaintext (TLS terminated in front).
+    (plain,) = one(render(K8S / "overlays" / "cpu"), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "EFFNET_TLS_CERT" not in {e["name"] for e in plain["env"]}

