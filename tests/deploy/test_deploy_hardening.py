@@ -332,3 +332,64 @@ def test_the_tls_overlay_mounts_the_secret_and_the_server_reads_its_pem_files():
     # Without the component the plain overlay keeps plaintext (TLS terminated in front).
     (plain,) = one(render(K8S / "overlays" / "cpu"), "Deployment")["spec"]["template"]["spec"]["containers"]
     assert "EFFNET_TLS_CERT" not in {e["name"] for e in plain["env"]}
+
+
+# --------------------------------------------------------------------------- base images
+DOCKERFILES = [ROOT / "Dockerfile", ROOT / "deploy" / "ci" / "prometheus.Dockerfile"]
+DIGEST = "sha256:" + "0123456789abcdef" * 4  # the shape of one; `compose config` does not resolve it
+EXACT_TAG = re.compile(r"^[\w./-]+:(?!latest$)[\w.-]*\d[\w.-]*$")  # a version tag, never latest
+PINNED = re.compile(r"^[\w./-]+(:[\w.-]+)?@sha256:[0-9a-f]{64}$")
+
+
+def _base_args(text: str) -> dict[str, str]:
+    """The ARGs declared before the first FROM (the only ones a FROM line can use), with their defaults."""
+    head = text.split("\nFROM ", 1)[0]
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", head, re.M))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_base_image_is_a_build_argument_or_a_digest(dockerfile):
+    """No registry is reachable where this is tested, so no digest is written in: every base comes through a build
+    argument a digest can be passed in, and its default is an exact version tag."""
+    text = dockerfile.read_text()
+    args = _base_args(text)
+    stages: set[str] = set()
+    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?\s*$", text, re.M | re.I)
+    assert froms
+    for image, stage in froms:
+        if image in stages:
+            pass  # an earlier stage
+        elif m := re.fullmatch(r"\$\{(\w+)\}", image):
+            default = args.get(m.group(1))
+            assert default, f"FROM {image}: the argument is not declared before the first FROM"
+            assert PINNED.match(default) or EXACT_TAG.match(default), f"ARG {m.group(1)}={default}"
+        else:
+            assert PINNED.match(image), f"FROM {image}: neither a build argument nor pinned by digest"
+        if stage:
+            stages.add(stage)
+
+
+def test_compose_builds_and_pulls_what_the_operator_pins():
+    dockerfile_args = _base_args((ROOT / "Dockerfile").read_text())
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        for var, default in re.findall(r"\$\{(EFFNET_(?:BASE|CUDA)_IMAGE):-([^}]+)\}", (ROOT / name).read_text()):
+            arg = {"EFFNET_BASE_IMAGE": "BASE_IMAGE", "EFFNET_CUDA_IMAGE": "CUDA_IMAGE"}[var]
+            assert default == dockerfile_args[arg], f"{name}: {var} and the Dockerfile's {arg} disagree"
+    # Every image a service pulls comes from a variable with an exact-tag default.
+    text = (ROOT / "docker-compose.yml").read_text()
+    images = re.findall(r"^\s+image:\s*(\S+)$", text, re.M)
+    assert len(images) == 3
+    for image in images:
+        m = re.fullmatch(r"\$\{(\w+):-(\S+)\}", image)
+        assert m, f"image: {image} cannot be pinned from .env"
+        if m.group(1) != "EFFNET_IMAGE":  # the app's image is built here
+            assert EXACT_TAG.match(m.group(2)), image
+    # A digest set in the environment reaches the build and the pulls.
+    env = clean_env(GRAFANA_ADMIN_PASSWORD=TEST_PASSWORD,
+                    EFFNET_BASE_IMAGE=f"python:3.11-slim-bookworm@{DIGEST}",
+                    EFFNET_CUDA_IMAGE=f"nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@{DIGEST}",
+                    PROMETHEUS_IMAGE=f"prom/prometheus:v2.55.1@{DIGEST}", GRAFANA_IMAGE=f"grafana/grafana:11.3.0@{DIGEST}")
+    services = config(["docker-compose.yml", "docker-compose.gpu.yml"], env)["services"]
+    assert services["app"]["build"]["args"]["CUDA_IMAGE"].endswith(DIGEST)
+    assert services["prometheus"]["image"].endswith(DIGEST) and services["grafana"]["image"].endswith(DIGEST)
+    assert config(BASE, env)["services"]["app"]["build"]["args"]["BASE_IMAGE"].endswith(DIGEST)
