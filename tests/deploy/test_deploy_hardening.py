@@ -393,3 +393,34 @@ def test_compose_builds_and_pulls_what_the_operator_pins():
     assert services["app"]["build"]["args"]["CUDA_IMAGE"].endswith(DIGEST)
     assert services["prometheus"]["image"].endswith(DIGEST) and services["grafana"]["image"].endswith(DIGEST)
     assert config(BASE, env)["services"]["app"]["build"]["args"]["BASE_IMAGE"].endswith(DIGEST)
+
+
+# --------------------------------------------------------------------------- docs/security.md
+def test_every_test_the_threat_table_names_exists():
+    """The table's proof column names real tests: `file.py::function`, `::function` (same file as the one
+    before it), `file.py` (case `name`) for a parametrised case."""
+    rows = [line for line in (ROOT / "docs/security.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith(("| resource", "| ---"))]
+    assert len(rows) >= 20
+    named = 0
+    for row in rows:
+        resource, *_, proof = [c.strip() for c in row.strip("|").split(" | ")]
+        assert proof, resource
+        current: Path | None = None
+        for token in re.findall(r"`([^`]+)`|\(case", proof):
+            if token.endswith(".py") or ".py::" in token:
+                path, _, func = token.partition("::")
+                current = ROOT / "tests" / path
+                assert current.is_file(), f"{resource}: no {path}"
+            elif token.startswith("::"):
+                func = token[2:]
+            elif current is not None and token and re.fullmatch(r"[\w*]+", token):
+                # A case name (or a pattern of them) inside the file.
+                assert re.search(token.replace("*", r"\w*"), current.read_text()), f"{resource}: no case {token}"
+                continue
+            else:
+                continue
+            if func:
+                assert re.search(rf"^(async )?def {func}\(", current.read_text(), re.M), f"{resource}: no {func}"
+                named += 1
+    assert named >= 20
