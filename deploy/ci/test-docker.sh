@@ -225,6 +225,9 @@ EFFNET_PORT=$(free_port)
 PROMETHEUS_PORT=$(free_port)
 export EFFNET_PORT PROMETHEUS_PORT EFFNET_IMAGE=$APP_IMAGE PROMETHEUS_IMAGE=$PROM_IMAGE \
     EFFNET_DEFAULT_MODEL=$MODEL EFFNET_BIND=127.0.0.1 PROMETHEUS_BIND=127.0.0.1
+# Docker refuses a CPU limit above the host's CPUs: a 1-CPU runner gets 1.
+EFFNET_CPU_LIMIT=$(( $(nproc) < 2 ? $(nproc) : 2 ))
+export EFFNET_CPU_LIMIT
 compose down --volumes --remove-orphans >/dev/null 2>&1 || true
 log "docker compose up (CI override): app :$EFFNET_PORT, prometheus :$PROMETHEUS_PORT"
 check "docker compose up -d (app + prometheus, no grafana)" compose up -d --no-build
