@@ -8,8 +8,8 @@
 # for the CPU image (the `gpu` stage comes after `runtime` for exactly that reason).
 #
 # Build arguments (all optional):
-#   BASE_IMAGE            Python 3.11 base, pinned by tag (CI passes a debootstrapped one)
-#   CUDA_IMAGE            CUDA + cuDNN runtime base for the gpu target, pinned by tag
+#   BASE_IMAGE            Python 3.11 base (CI passes a debootstrapped one)
+#   CUDA_IMAGE            CUDA + cuDNN runtime base for the gpu target
 #   MODELS, WEIGHTS       what `effnet build` bakes into /models (`--models`, `--weights`)
 #   BUILD_FLAGS           extra `effnet build` flags, e.g. a custom width/depth/resolution
 #   TORCH_VERSION         CPU torch for the build stage only (never in the runtime image)
@@ -19,6 +19,13 @@
 #
 # wheelhouse/ (git-ignored, optional) may hold wheels to install offline, e.g. the torch
 # CPU wheel; the build stage uses it with `pip install --find-links /wheelhouse`.
+#
+# Base images: every FROM is a build argument or an earlier stage. The defaults are exact
+# version tags, which a registry can move; for a reproducible build pass the digest your
+# registry resolves them to (compose: EFFNET_BASE_IMAGE / EFFNET_CUDA_IMAGE in .env):
+#   docker buildx imagetools inspect python:3.11-slim-bookworm     # Digest: sha256:...
+#   docker build --build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:<digest> ...
+# No digest is written here: none could be resolved where this file is tested (no registry).
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04

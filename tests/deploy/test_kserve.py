@@ -235,9 +235,11 @@ def test_kustomize_renders_the_same_manifests():
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
     # kustomization.yaml sets the image the runtime file already names: either way of applying
     # (-k or -f) creates the same objects.
-    assert docs == {"ClusterServingRuntime": RUNTIME, "InferenceService": ISVC}
-    for doc in docs.values():
+    assert docs == {"ClusterServingRuntime": RUNTIME, "InferenceService": ISVC,
+                    "NetworkPolicy": _load(KSERVE / "network-policy.yaml")}
+    for doc in (docs["ClusterServingRuntime"], docs["InferenceService"]):
         assert _errors(doc) == []
+    # The NetworkPolicy is a core kind: tests/deploy/test_deploy_hardening.py validates it.
 
 
 # --- KServe's conventions -----------------------------------------------------------------------

