@@ -8,7 +8,8 @@ MODELS ?= default
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-timeline bench-memory bench-gpu mutation clean
+.DEFAULT_GOAL := help
+.PHONY: help lint test-fast install system-deps perf-analyzer models serve test test-workers test-deploy bench bench-smoke bench-precision bench-soak bench-reliability bench-scaling bench-quiet bench-timeline bench-memory bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,19 +17,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[build,lite-weights,test,bench]'
 	touch $@
 
-install: $(VENV)/.installed
+help: ## this list
+	@echo "effnet-serve: two commands do everything on a fresh machine: make serve, make test"
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-models: install
+install: $(VENV)/.installed ## the venv in .venv with every extra (build, tests, benchmarks)
+
+models: install ## build MODELS (default: b0..b7 and lite0..2) into REPO (default: models/)
 	$(EFFNET) build --models $(MODELS) --weights auto --repo $(REPO)
 
-serve: models
+serve: models ## build the default models and serve them on HOST:PORT (127.0.0.1:8000)
 	EFFNET_REPOSITORY=$(REPO) $(EFFNET) serve --host $(HOST) --port $(PORT)
 
 # Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests, and libb64 for
 # Triton's perf_analyzer. Installed only when missing and when we may (root); otherwise those tests say why
 # they skip (and fail under CI=true).
 SYSTEM_PACKAGES ?= prometheus libb64-0d
-system-deps:
+system-deps: ## the Debian packages the tests use (Prometheus, libb64), when root
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
@@ -54,19 +59,29 @@ WORKER_TESTS ?= tests/serving/test_serve_api.py tests/family/test_model_control.
 	tests/family/test_reload_under_load.py tests/reliability/test_rel_shutdown.py
 SERVER_TESTS ?= tests/serving tests/family tests/reliability tests/eval tests/deploy/test_kserve.py
 
-test: install system-deps $(PERF_ANALYZER)
-	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache --no-logo
+test: install system-deps $(PERF_ANALYZER) lint ## lint, every test, then the worker-split reruns (~10 min)
 	$(PY) -m pytest
 	EFFNET_TEST_WORKERS=2 $(PY) -m pytest -q -p no:cacheprovider $(WORKER_TESTS)
 
-test-workers: install system-deps $(PERF_ANALYZER)
+# The quick loop while changing code: lint, then the tests that need no live server process, the Prometheus
+# server, the reference models or Docker; stops at the first failure.
+FAST_IGNORE ?= --ignore=tests/reliability --ignore=tests/eval --ignore=tests/deploy --ignore=tests/bench \
+	--ignore=tests/family --ignore=tests/build_step/test_reference_parity.py
+test-fast: install lint ## lint + the quick tests (no reliability, family, eval, deploy), stop at the first failure
+	$(PY) -m pytest -x -q $(FAST_IGNORE) -k "not mutants"
+
+lint: install ## import layers (import-linter) and ruff (errors and likely bugs, not style)
+	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache --no-logo
+	$(VENV)/bin/ruff check app build benchmarks tests
+
+test-workers: install system-deps $(PERF_ANALYZER) ## every test that starts a server, split into 2 workers
 	EFFNET_TEST_WORKERS=2 $(PY) -m pytest $(SERVER_TESTS)
 
 # Builds the Docker image on a local debootstrap base, runs it and the compose stack (needs root).
-test-deploy: install
+test-deploy: install ## the Docker image and the compose stack (root, dockerd)
 	bash deploy/ci/test-docker.sh
 
-bench: install system-deps $(PERF_ANALYZER)
+bench: install system-deps $(PERF_ANALYZER) ## the main benchmark -> docs/benchmarks.md
 	$(PY) -m benchmarks.run
 
 # fp16/int8 copies of Lite0 vs fp32 (size, speed, agreement); writes its own block of docs/benchmarks.md.
@@ -86,28 +101,28 @@ bench-reliability: install system-deps $(PERF_ANALYZER)
 # Worker processes: 1 and N (= cores) workers x {tiny, b0, b4} x {HTTP JPEGs, gRPC tensors}, beside LitServe
 # (1 and 2 workers) and the same work without a server, in alternating blocks; about 8 minutes; writes its
 # own block of docs/benchmarks.md.
-bench-scaling: install system-deps $(PERF_ANALYZER)
+bench-scaling: install system-deps $(PERF_ANALYZER) ## workers 1 and N against the peers
 	$(PY) -m benchmarks.scaling
 
 # Latency when the service is quiet (1 and 4 clients, b0 and lite0, HTTP JPEGs and gRPC tensors) against the same
 # work without a server and LitServe, spinning on and off; about 6 minutes; writes its own block of docs/benchmarks.md.
-bench-quiet: install system-deps $(PERF_ANALYZER)
+bench-quiet: install system-deps $(PERF_ANALYZER) ## latency at 1 and 4 clients against no server
 	$(PY) -m benchmarks.quiet
 
 # One b0 request's time hop by hop (spans over real OTLP, beside the client's clock), 2 workers and one process;
 # about 2 minutes; LABEL names its block of docs/timeline.md (before, after).
 LABEL ?= current
-bench-timeline: install
+bench-timeline: install ## one request hop by hop -> docs/timeline.md (LABEL=...)
 	$(PY) -m benchmarks.timeline --label $(LABEL)
 
 # b0..b7 with default settings: the memory (PSS) of every process of the service summed, at ready, through a burst
 # on each model and after it, for N workers and one process; about 6 minutes; writes its own block.
-bench-memory: install
+bench-memory: install ## b0..b7 memory (PSS of every process) at default settings
 	$(PY) -m benchmarks.memory
 
 # B0/B4/B7 on a GPU in one table: raw ORT CUDA (and TensorRT), the service over gRPC tensors and HTTP JPEGs, 1 and N
 # workers; <= 8 min; no `install`: pip brings what is missing (EFFNET_GPU_WHEELS=DIR first). --cpu-smoke: on a CPU.
-bench-gpu:
+bench-gpu: ## B0/B4/B7 on a GPU host, one self-contained script
 	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(BENCH_GPU_ARGS)
 
 # A fast pass over the whole benchmark with tiny models; writes to a temp dir, never to docs/.
@@ -116,9 +131,9 @@ bench-smoke: install system-deps $(PERF_ANALYZER)
 
 # mutmut on the modules a silent bug costs most in, each against its own tests; writes docs/testing.md.
 # Not part of `make test`: about half an hour on 2 cores (tests/mutation/run.py MODULE runs one).
-mutation: install
+mutation: install ## mutation scores of the batcher, data plane, ... -> docs/testing.md
 	$(VENV)/bin/python -m pip install --quiet -e '.[mutation]'
 	$(PY) tests/mutation/run.py
 
-clean:
+clean: ## remove the venv and pytest cache
 	rm -rf $(VENV) .pytest_cache

@@ -176,7 +176,7 @@ def raw_rows(args: argparse.Namespace, models: list[str], what: str, reserve: fl
     for model in models:
         try:
             path, iname, oname, crop = raw_ort.model_file(args.repo / model)
-            shape = lambda b: f"{iname}:{b}x3x{crop}x{crop}"  # noqa: E731 - one TensorRT profile for every batch
+            shape = lambda b, i=iname, c=crop: f"{i}:{b}x3x{c}x{c}"  # noqa: E731 - one TensorRT profile for every batch
             prov, opts = (CUDA, {}) if what == "raw ORT CUDA" else (TRT, {
                 "trt_fp16_enable": True, "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": str(args.cache / "trt"), "trt_profile_min_shapes": shape(1),
@@ -189,7 +189,7 @@ def raw_rows(args: argparse.Namespace, models: list[str], what: str, reserve: fl
                 session = ort.InferenceSession(str(path), providers=[*chain, "CPUExecutionProvider"])
                 if session.get_providers()[0] != prov:  # ORT falls back to the CPU with only a warning
                     raise RuntimeError(f"{prov} did not initialise (its CUDA/cuDNN/TensorRT libraries?)")
-                run = lambda x, s=session: s.run([oname], {iname: x})[0]  # noqa: E731
+                run = lambda x, s=session, o=oname, i=iname: s.run([o], {i: x})[0]  # noqa: E731
         except Exception as exc:  # noqa: BLE001 - the rows say why; the run goes on
             rows += [Row(model, what, device, f"batch {b}", note=f"n/a: {short(exc)}") for b in args.batches]
             continue

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("effnet: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # one line for the user; the traceback helps no one at a shell
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback helps no one at a shell
         print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -87,7 +87,7 @@ def test_explicit_load_serve_reload_unload_with_tritonclient(repo):
         assert 'effnet_model_loads_total{model="beta",outcome="ok"} 2.0' in metrics
         assert 'effnet_model_unloads_total{model="beta"} 1.0' in metrics
         assert f'effnet_model_version_info{{model="alpha",version="{version(c, "alpha")}"}} 1.0' in metrics
-        assert 'model="beta"' not in "\n".join(l for l in metrics.splitlines() if l.startswith("effnet_model_info"))
+        assert 'model="beta"' not in "\n".join(ln for ln in metrics.splitlines() if ln.startswith("effnet_model_info"))
 
 
 def test_a_broken_reload_keeps_the_old_version_serving_and_says_why(repo):

@@ -131,7 +131,7 @@ def test_without_padding_the_leftover_runs_next_and_with_padding_zeros_fill_the_
         gate = threading.Event()
         model = Recorder(gate)
 
-        async def main():
+        async def main(pad=pad, model=model, gate=gate):
             b = Batcher("m", model, max_batch=8, max_delay_s=0.0, max_queue=100, pad=pad)
             b.start()
             blocker = asyncio.ensure_future(b.submit([img(0)]))

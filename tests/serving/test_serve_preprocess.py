@@ -38,7 +38,6 @@ decode, so the draft path is held to the same one-level bound and the planted bu
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from collections import Counter
