@@ -26,8 +26,17 @@ install: $(VENV)/.installed ## the venv in .venv with every extra (build, tests,
 models: install ## build MODELS (default: b0..b7 and lite0..2) into REPO (default: models/)
 	$(EFFNET) build --models $(MODELS) --weights auto --repo $(REPO)
 
-serve: models ## build the default models and serve them on HOST:PORT (127.0.0.1:8000)
-	EFFNET_REPOSITORY=$(REPO) $(EFFNET) serve --host $(HOST) --port $(PORT)
+# Serve while building: the first models (b0 and lite0 of the default set, else the first one named) are built,
+# the server starts on them, and the rest build behind it into the same repository; the server polls it and
+# serves each one as it lands (/health/ready lists those still building; the build's log: .cache/build.log).
+comma := ,
+FIRST_MODELS ?= $(if $(filter default,$(MODELS)),b0$(comma)lite0,$(firstword $(subst $(comma), ,$(MODELS))))
+serve: install ## build the first models, serve on HOST:PORT (127.0.0.1:8000), build the rest behind it
+	$(EFFNET) build --models $(FIRST_MODELS) --weights auto --repo $(REPO)
+	@mkdir -p .cache; echo "building the rest of $(MODELS) behind the server: .cache/build.log"
+	@nice -n 10 $(EFFNET) build --models $(MODELS) --weights auto --repo $(REPO) --quiet > .cache/build.log 2>&1 & \
+	builder=$$!; trap 'kill $$builder 2>/dev/null' EXIT INT TERM; \
+	EFFNET_MODEL_CONTROL=$${EFFNET_MODEL_CONTROL:-poll} EFFNET_REPOSITORY=$(REPO) $(EFFNET) serve --host $(HOST) --port $(PORT)
 
 # Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests, and libb64 for
 # Triton's perf_analyzer. Installed only when missing and when we may (root); otherwise those tests say why

@@ -51,9 +51,7 @@ def _variants_from_args(args: argparse.Namespace) -> list[Variant]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from build.pipeline import PHASES, build_model
+    from build.repository import BuildAnnouncement
 
     _quiet_exporter_logs()
     variants = _variants_from_args(args)
@@ -63,30 +61,41 @@ def cmd_build(args: argparse.Namespace) -> int:
     repo = Path(args.repo)
     precisions = _precisions(args)
     refused = 0
-    for v in variants:
-        bar = tqdm(total=len(PHASES), desc=f"{v.name:>8}", unit="phase", leave=True, file=sys.stderr,
-                   bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}", disable=args.quiet)
-
-        def on_phase(phase: str, bar=bar) -> None:
-            bar.set_postfix_str(phase)
-            bar.n = PHASES.index(phase)
-            bar.refresh()
-
-        result = build_model(v, repo, weights_spec=args.weights, force=args.force,
-                             cache_dir=Path(args.cache_dir) if args.cache_dir else None, seed=args.seed,
-                             on_phase=on_phase, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
-        bar.n = len(PHASES)
-        bar.set_postfix_str("up to date, skipped" if result.skipped else "done")
-        bar.close()
-        if result.manifest:
-            m = result.manifest
-            print(f"{m['name']}: {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e9:.3f}G MACs at {m['preprocess']['crop']}px, "
-                  f"pretrained={m['weights']['pretrained']}, parity {m['onnx']['parity']['max_abs_diff']:.1e} -> {result.path}")
-        else:
-            print(f"{v.name}: up to date -> {result.path}")
-        for precision in precisions:
-            refused += not _derive_one(args, repo, v.name, precision)
+    # A server polling this repository lists what is still to come (`make serve` serves while it builds).
+    with BuildAnnouncement(repo, [v.name for v in variants]) as announced:
+        for v in variants:
+            refused += _build_one(args, repo, v, precisions)
+            announced.done(v.name)
     return 1 if refused else 0
+
+
+def _build_one(args: argparse.Namespace, repo: Path, v: Variant, precisions: list[str]) -> int:
+    """One variant, then its derived precisions; returns how many of those derivations were refused."""
+    from tqdm import tqdm
+
+    from build.pipeline import PHASES, build_model
+
+    bar = tqdm(total=len(PHASES), desc=f"{v.name:>8}", unit="phase", leave=True, file=sys.stderr,
+               bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}", disable=args.quiet)
+
+    def on_phase(phase: str) -> None:
+        bar.set_postfix_str(phase)
+        bar.n = PHASES.index(phase)
+        bar.refresh()
+
+    result = build_model(v, repo, weights_spec=args.weights, force=args.force,
+                         cache_dir=Path(args.cache_dir) if args.cache_dir else None, seed=args.seed,
+                         on_phase=on_phase, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
+    bar.n = len(PHASES)
+    bar.set_postfix_str("up to date, skipped" if result.skipped else "done")
+    bar.close()
+    if result.manifest:
+        m = result.manifest
+        print(f"{m['name']}: {m['params'] / 1e6:.2f}M params, {m['macs'] / 1e9:.3f}G MACs at {m['preprocess']['crop']}px, "
+              f"pretrained={m['weights']['pretrained']}, parity {m['onnx']['parity']['max_abs_diff']:.1e} -> {result.path}")
+    else:
+        print(f"{v.name}: up to date -> {result.path}")
+    return sum(not _derive_one(args, repo, v.name, p) for p in precisions)
 
 
 def _precisions(args: argparse.Namespace) -> list[str]:

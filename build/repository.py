@@ -188,3 +188,35 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+BUILDING_FILE = ".building.json"  # app/engine/building.py reads it under the same name
+
+
+class BuildAnnouncement:
+    """Tells a server watching the repository which models this build has still to write (`/health/ready`
+    lists them): written at the start, rewritten as each model lands, removed at the end, whatever the end."""
+
+    def __init__(self, repo: Path, names: list[str]) -> None:
+        self.path = repo / BUILDING_FILE
+        self.left = list(names)
+        repo.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> BuildAnnouncement:
+        self._write()
+        return self
+
+    def done(self, name: str) -> None:
+        if name in self.left:
+            self.left.remove(name)
+        self._write()
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        import socket
+
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "models": self.left}) + "\n")
+        os.replace(tmp, self.path)  # a reader sees the old list or the new one

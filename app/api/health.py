@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from app.api.errors import ErrorResponse
 from app.api.schemas import Health
 from app.api.state import plane_of
+from app.engine.building import pending
 from app.engine.metrics import CONTENT_TYPE
 
 router = APIRouter()
@@ -30,12 +31,17 @@ async def ready(request: Request) -> Any:
     state = plane_of(request).readiness()
     if state.draining:
         return JSONResponse({"error": {"code": "shutting_down", "message": "the server is shutting down"}}, status_code=503)
+    building = pending(plane_of(request).settings.repository)  # one small file read: probes come every few s
     if not state.ready:
-        pending = state.not_ready or {v.name: v.status for v in plane_of(request).views()}
-        message = "no models configured or found" if not state.models else "models not ready: " + ", ".join(sorted(pending))
-        return JSONResponse({"error": {"code": "not_ready", "message": message, "models": pending}}, status_code=503)
+        waiting = state.not_ready or {v.name: v.status for v in plane_of(request).views()}
+        message = "no models configured or found" if not state.models else "models not ready: " + ", ".join(sorted(waiting))
+        if building:
+            message += "; still building: " + ", ".join(building)
+        error = {"code": "not_ready", "message": message, "models": waiting, **({"building": building} if building else {})}
+        return JSONResponse({"error": error}, status_code=503)
     # Ready with some models down (later arrivals, or any when not strict): listed with their reason, still 200.
-    return Health(status="ready", models=list(state.serving), unavailable=state.not_ready or None)
+    return Health(status="ready", models=list(state.serving), unavailable=state.not_ready or None,
+                  building=building or None)
 
 
 @router.get(

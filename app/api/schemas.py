@@ -98,3 +98,6 @@ class Health(BaseModel):
     unavailable: dict[str, str] | None = Field(
         None, description="models that do not serve, and why, when the server is ready without them "
                           "(EFFNET_STRICT_READINESS unset or false)")
+    building: list[str] | None = Field(
+        None, description="models a running `effnet build` has still to write into the repository; with "
+                          "EFFNET_MODEL_CONTROL=poll each one serves once it lands (`make serve` does this)")

@@ -73,3 +73,14 @@ def default_inflight_mb(root: Path = CGROUP) -> float:
     at least 256 MB."""
     limit = memory_limit(root) or physical_memory()
     return max(256.0, limit / 4 / (1 << 20))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -16,7 +16,6 @@ Lessons from other servers (see ../shared/notes/multiprocess.md), each handled h
 
 from __future__ import annotations
 
-import os
 import threading
 
 import _posixshmem  # the C module multiprocessing.shared_memory unlinks with
@@ -25,6 +24,8 @@ from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import numpy as np
+
+from app.core.limits import pid_alive
 
 PREFIX = "effnet-shm"
 ALIGN = 64  # bytes: each tensor starts on a cache line
@@ -61,22 +62,13 @@ def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
             service_pid = int(path.name.split("-")[2])
         except (IndexError, ValueError):
             continue
-        if not _alive(service_pid):
+        if not pid_alive(service_pid):
             try:
                 path.unlink()
                 gone.append(path.name)
             except OSError:
                 pass
     return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
