@@ -1,0 +1,90 @@
+"""Hostile clients against the registry, the metric labels and the work they abandon (issue 21, slice D).
+
+* Loads of names the repository has no folder for leave nothing behind: no entry, no series, readiness
+  untouched; a name is matched whole (a trailing newline is not a name).
+* `explicit` model control will not start without the API key unless told the port is trusted.
+* Cascades a client makes up share one metric label: orderings of the loaded models cannot mint series.
+* Clients that leave while their request waits for queue room or for the model are dropped before
+  inference: after a storm of such clients, a new client is answered at once, not after the admission wait.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from serving_helpers import encode, live_server, photo, write_model
+
+from app.core.config import Settings
+from app.engine.registry import valid_name
+
+ROOT = Path(__file__).resolve().parents[2]
+JPEG = {"Content-Type": "image/jpeg"}
+KEY = {"X-API-Key": "k3y"}
+
+
+def small(repo: Path, **kw) -> Settings:
+    return Settings(**{"repository": repo, "threads": 1, "decode_workers": 1, "access_log": False, **kw})
+
+
+def series(metrics: str, name: str) -> list[str]:
+    return [line for line in metrics.splitlines() if line.startswith(name + "{")]
+
+
+# --- the registry ---------------------------------------------------------------------------------
+def test_loads_of_missing_folders_leave_no_entry_no_series_and_no_effect_on_readiness(tmp_path):
+    write_model(tmp_path, "alpha")
+    settings = small(tmp_path, model_control="explicit", api_key="k3y", strict_readiness=True)
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30, headers=KEY) as c:
+        for name in ("ghost1", "ghost2", "ghost3"):
+            r = c.post(f"/v2/repository/models/{name}/load")
+            assert r.status_code == 400 and "no model" in r.json()["error"], r.text
+            r = c.post(f"/v2/repository/models/{name}/unload")
+            assert r.status_code == 400, r.text
+        # Even "every model in the repository must serve" holds: the ghosts are not models.
+        assert c.get("/health/ready").status_code == 200 and c.get("/v2/health/ready").status_code == 200
+        assert [row["name"] for row in c.post("/v2/repository/index").json()] == ["alpha"]
+        r = c.post("/classify?model=ghost1", content=encode(photo()), headers=JPEG)
+        assert r.status_code == 404 and "ghost" not in r.text
+        assert "ghost" not in c.get("/metrics").text
+        # A folder that exists and fails to load is still listed with its reason (issue 26).
+        (tmp_path / "broken").mkdir()
+        (tmp_path / "broken" / "manifest.json").write_text("{}")
+        r = c.post("/v2/repository/models/broken/load")
+        assert r.status_code == 400 and "manifest.json is invalid" in r.json()["error"]
+        row = {r["name"]: r for r in c.post("/v2/repository/index").json()}["broken"]
+        assert row["state"] == "UNAVAILABLE" and 'model="broken",outcome="failed"' in c.get("/metrics").text
+
+
+def test_a_model_name_is_matched_whole_so_a_trailing_newline_is_not_a_name(tmp_path):
+    assert valid_name("zz") and not valid_name("zz\n") and not valid_name("zz\nb0") and not valid_name("")
+    write_model(tmp_path, "alpha")
+    write_model(tmp_path, "zz")
+    settings = small(tmp_path, models=["alpha"], model_control="explicit", api_key="k3y")
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30, headers=KEY) as c:
+        r = c.post("/v2/repository/models/zz%0A/load")
+        assert r.status_code == 400 and "not a valid model name" in r.json()["error"], r.text
+        assert [row.get("state") for row in c.post("/v2/repository/index").json()] == ["READY", None]
+
+
+def test_explicit_model_control_without_a_key_refuses_to_start_and_says_how_to_fix_it(tmp_path):
+    with pytest.raises(ValidationError, match="EFFNET_ALLOW_OPEN_CONTROL=true"):
+        Settings(repository=tmp_path, model_control="explicit")
+    with pytest.raises(ValidationError, match="EFFNET_API_KEY_EXEMPT covers /v2/repository"):
+        Settings(repository=tmp_path, model_control="explicit", api_key="k", api_key_exempt="/health,/v2")
+    assert Settings(repository=tmp_path, model_control="explicit", allow_open_control=True).model_control == "explicit"
+    # The real command: it exits at once with the reason, before binding anything.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")}
+    env.update(EFFNET_REPOSITORY=str(tmp_path), EFFNET_MODEL_CONTROL="explicit", EFFNET_GRPC_PORT="0",
+               PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "app", "serve", "--port", "0"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "EFFNET_MODEL_CONTROL=explicit lets any client load and unload models" in done.stderr, done.stderr[-2000:]
+    assert "EFFNET_API_KEY" in done.stderr
