@@ -88,3 +88,20 @@ def test_explicit_model_control_without_a_key_refuses_to_start_and_says_how_to_f
     assert done.returncode != 0
     assert "EFFNET_MODEL_CONTROL=explicit lets any client load and unload models" in done.stderr, done.stderr[-2000:]
     assert "EFFNET_API_KEY" in done.stderr
+
+
+# --- metric labels --------------------------------------------------------------------------------
+def test_cascades_a_client_makes_up_share_one_label(tmp_path):
+    for seed, name in enumerate(("m1", "m2", "m3")):
+        write_model(tmp_path, name, seed=seed)
+    settings = small(tmp_path, default_model="m1", default_cascade=["m1", "m2"])
+    img = encode(photo())
+    with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        # threshold=1: every image escalates through every stage
+        for spec in ("m1,m2", "m2,m1", "m1,m3", "m3,m1", "m2,m3,m1", "m3,m2,m1", "m1,m3,m2"):
+            r = c.post(f"/classify?model=cascade:{spec}&threshold=1", content=img, headers=JPEG)
+            assert r.status_code == 200, r.text
+        found = series(c.get("/metrics").text, "effnet_cascade_escalations_total")
+    labels = {line.split('cascade="')[1].split('"')[0] for line in found}
+    assert labels == {"m1,m2", "cascade"}, found  # the configured cascade keeps its name
+    assert 'effnet_cascade_escalations_total{cascade="m1,m2",from_model="m1",to_model="m2"} 1.0' in found
