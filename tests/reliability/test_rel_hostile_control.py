@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import ValidationError
-from serving_helpers import encode, live_server, photo, write_model
+from reliability_helpers import request_bytes
+from serving_helpers import encode, live_server, photo, queue_held, write_model
 
 from app.core.config import Settings
 from app.engine.registry import valid_name
@@ -105,3 +107,80 @@ def test_cascades_a_client_makes_up_share_one_label(tmp_path):
     labels = {line.split('cascade="')[1].split('"')[0] for line in found}
     assert labels == {"m1,m2", "cascade"}, found  # the configured cascade keeps its name
     assert 'effnet_cascade_escalations_total{cascade="m1,m2",from_model="m1",to_model="m2"} 1.0' in found
+
+
+# --- abandoned work ---------------------------------------------------------------------------------
+STORM = 40
+LONG_WAIT_MS = 20_000  # the admission wait: what a client would sit through behind the lines the storm left
+
+
+def multipart(images: list[bytes]) -> tuple[bytes, str]:
+    b = "effnet-test-boundary"
+    parts = b"".join(f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.jpg\"\r\n"
+                     f"Content-Type: image/jpeg\r\n\r\n".encode() + img + b"\r\n" for i, img in enumerate(images))
+    return parts + f"--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
+
+
+def until(check, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+async def storm_then_leave(port: int, request: bytes, room, waiting: int) -> None:
+    """STORM clients send a whole request, wait until the server has them all in line, and close."""
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(STORM)]
+    for _, w in conns:
+        w.write(request)
+    await asyncio.gather(*(w.drain() for _, w in conns))
+    deadline = time.monotonic() + 30
+    while room.waiting < waiting and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert room.waiting >= waiting, room.waiting
+    for _, w in conns:
+        w.close()
+
+
+def wait_settings(repo: Path) -> Settings:
+    return small(repo, default_model="m", max_queue=4, admission_wait_ms=LONG_WAIT_MS, max_delay_ms=0)
+
+
+def test_clients_that_leave_while_waiting_for_queue_room_leave_the_line_at_once(tmp_path):
+    """The queue is full; a storm of clients waits for room before their bodies are read (the admission gate,
+    or the engine's stage one behind a worker) and leaves. Their places go at once, not after the 20 s
+    admission wait: once the queue frees, a new client is answered straight away."""
+    write_model(tmp_path, "m")
+    img = encode(photo())
+    with live_server(wait_settings(tmp_path)) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        room = srv.plane.registry.entries["m"].batcher.room
+        with queue_held(srv, "m", 4):  # full: every request of the storm waits in line
+            asyncio.run(storm_then_leave(srv.port, request_bytes("/classify", img), room, STORM))
+            assert until(lambda: room.waiting == 0), f"{room.waiting} gone clients still wait for room"
+        r = c.post("/classify", content=img, headers=JPEG)  # the client's 10 s, not the 20 s wait: timed out
+        assert r.status_code == 200, r.text
+        assert until(lambda: room.used == 0 and room.waiting == 0)
+        # Behind workers, every call the engine was asked to open is answered or dropped: none is left pending.
+        for app in getattr(srv, "apps", []):
+            assert until(lambda: not app.state.plane._pending), len(app.state.plane._pending)
+        metrics = c.get("/metrics").text
+    assert 'status="500"' not in metrics  # a client that left is a 499, in a worker process too
+
+
+def test_clients_that_leave_while_their_images_wait_for_room_give_it_all_back(tmp_path):
+    """Admitted (one slot is free) with two images each, so they wait for room for both (stage two) after
+    their bodies are in; they leave. None of the room they were waiting for stays held once it frees: in
+    worker processes the engine went on waiting for it, and kept it, for a client long gone."""
+    write_model(tmp_path, "m")
+    body, ctype = multipart([encode(photo(seed=1)), encode(photo(seed=2))])
+    with live_server(wait_settings(tmp_path)) as srv, httpx.Client(base_url=srv.url, timeout=10) as c:
+        room = srv.plane.registry.entries["m"].batcher.room
+        with queue_held(srv, "m", 3):  # one slot: stage one lets each in, stage two waits for the second
+            asyncio.run(storm_then_leave(srv.port, request_bytes("/classify", body, ctype), room, STORM))
+            assert until(lambda: room.waiting == 0), f"{room.waiting} gone clients still wait for room"
+        assert until(lambda: room.used == 0), f"{room.reserved} slots held for clients that left"
+        r = c.post("/classify", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+        assert 'status="500"' not in c.get("/metrics").text
