@@ -31,7 +31,6 @@ import collections
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 READ_AHEAD_BYTES = 64 * 1024
-GONE: Message = {"type": "http.disconnect"}
 
 
 def watched(scope: Scope) -> bool:
@@ -55,17 +54,18 @@ class AbandonedRequests:
         try:
             await self.app(scope, watch.receive, watch.send)
         except asyncio.CancelledError:
-            # Ours (the client left) and nobody else's (a shutdown's is passed on): the request ends here.
-            if not watch.cancelled or watch.host.uncancel() > 0:
+            if not watch.cancelled:
+                raise
+            watch.cancelled = False
+            if watch.host.uncancel() > 0:  # cancelled by someone else too (a shutdown): theirs goes on
                 raise
             if not watch.started:  # nobody reads it (uvicorn drops it): it tells the access log and span why
                 await send({"type": "http.response.start", "status": 499, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
-        else:
-            if watch.cancelled:  # the app swallowed our cancel: do not leave it counted on the task
-                watch.host.uncancel()
         finally:
             watch.stop()
+            if watch.cancelled:  # the app turned our cancel into an error or an answer: not left counted
+                watch.host.uncancel()
 
 
 class _Watch:
@@ -111,7 +111,7 @@ class _Watch:
         self._asked.set()
         while not self._inbox:
             if self._gone:
-                return GONE
+                return {"type": "http.disconnect"}
             self._arrived.clear()
             await self._arrived.wait()
         message = self._inbox.popleft()
