@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api import classify, health, models
+from app.api.abandon import AbandonedRequests
 from app.api.errors import install_handlers
 from app.api.classify import ClassifyFastPath
 from app.api.gate import AdmissionGate
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
     # is answered, and every answer, a 401 included, carries the CORS headers the browser needs to read it.
     app.add_middleware(ClassifyFastPath)  # innermost: the common /classify request without FastAPI's routing
     app.add_middleware(AdmissionGate)
+    app.add_middleware(AbandonedRequests)  # a request whose client left is cancelled, in the gate's wait too
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(), exempt=settings.api_key_exempt)
     if settings.cors_origins:

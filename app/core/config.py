@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # As Triton's --model-control-mode (app/engine/control.py): none, explicit (load/unload requests), poll.
     model_control: Literal["none", "explicit", "poll"] = "none"
+    # explicit without EFFNET_API_KEY lets anyone who reaches the port load and unload models: refused at start
+    # unless this says the network in front is trusted (see _control_needs_a_key).
+    allow_open_control: bool = False
     poll_s: float = Field(default=5.0, gt=0)
 
     max_batch: int | None = Field(default=None, ge=1, le=1024)
@@ -162,6 +165,20 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> "Settings":
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("EFFNET_TLS_CERT and EFFNET_TLS_KEY go together: set both or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _control_needs_a_key(self) -> "Settings":
+        # The load/unload routes as app/api/security.py's exemption matching sees them ("/" exempts everything).
+        route = "/v2/repository/models/m/load"
+        open_route = any(route == p.rstrip("/") or route.startswith(p.rstrip("/") + "/")
+                         for p in self.api_key_exempt if p)
+        if self.model_control == "explicit" and (self.api_key is None or open_route) and not self.allow_open_control:
+            why = "EFFNET_API_KEY is not set" if self.api_key is None else "EFFNET_API_KEY_EXEMPT covers /v2/repository"
+            raise ValueError(
+                f"EFFNET_MODEL_CONTROL=explicit lets any client load and unload models, and {why}: set "
+                "EFFNET_API_KEY (and keep /v2/repository out of EFFNET_API_KEY_EXEMPT), or set "
+                "EFFNET_ALLOW_OPEN_CONTROL=true if only trusted clients can reach the port")
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from app.engine.manifest import sha256_file
 from app.engine.metrics import Metrics
-from app.engine.registry import UNLOADED, ControlError, Registry, model_folders
+from app.engine.registry import UNLOADED, ControlError, NoSuchModel, Registry, model_folders
 
 log = logging.getLogger("effnet.control")
 
@@ -61,6 +61,8 @@ class ModelControl:
     async def _load(self, name: str) -> None:
         try:
             await self.registry.load(name)
+        except NoSuchModel:
+            raise  # a name the repository does not have: no series for it (clients choose these names)
         except ControlError:
             self.metrics.model_loads.labels(name, "failed").inc()
             entry = self.registry.entries.get(name)

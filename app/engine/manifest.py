@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Match it whole (re.fullmatch): Python's "$" also matches before a trailing newline. pydantic's `pattern=`
+# runs Rust's regex engine, where "$" is the end of the text only, so the manifest fields below are safe.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
 MANIFEST_FILE = "manifest.json"
 

@@ -1,7 +1,8 @@
 """Prometheus metrics (names fixed by the observability issue), one registry per app.
 
-Label values come only from loaded model names and from our own fixed vocabularies
-(status codes, stages, reasons), never from the request, so no client can mint series.
+Label values come only from the names of models the repository has (a load of a name it lacks records
+nothing: registry.NoSuchModel), from configuration, and from our own fixed vocabularies (status codes,
+stages, reasons), never from the request, so no client can mint series.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Metrics:
         self.model_accuracy = Gauge(
             "effnet_model_accuracy", "ImageNet accuracy in percent", ["model", "metric", "source"], registry=r,
         )
-        # Family features (app/policies/routing.py). `cascade` is the comma-joined names of loaded models only.
+        # Family features (app/policies/routing.py, cascade.py). `cascade` is the configured EFFNET_DEFAULT_CASCADE
+        # or "cascade" for any other (cascade_label): the orderings a client may ask for would mint series.
         self.cascade_escalations = Counter(
             "effnet_cascade_escalations", "Images a cascade passed on to its next model",
             ["cascade", "from_model", "to_model"], registry=r,

@@ -43,6 +43,11 @@ class ControlError(Exception):
     """A load or unload could not be done; the message says why and is safe to show."""
 
 
+class NoSuchModel(ControlError):
+    """A load or unload named a model the repository does not have: nothing is recorded for it (no entry,
+    no lock, no metric series), so the names a client tries cannot grow the registry."""
+
+
 @dataclass
 class ModelEntry:
     name: str
@@ -99,7 +104,8 @@ def discover(settings: Settings) -> list[str]:
 
 
 def valid_name(name: str) -> bool:
-    return bool(re.match(NAME_PATTERN, name)) and len(name) <= 64
+    # fullmatch: with re.match, "$" also matches before a trailing newline ("zz\n" would pass).
+    return bool(re.fullmatch(NAME_PATTERN, name)) and len(name) <= 64
 
 
 class Registry:
@@ -237,6 +243,9 @@ class Registry:
         if not valid_name(name):
             raise ControlError("not a valid model name")
         folder = self.settings.repository / name
+        # Entries exist only for the models asked for at start and folders on disk, which clients cannot create.
+        if name not in self.entries and not folder.is_dir():
+            raise NoSuchModel(f"no model {name!r} in the repository")
         async with self._lock(name):
             old = self.entries.get(name)
             new = ModelEntry(name, folder)
@@ -258,6 +267,8 @@ class Registry:
 
     async def unload(self, name: str) -> None:
         """Stop serving `name` once its queued work is done; it stays listed as unavailable ("unloaded")."""
+        if name not in self.entries:  # before the lock: an unknown name leaves nothing behind
+            raise NoSuchModel(f"model {name!r} is not loaded")
         async with self._lock(name):
             entry = self.entries.get(name)
             if entry is None:

@@ -45,6 +45,16 @@ def parse_cascade(model: str, default: list[str]) -> list[str]:
     return names
 
 
+ADHOC_LABEL = "cascade"  # the metric label of every cascade but the configured one
+
+
+def cascade_label(names: list[str], default: list[str]) -> str:
+    """The `cascade` label of effnet_cascade_escalations: the configured cascade keeps its name, any other
+    collapses to one value. Orderings of the loaded models are the client's choice (2 to 4 of 11 models:
+    about 8,000 of them), so they must not mint series; from_model and to_model still say which pair."""
+    return ",".join(names) if names == list(default) else ADHOC_LABEL
+
+
 @dataclass
 class CascadeOutcome:
     """Per image: the final answer, the models it went through and their top-1 probabilities."""
@@ -68,7 +78,7 @@ async def run_cascade(
     read_images: Callable[[], Awaitable[list[bytes]]], arrived: float, timeout_s: float | None = None,
 ) -> CascadeOutcome:
     entries = [plane.find(n) for n in names]
-    label = ",".join(names)  # only loaded names reach here: a bounded label value
+    label = cascade_label(names, plane.settings.default_cascade)
     async with plane.open(entries[0], arrived, timeout_s) as call:  # admitted before the body is read
         images = await read_images()
         first = await call.images(images)

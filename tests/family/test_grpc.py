@@ -402,7 +402,7 @@ def test_api_key_as_metadata(tmp_path):
 
 def test_repository_index_load_unload_in_explicit_mode_and_shutdown(tmp_path):
     write_model(tmp_path, "alpha")
-    with live_server(Settings(repository=tmp_path, model_control="explicit", threads=1,
+    with live_server(Settings(repository=tmp_path, model_control="explicit", allow_open_control=True, threads=1,
                               grpc_port=free_port())) as srv:
         target = _target(srv)
         c = grpcclient.InferenceServerClient(target)

@@ -56,7 +56,7 @@ def repo(tmp_path) -> Path:
 
 
 def test_explicit_load_serve_reload_unload_with_tritonclient(repo):
-    settings = Settings(repository=repo, model_control="explicit", threads=1, decode_workers=2)
+    settings = Settings(repository=repo, model_control="explicit", allow_open_control=True, threads=1, decode_workers=2)
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         publish(repo, "beta", seed=1)  # built while the server runs
         client = triton_http.InferenceServerClient(srv.url.removeprefix("http://"))
@@ -91,7 +91,7 @@ def test_explicit_load_serve_reload_unload_with_tritonclient(repo):
 
 
 def test_a_broken_reload_keeps_the_old_version_serving_and_says_why(repo):
-    settings = Settings(repository=repo, model_control="explicit", threads=1)
+    settings = Settings(repository=repo, model_control="explicit", allow_open_control=True, threads=1)
     with live_server(settings) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         before = version(c, "alpha")
         (repo / "alpha" / "model.onnx").write_bytes(b"not an onnx file")  # its checksum no longer matches
@@ -104,7 +104,7 @@ def test_a_broken_reload_keeps_the_old_version_serving_and_says_why(repo):
 
 
 def test_a_reload_under_steady_load_loses_no_request(repo):
-    settings = Settings(repository=repo, model_control="explicit", threads=1, decode_workers=2)
+    settings = Settings(repository=repo, model_control="explicit", allow_open_control=True, threads=1, decode_workers=2)
     with live_server(settings) as srv:
         statuses: list[int] = []
         stop = threading.Event()

@@ -193,7 +193,7 @@ def test_a_reload_under_load_answers_every_request_from_one_named_version_in_ord
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copytree(builds["old"], repo / "tiny")
-    settings = Settings(repository=repo, model_control="explicit", default_model="tiny", threads=1, decode_workers=2,
+    settings = Settings(repository=repo, model_control="explicit", allow_open_control=True, default_model="tiny", threads=1, decode_workers=2,
                         device="cpu", grpc_port=free_port())
     answers: list[Answer] = []
     lock = threading.Lock()

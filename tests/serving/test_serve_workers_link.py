@@ -249,7 +249,7 @@ def test_every_verb_of_the_facade_answers_through_the_link(repo, tmp_path):
     from app.policies.routing import classify_auto
 
     write_model(repo, "fake2", crop=48, resize=52, seed=1)
-    s = settings_for(repo, model_control="explicit")
+    s = settings_for(repo, model_control="explicit", allow_open_control=True)
 
     async def main():
         async with engine_with_workers(s, tmp_path) as (plane, _, (w0, w1)):

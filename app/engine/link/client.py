@@ -110,15 +110,15 @@ class RemotePlane:
         except LinkClosed:
             raise engine_gone() from None
 
-    def _request(self, verb: str, *args: Any) -> asyncio.Future:
+    def _request(self, verb: str, *args: Any) -> tuple[int, asyncio.Future]:
         mid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._send(("call", mid, verb, args))
         self._pending[mid] = fut
-        return fut
+        return mid, fut
 
     async def _call(self, verb: str, *args: Any) -> Any:
-        return await self._request(verb, *args)
+        return await self._request(verb, *args)[1]
 
     def _tell(self, verb: str, *args: Any) -> None:
         try:
@@ -194,6 +194,12 @@ class RemotePlane:
     async def metrics_text(self) -> bytes:
         return await self._call("metrics_text")
 
+    def _close_late(self, opened: asyncio.Future) -> None:
+        """An `open` answered after its client left: the engine's call is closed at once."""
+        if opened.cancelled() or opened.exception() is not None:
+            return  # the engine dropped it (or never opened it): nothing to close
+        self._tell("close", opened.result()[0], ClientGone("the client went away"), 0)
+
     def _current(self, view: ModelView, fresh: ModelView | None) -> ModelView:
         """The view the engine says the call runs on: `fresh` when the engine sent one (another version)."""
         if fresh is None:
@@ -214,15 +220,23 @@ class RemoteCall:
     async def __aenter__(self) -> RemoteCall:
         plane = self.plane
         elapsed = asyncio.get_running_loop().time() - self.arrived
-        with tracing.span("open"):  # a round trip to the engine: stage one of admission
-            self.tid, fresh = await plane._call("open", self.view.name, elapsed, self.timeout_s, self.view.version)
+        mid, fut = plane._request("open", self.view.name, elapsed, self.timeout_s, self.view.version)
+        try:
+            with tracing.span("open"):  # a round trip to the engine: stage one of admission
+                self.tid, fresh = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The client left while the engine waits for room on its behalf: it stops waiting, and a call it
+            # opened in the same instant is closed as soon as its answer arrives.
+            plane._tell("drop", mid)
+            fut.add_done_callback(plane._close_late)
+            raise
         self.view = plane._current(self.view, fresh)
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         if self.tid is None:
             return
-        if isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, (asyncio.CancelledError, ClientGone)):  # 499 in the engine's metrics, not 500
             exc = ClientGone("the client went away")
         elif exc is not None and not isinstance(exc, ApiError):
             exc = RuntimeError(type(exc).__name__)
@@ -270,7 +284,7 @@ class RemoteCall:
         except ArenaFull as exc:
             _free(arena, held)
             raise OverBudget(str(exc), retry_after=1) from None
-        fut = plane._request("submit", self.tid, inputs, outputs, prep)
+        _, fut = plane._request("submit", self.tid, inputs, outputs, prep)
         try:
             with tracing.span("submit"):  # the trip to the engine, its queue and run, and the way back
                 submitted = tracing.now_ns()

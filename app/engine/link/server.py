@@ -6,6 +6,10 @@ same order, one verb per step: `open` (stage one), `reserve` (stage two, before 
 and duration recorded once). So admission, queue room, deadlines and metrics mean what they mean in one
 process, and batches form across workers.
 
+A request whose client leaves is let go wherever it waits: an `open` still waiting for room is dropped
+("drop"), a reserve or submit still waiting is cancelled when its call is closed, so no room is ever
+granted to a call nobody will use.
+
 What a worker holds when it dies (its link closes) is given back at once: its reservations are released,
 its queued images are dropped before inference, its calls are recorded as 499, and its arena is detached.
 No other worker's request is touched.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -55,7 +60,7 @@ def state_of(plane: DataPlane) -> State:
 class _Ticket:
     call: Call
     room: Any = None  # the Reservation, once reserved
-    task: asyncio.Task | None = None  # the submit in progress
+    task: asyncio.Task | None = None  # the reserve or submit in progress (a close cancels it)
 
 
 @dataclass(eq=False)  # one per connection, kept in a set
@@ -65,6 +70,7 @@ class _Session:
     worker_pid: int | None = None
     tickets: dict[int, _Ticket] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    opening: dict[int, asyncio.Task] = field(default_factory=dict)  # message id -> an `open` still waiting
 
     def send(self, message: tuple) -> None:
         try:
@@ -135,6 +141,9 @@ class EngineServer:
                 task = asyncio.get_running_loop().create_task(self._answer(s, mid, verb, args))
                 s.tasks.add(task)
                 task.add_done_callback(s.tasks.discard)
+                if verb == "open":  # its client may leave while it waits for room: see "drop"
+                    s.opening[mid] = task
+                    task.add_done_callback(lambda _, mid=mid: s.opening.pop(mid, None))
             elif kind == "tell":
                 self._tell(s, verb, args)
 
@@ -184,6 +193,13 @@ class EngineServer:
             t = s.tickets.get(args[0])
             if t is not None and t.task is not None:
                 t.task.cancel()
+        elif verb == "drop":  # an `open` whose client left: out of the line for room (recorded as 499)
+            task = s.opening.pop(args[0], None)
+            if task is not None:
+                if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+                    # Cancelled before its first step, it never reaches _answer: the worker still hears.
+                    s.send(("err", args[0], ShuttingDown("the engine dropped the request")))
+                task.cancel()
         elif verb == "note_auto_routed":
             self.plane.note_auto_routed(*args)
         elif verb == "note_escalations":
@@ -195,6 +211,8 @@ class EngineServer:
         t = s.tickets.pop(tid, None)
         if t is None:
             return
+        if t.task is not None:  # a reserve or submit still waiting: it would hold room for nobody
+            t.task.cancel()
         if t.room is not None:
             t.room.release()
         if skipped:
@@ -217,7 +235,11 @@ class EngineServer:
 
     async def reserve(self, s: _Session, tid: int, n: int, known: str | None):
         t = s.tickets[tid]
-        t.room = await t.call.reserve(n)
+        t.task = asyncio.current_task()  # a close while it waits cancels it (its room goes back)
+        try:
+            t.room = await t.call.reserve(n)
+        finally:
+            t.task = None
         return self._view_unless_known(t.call, known)
 
     @staticmethod
