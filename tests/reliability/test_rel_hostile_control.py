@@ -164,7 +164,7 @@ def test_clients_that_leave_while_waiting_for_queue_room_leave_the_line_at_once(
         assert until(lambda: room.used == 0 and room.waiting == 0)
         # Behind workers, every call the engine was asked to open is answered or dropped: none is left pending.
         for app in getattr(srv, "apps", []):
-            assert until(lambda: not app.state.plane._pending), len(app.state.plane._pending)
+            assert until(lambda app=app: not app.state.plane._pending), len(app.state.plane._pending)
         metrics = c.get("/metrics").text
     assert 'status="500"' not in metrics  # a client that left is a 499, in a worker process too
 
