@@ -21,7 +21,8 @@ machine, the same wall clock). Per hop, the median over the requests:
   write + read        the request span closes -> the client has read the whole answer
 
 Both layouts run: the default (EFFNET_WORKERS = cores) and one process. Tracing has a cost of its own, so the
-client's median without tracing is given beside it, measured in alternating blocks.
+client's median without tracing is given beside it, measured in alternating blocks. `--before DIR` runs the
+service of an older checkout beside this one's in the same alternation, so a change is judged in one run.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import argparse
 import http.client
 import secrets
 import statistics
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from benchmarks.harness import DEFAULT_REPO, DOCS, QUICK_CACHE, build_models, free_port, log
+from benchmarks.harness import DEFAULT_REPO, DOCS, QUICK_CACHE, ROOT, Process, build_models, free_port, log, python_env
 from benchmarks.report import machine_info
-from benchmarks.scaling import Contender, alternating, cores, jpeg, start_service
+from benchmarks.scaling import Contender, alternating, cores, jpeg
 
 HOPS = ["to the app", "body", "open", "admission", "decode", "queue", "inference", "wake-ups and trips", "answer",
         "rest in the app", "write + read"]
@@ -141,6 +143,20 @@ def hops(spans: list[tuple[str, int, int]], t0: int, t1: int) -> dict[str, float
     return out
 
 
+def start_tree(work: Path, repo: Path, workers: int, extra: dict[str, str], tree: Path, name: str) -> Contender:
+    """The service as start_service starts it, but run from the checkout `tree` (an older commit, for the
+    before/after comparison): its folder goes first on the path, ahead of this checkout's."""
+    env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
+    env.update(EFFNET_REPOSITORY=str(repo), EFFNET_MODELS="b0", EFFNET_DEFAULT_MODEL="b0", EFFNET_WORKERS=str(workers),
+               EFFNET_GRPC_PORT="0", PYTHONPATH=str(tree), **extra)
+    port = free_port()
+    boot = f"import sys; sys.path.insert(0, {str(tree)!r}); from app.cli import main; sys.exit(main())"
+    proc = Process(name, [sys.executable, "-c", boot, "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
+                   work / f"{name.replace(' ', '_').replace(',', '')}.log")
+    proc.wait_ready(300)
+    return Contender(name, proc)
+
+
 def run(plan: argparse.Namespace) -> dict:
     repo = QUICK_CACHE if plan.quick else DEFAULT_REPO
     build_models(repo, ["b0"], allow_build=True)
@@ -149,13 +165,14 @@ def run(plan: argparse.Namespace) -> dict:
     traced_env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "200",
                   "EFFNET_ACCESS_LOG": "true"}
     layouts = [("service", cores()), ("service, 1 process", 1)]
+    trees = [("", ROOT)] + ([(" (before)", plan.before.resolve())] if plan.before else [])
     started: list[Contender] = []
     try:
         for label, workers in layouts:
-            for traced in (True, False):
-                c = start_service(plan.work, repo, "b0", workers, traced_env if traced else None)
-                c.name = label + ("" if traced else ", untraced")
-                started.append(c)
+            for suffix, tree in trees:
+                for traced in (True, False):
+                    name = label + suffix + ("" if traced else ", untraced")
+                    started.append(start_tree(plan.work, repo, workers, traced_env if traced else {}, tree, name))
         for c in started:  # warm each (the first runs of a shape are slow)
             requests(c, image, 20, traced=False)
         rows = alternating(started, plan.rounds, lambda c: requests(c, image, plan.requests, "untraced" not in c.name),
@@ -164,8 +181,8 @@ def run(plan: argparse.Namespace) -> dict:
         for c in started:
             c.stop()
     result: dict = {"machine": machine_info(), "requests_per_block": plan.requests, "rounds": plan.rounds,
-                    "layouts": {}}
-    for label, _ in layouts:
+                    "before": str(plan.before) if plan.before else None, "layouts": {}}
+    for label in [layout + suffix for layout, _ in layouts for suffix, _ in trees]:
         done = [r for block in rows[label] for r in block]
         collector.wait_for([t for t, _, _ in done])
         per = [h for t, t0, t1 in done if (h := hops(collector.spans.get(t, []), t0, t1)) is not None]
@@ -207,7 +224,6 @@ def write_block(path: Path, label: str, block: str) -> None:
 
 def main() -> None:
     import json
-    import sys
     import tempfile
 
     p = argparse.ArgumentParser()
@@ -215,6 +231,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: few requests, printed only")
     p.add_argument("--requests", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--before", type=Path, default=None,
+                   help="a checkout of an earlier commit (git worktree add DIR COMMIT): its service is measured "
+                        "beside this one's, alternating, as '(before)'")
     plan = p.parse_args()
     plan.requests = plan.requests or (10 if plan.quick else 100)
     plan.rounds = plan.rounds or (1 if plan.quick else 3)
