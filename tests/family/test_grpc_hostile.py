@@ -188,16 +188,19 @@ def test_keyless_16mb_messages_are_refused_before_they_are_read(tiny_family_repo
 
 
 # --- a half-sent stream flood on one connection ---------------------------------------------------------------
-def test_half_sent_streams_on_one_connection_do_not_starve_other_clients(tiny_family_repo):
+@pytest.mark.parametrize("settings_first", [True, False], ids=["after-settings", "before-settings"])
+def test_half_sent_streams_on_one_connection_do_not_starve_other_clients(tiny_family_repo, settings_first):
     """One connection opens 2000 ModelInfer streams, each sending only its message's 5-byte prefix (the
-    reviewer's attack: every other client's ServerLive then got RESOURCE_EXHAUSTED). The connection gets
-    at most EFFNET_GRPC_MAX_STREAMS of them; another client's ServerLive, ServerReady and ModelInfer answer.
-    EFFNET_BODY_TIMEOUT_S is long here, so it is not what frees them."""
+    reviewer's attack: every other client's ServerLive then got RESOURCE_EXHAUSTED), after acknowledging the
+    server's SETTINGS or before even reading them. The connection gets at most EFFNET_GRPC_MAX_STREAMS of
+    them; another client's ServerLive, ServerReady and ModelInfer answer. EFFNET_BODY_TIMEOUT_S is long
+    here, so it is not what frees them."""
     with serve(tiny_family_repo, max_connections=1000, body_timeout_s=600) as srv:
         flood = RawH2(grpc_port(srv))
         try:
-            flood.handshake()
-            assert flood.settings.get(3) == srv.plane.settings.grpc_max_streams  # SETTINGS_MAX_CONCURRENT_STREAMS
+            if settings_first:
+                flood.handshake()
+                assert flood.settings.get(3) == srv.plane.settings.grpc_max_streams  # SETTINGS_MAX_CONCURRENT_STREAMS
             prefix = b"\x00" + (1 << 20).to_bytes(4, "big")  # "a 1 MiB message follows"; it never does
             streams = range(1, 4001, 2)
             flood.send(b"".join(flood.open_call(s, INFER, prefix) for s in streams))
