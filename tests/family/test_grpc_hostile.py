@@ -282,6 +282,26 @@ def test_a_message_not_in_within_the_body_timeout_ends_the_call(tiny_family_repo
         assert sum(g.calls for g in guards(srv)) == 0
 
 
+def test_a_malformed_or_missing_message_is_invalid_argument(tiny_family_repo):
+    """Bytes that are not a ModelInferRequest, or a call closed without any message: INVALID_ARGUMENT (the
+    client's fault, as HTTP's 400), and the call's slot and memory given back."""
+    with serve(tiny_family_repo) as srv, grpc.insecure_channel(f"127.0.0.1:{grpc_port(srv)}") as ch:
+        garbage = ch.unary_unary(INFER, request_serializer=lambda m: m,
+                                 response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            garbage(b"\xff\xff\xff\xff", timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        empty = ch.stream_unary(INFER, request_serializer=lambda m: m,
+                                response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            empty(iter(()), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        deadline = time.monotonic() + 30
+        while (sum(g.calls for g in guards(srv)) or srv.plane.memory.used) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(g.calls for g in guards(srv)) == 0 and srv.plane.memory.used == 0
+
+
 # --- idle and old connections ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("limit", ["grpc_idle_s", "grpc_max_age_s"])
 def test_idle_and_old_connections_are_closed(tiny_family_repo, limit):

@@ -47,13 +47,10 @@ class Guard(grpc.aio.ServerInterceptor):
             return handler  # unknown method (grpc answers UNIMPLEMENTED), or not one this guard knows how to read
         method = details.method.rsplit("/", 1)[-1]
         health = method in self.health_paths
-        error: ApiError | None = None
         try:
             self.keys.check(details.invocation_metadata, self.health_paths.get(method))
         except ApiError as exc:
-            error = exc
-        if error is not None:
-            return _refusal(error, handler)
+            return _refusal(exc, handler)
         return self._guarded(handler, HEALTH_READ_S if health else self.plane.settings.body_timeout_s, not health)
 
     def _guarded(self, handler: grpc.RpcMethodHandler, read_s: float, counted: bool) -> grpc.RpcMethodHandler:
@@ -73,7 +70,10 @@ class Guard(grpc.aio.ServerInterceptor):
                     charged = 2 * len(raw)
                 except ApiError as exc:
                     await abort_with(context, exc)
-                request = parse(raw) if parse is not None else raw
+                try:
+                    request = parse(raw) if parse is not None else raw
+                except Exception:  # noqa: BLE001 - protobuf's DecodeError, or worse: the client's fault either way
+                    await abort_with(context, BadRequest("the message is not a valid protobuf message for this RPC"))
                 del raw
                 memory.give(charged // 2)  # the bytes are gone; the parsed message stays charged
                 charged //= 2
@@ -91,7 +91,11 @@ async def _read_within(context: grpc.aio.ServicerContext, read_s: float) -> byte
     """The call's one message (raw bytes), or the call ended: DEADLINE_EXCEEDED when it is not all there within
     read_s, INVALID_ARGUMENT when the client closed without one."""
     read = asyncio.ensure_future(context.read())
-    done, _ = await asyncio.wait({read}, timeout=read_s)
+    try:
+        done, _ = await asyncio.wait({read}, timeout=read_s)
+    except asyncio.CancelledError:  # the call was cancelled (the client went away): the read goes with it
+        read.cancel()
+        raise
     if not done:
         # Ending the call cancels its pending read in grpc core; that read then ends without a message.
         try:
