@@ -120,7 +120,7 @@ class Supervisor:
             holders = [hold_port(self.host, self.port)]
             self.port = holders[0].getsockname()[1]
             if s.grpc_port:
-                holders.append(hold_port(self.host, s.grpc_port))
+                holders.append(hold_port(s.grpc_host or self.host, s.grpc_port))
         except OSError as exc:
             log.error("cannot listen on %s: %s", self.host, exc)
             return 1

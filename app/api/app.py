@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
             app.state.json_worker = JsonWorker()  # big /v2 JSON bodies, parsed outside this process's GIL
             stack.callback(app.state.json_worker.close)
             grpc_server = None
-            if settings.grpc_port:  # the V2 protocol over gRPC, on the HTTP server's interface (app/api/grpc)
+            if settings.grpc_port:  # the V2 protocol over gRPC, on EFFNET_GRPC_HOST or HTTP's interface (app/api/grpc)
                 from app.api.grpc.server import start_grpc
 
                 grpc_server = app.state.grpc = await start_grpc(

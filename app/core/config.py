@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     # gRPC's own bind address; unset: the HTTP host. gRPC has no per-route exemptions, so an operator may
     # want it on a private interface while HTTP faces the load balancer.
     grpc_host: str | None = None
+    # gRPC streams (calls) one connection may hold open at once; more are refused (grpc.max_concurrent_streams).
+    grpc_max_streams: int = Field(default=100, ge=1, le=65536)
+    # A gRPC connection with no call for this long is closed; any connection is closed at this age (clients reconnect).
+    grpc_idle_s: float = Field(default=300.0, gt=0)
+    grpc_max_age_s: float = Field(default=1800.0, gt=0)
     # TLS for both protocols (PEM files); both or neither. Unset: plaintext (terminate TLS in front).
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -23,8 +23,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.api.grpc.status import KeyCheck, rpc
-from app.api.grpc.tensors import encode_response, parse_request, payload_bytes
+from app.api.grpc.status import rpc
+from app.api.grpc.tensors import encode_response, parse_request
 from app.api.v2.codec import ProtocolError
 from app.api.v2.descriptions import find_entry, metadata, model_config, server_metadata
 from app.engine.facade import Plane
@@ -34,7 +34,11 @@ from app.engine.registry import valid_name
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: Plane) -> None:
         self.plane = plane
-        self.keys = KeyCheck(plane.settings)
+
+    @classmethod
+    def health_paths(cls) -> dict[str, str]:
+        """The RPCs that follow an HTTP path's key exemption (the probes), and that path."""
+        return {name: m.http_path for name, m in vars(cls).items() if getattr(m, "http_path", None)}
 
     # --- health and descriptions ---------------------------------------------------------
     @rpc("/v2/health/live", while_draining=True)
@@ -76,24 +80,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         arrived = loop.time()
         entry = find_entry(plane, request.model_name, request.model_version)
         timeout_s = context.time_remaining()  # the client's deadline, if it set one: it can only shorten ours
-        charged = 0
-        try:
-            async with plane.open(entry, arrived, None if timeout_s is None else max(0.0, timeout_s)) as call:
-                # The message is in memory already (at most EFFNET_MAX_BODY_MB): held like an HTTP body.
-                size = payload_bytes(request)
-                plane.memory.take(size, "request bodies")
-                charged = size
-                manifest = call.view.manifest  # the version admitted
-                # Off the event loop: typed contents are converted value by value.
-                parsed = await loop.run_in_executor(
-                    plane.decode_pool, parse_request, request, manifest, plane.settings.max_queue)
-                if parsed.tensors is not None:
-                    results = await call.tensors(parsed.tensors)
-                else:
-                    results = await call.images(parsed.images)
-        finally:
-            if charged:
-                plane.memory.give(charged)
+        # The message is charged to the memory budget already, for the whole call (interceptors.Guard).
+        async with plane.open(entry, arrived, None if timeout_s is None else max(0.0, timeout_s)) as call:
+            manifest = call.view.manifest  # the version admitted
+            # Off the event loop: typed contents are converted value by value.
+            parsed = await loop.run_in_executor(
+                plane.decode_pool, parse_request, request, manifest, plane.settings.max_queue)
+            if parsed.tensors is not None:
+                results = await call.tensors(parsed.tensors)
+            else:
+                results = await call.images(parsed.images)
         logits = np.stack([r.logits for r in results])
         probs = np.stack([r.probs for r in results])
         return await loop.run_in_executor(

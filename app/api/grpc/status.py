@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -71,27 +71,33 @@ class KeyCheck:
         self.key = settings.api_key.get_secret_value().encode() if settings.api_key is not None else None
         self.exempt = exempt_prefixes(settings.api_key_exempt)
 
-    def check(self, context: grpc.aio.ServicerContext, path: str | None) -> None:
+    def check(self, metadata: Sequence[tuple[str, str | bytes]] | None, path: str | None) -> None:
+        """`metadata`: the call's invocation metadata (its headers: read before any message)."""
         if self.key is None or (path is not None and is_exempt(path, self.exempt)):
             return
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        given = presented_key(metadata)
+        given = presented_key({k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)})
         if given is None or not hmac.compare_digest(given.encode(), self.key):
             raise Unauthenticated("missing or wrong API key")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: ApiError) -> None:
+    """End the call with err's status code; a 503's Retry-After as trailing metadata. Raises AbortError."""
+    trailing = (("retry-after", err.headers["Retry-After"]),) if "Retry-After" in err.headers else ()
+    await context.abort(code_for(err.status), err.message, trailing_metadata=trailing)
 
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def rpc(path: str | None = None, *, while_draining: bool = False) -> Callable[[Handler], Handler]:
-    """Wrap a servicer method: the API key first (`path`: the HTTP path whose exemption applies), then
-    refusal while the server drains (unless `while_draining`), and every error as a status code."""
+    """Wrap a servicer method: refusal while the server drains (unless `while_draining`), and every error as
+    a status code. `path`: the HTTP path whose key exemption the method follows (the key itself is checked
+    before the message is read: interceptors.Guard)."""
 
     def wrap(method: Handler) -> Handler:
         @functools.wraps(method)
         async def handler(self, request, context: grpc.aio.ServicerContext):
             try:
-                self.keys.check(context, path)
                 if self.plane.draining and not while_draining:
                     raise ShuttingDown("the server is shutting down", retry_after=5)
                 return await method(self, request, context)
@@ -99,9 +105,9 @@ def rpc(path: str | None = None, *, while_draining: bool = False) -> Callable[[H
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a traceback
                 err = as_api_error(exc)
-            trailing = (("retry-after", err.headers["Retry-After"]),) if "Retry-After" in err.headers else ()
-            await context.abort(code_for(err.status), err.message, trailing_metadata=trailing)
+            await abort_with(context, err)
 
+        handler.http_path = path  # type: ignore[attr-defined]
         return handler
 
     return wrap

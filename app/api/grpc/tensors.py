@@ -36,12 +36,6 @@ def parameter(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind is not None else None
 
 
-def payload_bytes(request: pb.ModelInferRequest) -> int:
-    """About what the request's tensors hold in memory (cheaper than ByteSize on typed contents)."""
-    typed = sum(4 * len(t.contents.fp32_contents) + sum(map(len, t.contents.bytes_contents)) for t in request.inputs)
-    return typed + sum(map(len, request.raw_input_contents))
-
-
 def parse_request(request: pb.ModelInferRequest, manifest: Manifest, max_images: int) -> Parsed:
     if len(request.inputs) != 1:
         raise ProtocolError(400, f"model {manifest.name!r} takes exactly one input")
