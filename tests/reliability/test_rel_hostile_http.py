@@ -1,0 +1,140 @@
+"""Hostile clients at the HTTP front door (issue 21, slice A), each against a running server.
+
+* Request heads: a head past EFFNET_MAX_HEADER_KB gets 431 and the connection closes (an endless one is cut
+  off); one that trickles gets 408 after EFFNET_HEADER_TIMEOUT_S, a silent socket is closed, an idle
+  keep-alive one too after EFFNET_KEEPALIVE_S. Sockets between requests (opening, sending headers, idle) do
+  not count against EFFNET_MAX_CONNECTIONS: a crowd of them leaves the liveness probe answered, and they
+  are bounded apart (the longest waiting closed first).
+
+The head tests run the real `effnet serve` (app/api/server.py's uvicorn config), with EFFNET_WORKERS set
+from EFFNET_TEST_WORKERS so that both serve() and serve_worker() are covered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import select
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prerequisites import require_tool
+from raw_http import HeldUpload, close_all, until
+from reliability_helpers import ServerProcess, check_error, read_response, record, server_process
+from serving_helpers import TEST_WORKERS, make_live_server
+
+from app.core.config import Settings
+
+GENERATED = re.compile(r"^[0-9a-f]{32}$")
+LIVE = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+PARTIAL_HEAD = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: "
+
+
+def _env(tiny_repo: Path, **extra: str) -> dict[str, str]:
+    return {"EFFNET_REPOSITORY": str(tiny_repo), "EFFNET_MODELS": "tiny", "EFFNET_DEFAULT_MODEL": "tiny",
+            "EFFNET_WORKERS": str(TEST_WORKERS), **extra}
+
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server has closed this socket (looked at, not waited for); unread data is read past."""
+    try:
+        while select.select([sock], [], [], 0)[0]:
+            if not sock.recv(65536):
+                return True
+    except OSError:  # reset
+        return True
+    return False
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _closed(sock):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- request heads ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def crowded(tiny_repo: Path, tmp_path_factory) -> Iterator[ServerProcess]:
+    """A server with room for 16 requests in progress, and long head and keep-alive timeouts (so what the
+    tests see is the count, not a timeout)."""
+    env = _env(tiny_repo, EFFNET_MAX_CONNECTIONS="16", EFFNET_HEADER_TIMEOUT_S="120", EFFNET_KEEPALIVE_S="120")
+    with server_process(env, tmp_path_factory.mktemp("crowded") / "server.log") as srv:
+        yield srv
+
+
+def test_an_oversized_head_gets_431_and_an_endless_one_is_cut_off(crowded):
+    with _connect(crowded.port) as s:
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)  # never ends
+        status, headers, body = read_response(s, 30)
+        assert status == 431 and headers.get("connection") == "close"
+        assert check_error(status, headers, body)["code"] == "request_header_too_large"
+        assert _closed_within(s, 30)
+    # 32 MB of one header that never ends: the server stops reading and closes long before the end.
+    sent = 0
+    with _connect(crowded.port) as s, pytest.raises(OSError):
+        while sent < 32 << 20:
+            s.sendall(b"b" * 65536 if sent else b"GET / HTTP/1.1\r\nX-Big: ")
+            sent += 65536
+    record("hostile", endless_head_cut_off_after_mb=round(sent / 2**20, 1))
+    assert httpx.get(crowded.url + "/health/live", timeout=30).status_code == 200
+
+
+def test_sockets_between_requests_neither_starve_the_probe_nor_pile_up(crowded):
+    heading, idle = [], []
+    try:
+        for _ in range(24):  # still sending their headers
+            s = _connect(crowded.port)
+            s.sendall(PARTIAL_HEAD)
+            heading.append(s)
+        for _ in range(24):  # one request answered, then idle on keep-alive
+            s = _connect(crowded.port)
+            s.sendall(LIVE)
+            assert read_response(s, 30)[0] == 200
+            idle.append(s)
+        # 48 open sockets, three times EFFNET_MAX_CONNECTIONS: none of them has a request in progress.
+        probes = [httpx.get(crowded.url + "/health/live", timeout=30).status_code for _ in range(5)]
+        assert probes == [200] * 5
+        # Between requests, at most EFFNET_MAX_CONNECTIONS a process are kept: the longest waiting went first.
+        room = 16 * TEST_WORKERS
+        until(lambda: sum(_closed(s) for s in heading + idle) >= 48 - room, 30, "the oldest waiting sockets closed")
+        assert not any(_closed(s) for s in idle[-3:])  # the newest stay
+    finally:
+        for s in heading + idle:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_repo: Path, tmp_path_factory) -> Iterator[ServerProcess]:
+    env = _env(tiny_repo, EFFNET_HEADER_TIMEOUT_S="2", EFFNET_KEEPALIVE_S="2")
+    with server_process(env, tmp_path_factory.mktemp("impatient") / "server.log") as srv:
+        yield srv
+
+
+def test_slow_silent_and_idle_sockets_are_timed_out(impatient):
+    bound = 30.0  # "timed out at all", whatever the machine's speed: the timeouts are 2 s
+    with _connect(impatient.port) as trickling, _connect(impatient.port) as silent, _connect(impatient.port) as idle:
+        idle.sendall(LIVE)
+        assert read_response(idle, 30)[0] == 200
+        trickling.sendall(b"GET /health/live HTTP/1.1\r\n")
+        deadline = time.monotonic() + bound
+        while not select.select([trickling], [], [], 0.5)[0]:  # a header byte every half second
+            assert time.monotonic() < deadline, "a trickling head was never timed out"
+            trickling.sendall(b"x")
+        status, headers, body = read_response(trickling, 30)
+        assert status == 408 and headers.get("connection") == "close"
+        assert check_error(status, headers, body)["code"] == "request_timeout"
+        assert _closed_within(silent, bound), "a socket that never sent a byte was kept"
+        assert _closed_within(idle, bound), "an idle keep-alive socket was kept"
