@@ -5,6 +5,8 @@
   keep-alive one too after EFFNET_KEEPALIVE_S. Sockets between requests (opening, sending headers, idle) do
   not count against EFFNET_MAX_CONNECTIONS: a crowd of them leaves the liveness probe answered, and they
   are bounded apart (the longest waiting closed first).
+* /v2/repository/* bodies go through the bounded body reader: 413 past the limit (declared or streamed),
+  408 for a stalled one, in every control mode and before the 403 of load/unload.
 
 The head tests run the real `effnet serve` (app/api/server.py's uvicorn config), with EFFNET_WORKERS set
 from EFFNET_TEST_WORKERS so that both serve() and serve_worker() are covered.
@@ -138,3 +140,48 @@ def test_slow_silent_and_idle_sockets_are_timed_out(impatient):
         assert check_error(status, headers, body)["code"] == "request_timeout"
         assert _closed_within(silent, bound), "a socket that never sent a byte was kept"
         assert _closed_within(idle, bound), "an idle keep-alive socket was kept"
+
+
+# --- /v2/repository bodies ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_bodies(tiny_repo: Path):
+    settings = Settings(repository=tiny_repo, models=["tiny"], default_model="tiny", threads=1, grpc_port=0,
+                        max_body_mb=1, body_timeout_s=3)
+    srv = make_live_server(settings).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        close_all()
+
+
+def _v2_error(r: httpx.Response) -> str:
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    return body["error"]
+
+
+@pytest.mark.parametrize("path", ["/v2/repository/index", "/v2/repository/models/tiny/load"])
+def test_repository_bodies_are_read_within_bounds(small_bodies, path):
+    url = small_bodies.url + path
+    big = b" " * (4 << 20)  # four times EFFNET_MAX_BODY_MB, declared
+    r = httpx.post(url, content=big, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.headers.get("connection") == "close", r.text
+    _v2_error(r)
+
+    def streamed():  # the same, chunked: known to be too big only as it arrives
+        for _ in range(64):
+            yield b" " * 65536
+
+    r = httpx.post(url, content=streamed(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    r = httpx.post(url, content=b" " * (100 << 10), timeout=60)  # under the body limit, far over this API's
+    assert r.status_code == 413, r.text
+    # Stalled: 408 within the body timeout, before the control mode's 403 (load) or the index.
+    held = HeldUpload(small_bodies.port, path, b"{}" + b" " * 998, 10, content_type="application/json")
+    status, headers, body = held.answer(timeout=30)
+    assert status == 408 and headers.get("connection") == "close", body
+    until(lambda: small_bodies.plane.memory.used == 0, 30, "every body's bytes given back")
+    # What the routes are for still works.
+    assert httpx.post(small_bodies.url + "/v2/repository/index", json={"ready": True}, timeout=30).status_code == 200
+    assert httpx.post(small_bodies.url + "/v2/repository/models/tiny/load", timeout=30).status_code == 403
