@@ -7,6 +7,7 @@
   are bounded apart (the longest waiting closed first).
 * /v2/repository/* bodies go through the bounded body reader: 413 past the limit (declared or streamed),
   408 for a stalled one, in every control mode and before the 403 of load/unload.
+* The access log: a request id or a path cannot forge fields or lines.
 
 The head tests run the real `effnet serve` (app/api/server.py's uvicorn config), with EFFNET_WORKERS set
 from EFFNET_TEST_WORKERS so that both serve() and serve_worker() are covered.
@@ -142,7 +143,7 @@ def test_slow_silent_and_idle_sockets_are_timed_out(impatient):
         assert _closed_within(idle, bound), "an idle keep-alive socket was kept"
 
 
-# --- /v2/repository bodies ---------------------------------------------------------------------
+# --- /v2/repository bodies, the access log ----------------------------------------------------
 @pytest.fixture(scope="module")
 def small_bodies(tiny_repo: Path):
     settings = Settings(repository=tiny_repo, models=["tiny"], default_model="tiny", threads=1, grpc_port=0,
@@ -185,3 +186,21 @@ def test_repository_bodies_are_read_within_bounds(small_bodies, path):
     # What the routes are for still works.
     assert httpx.post(small_bodies.url + "/v2/repository/index", json={"ready": True}, timeout=30).status_code == 200
     assert httpx.post(small_bodies.url + "/v2/repository/models/tiny/load", timeout=30).status_code == 403
+
+
+def test_the_access_log_cannot_be_forged(small_bodies, caplog):
+    caplog.set_level(logging.INFO, logger="effnet.access")
+    r = httpx.get(small_bodies.url + "/health/live", headers={"X-Request-Id": "abc status=200 model=b7"}, timeout=30)
+    assert r.status_code == 200 and GENERATED.match(r.headers["x-request-id"])  # replaced, not echoed
+    rid = r.headers["x-request-id"]
+    r = httpx.get(small_bodies.url + "/status=500%20model=b7", headers={"X-Request-Id": "path-1"}, timeout=30)
+    assert r.status_code == 404 and r.headers["x-request-id"] == "path-1"
+
+    def ours() -> list[str]:  # the server logs from its own thread: polled
+        return [m for m in caplog.messages if m.endswith((f"id={rid}", "id=path-1"))]
+
+    until(lambda: len(ours()) == 2, 30, "both access lines")
+    lines = ours()
+    for line in lines:  # one `status=` and one `model=` each, the server's own
+        assert line.count("status=") == 1 and line.count("model=") == 1 and "\n" not in line, line
+    assert any(line.startswith("GET /status%3D500%20model%3Db7 model=- status=404 ") for line in lines), lines
