@@ -89,6 +89,9 @@ def shared_socket(host: str, port: int) -> socket.socket:
 
 
 def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    tls: dict[str, Any] = {}
+    if settings.tls_cert is not None and settings.tls_key is not None:  # HTTPS (gRPC uses the same files)
+        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
     return uvicorn.Config(
         app, host=host, port=port, workers=1, timeout_graceful_shutdown=settings.drain_s,
         log_level="info", access_log=False, lifespan="on",
@@ -97,6 +100,7 @@ def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.C
         limit_concurrency=settings.max_connections,
         http=bounded_http(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections),
         timeout_keep_alive=settings.keepalive_s,  # type: ignore[arg-type]  # uvicorn's call_later takes a float
+        **tls,
     )
 
 

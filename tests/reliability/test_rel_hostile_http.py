@@ -8,6 +8,7 @@
 * /v2/repository/* bodies go through the bounded body reader: 413 past the limit (declared or streamed),
   408 for a stalled one, in every control mode and before the 403 of load/unload.
 * The access log: a request id or a path cannot forge fields or lines.
+* TLS: with EFFNET_TLS_CERT/KEY the HTTP port speaks HTTPS only.
 
 The head tests run the real `effnet serve` (app/api/server.py's uvicorn config), with EFFNET_WORKERS set
 from EFFNET_TEST_WORKERS so that both serve() and serve_worker() are covered.
@@ -204,3 +205,25 @@ def test_the_access_log_cannot_be_forged(small_bodies, caplog):
     for line in lines:  # one `status=` and one `model=` each, the server's own
         assert line.count("status=") == 1 and line.count("model=") == 1 and "\n" not in line, line
     assert any(line.startswith("GET /status%3D500%20model%3Db7 model=- status=404 ") for line in lines), lines
+
+
+# --- TLS --------------------------------------------------------------------------------------
+def test_tls_serves_https_and_refuses_plaintext(tiny_repo, tmp_path, monkeypatch):
+    openssl = require_tool("openssl", "apt-get install openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the start-up poll's httpx trusts the test's own CA
+    srv = ServerProcess(_env(tiny_repo, EFFNET_TLS_CERT=str(cert), EFFNET_TLS_KEY=str(key)), tmp_path / "server.log")
+    srv.url = f"https://127.0.0.1:{srv.port}"
+    srv.start(timeout=90)
+    try:
+        ca = ssl.create_default_context(cafile=str(cert))
+        r = httpx.get(srv.url + "/health/live", verify=ca, timeout=30)
+        assert r.status_code == 200 and r.url.scheme == "https"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{srv.port}/health/live", timeout=30)
+        assert httpx.get(srv.url + "/health/live", verify=ca, timeout=30).status_code == 200  # still serving
+    finally:
+        assert srv.stop() == 0
