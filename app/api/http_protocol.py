@@ -1,4 +1,4 @@
-"""uvicorn's HTTP/1.1 protocol (httptools) with the bounds it lacks before a request begins.
+"""uvicorn's HTTP/1.1 protocol (httptools) with the bounds it lacks outside a route's body reader.
 
 uvicorn reads a request's line and headers with no size cap and no time limit, and counts a connection
 against limit_concurrency (EFFNET_MAX_CONNECTIONS) from the moment it opens: sockets that trickle headers,
@@ -9,6 +9,9 @@ a 503, the liveness probe's included. Here:
 * Time: they must be in within EFFNET_HEADER_TIMEOUT_S of the connection opening (first request) or of the
   request's first byte (later ones); otherwise 408 and close, or just close if nothing came. The idle time
   between requests is uvicorn's keep-alive timeout (EFFNET_KEEPALIVE_S).
+* After the head: chunked trailers get the head's size cap (httptools keeps each one whole until it ends),
+  and the rest of a body nobody reads, once the answer is out, the head's time (while a route reads a body,
+  app/api/body.py bounds it).
 * Count: a connection counts against EFFNET_MAX_CONNECTIONS only while it has a request in progress. One
   between requests (just opened, idle, or still sending headers) is counted apart, at most as many again per
   process; a new one beyond that closes the one that has waited longest, so a crowd of slow sockets cannot
@@ -60,6 +63,7 @@ class BoundedHttp(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True  # the next bytes belong to a request's line and headers
         self._head_bytes = 0
+        self._gap = 0  # bytes since the last body byte, once the head is in: chunk framing, or trailers
         self._header_timer: asyncio.TimerHandle | None = None
 
     # --- counted or waiting -------------------------------------------------------------
@@ -91,7 +95,11 @@ class BoundedHttp(HttpToolsProtocol):
         # what follows (a body, the next request) goes on as usual.
         while data and not self.transport.is_closing():
             if not self._in_head:
-                super().data_received(data)
+                self._gap += len(data)
+                super().data_received(data)  # on_body sets _gap back to 0
+                if self._gap > self.max_header_bytes and not self._in_head:  # httptools buffers trailers whole
+                    self._refuse(431, "request_header_too_large",
+                                 f"the request's trailers exceed {self.max_header_bytes} bytes")
                 return
             room = self.max_header_bytes - self._head_bytes
             if room <= 0:
@@ -107,19 +115,26 @@ class BoundedHttp(HttpToolsProtocol):
         self._arm()  # a later request: timed from its first byte (the idle time before is keep-alive's)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head, self._gap = False, 0
         self._disarm()
         self._count()  # before uvicorn's limit_concurrency check, which counts this connection
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self._gap = 0
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._disarm()
         self._in_head, self._head_bytes = True, 0
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self._busy():  # no pipelined request started
             self._wait()
+            if not self._in_head:  # answered, and the request's body still coming: nobody reads it, it gets
+                self._arm()  # the head's time to end (uvicorn would take it for ever, byte by byte)
 
     # --- timeouts and refusals ----------------------------------------------------------
     def _arm(self) -> None:
@@ -135,7 +150,7 @@ class BoundedHttp(HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        if self._head_bytes:
+        if self._in_head and self._head_bytes:
             self._refuse(408, "request_timeout",
                          f"the request headers did not arrive within {self.header_timeout_s:g} s")
         else:  # nothing was asked: nothing to answer

@@ -1,8 +1,9 @@
 """Hostile clients at the HTTP front door (issue 21, slice A), each against a running server.
 
 * Request heads: a head past EFFNET_MAX_HEADER_KB gets 431 and the connection closes (an endless one is cut
-  off); one that trickles gets 408 after EFFNET_HEADER_TIMEOUT_S, a silent socket is closed, an idle
-  keep-alive one too after EFFNET_KEEPALIVE_S. Sockets between requests (opening, sending headers, idle) do
+  off, endless chunked trailers too); one that trickles gets 408 after EFFNET_HEADER_TIMEOUT_S, a silent
+  socket is closed, an idle keep-alive one too after EFFNET_KEEPALIVE_S, and one that goes on sending a
+  body nobody reads after the head's time. Sockets between requests (opening, sending headers, idle) do
   not count against EFFNET_MAX_CONNECTIONS: a crowd of them leaves the liveness probe answered, and they
   are bounded apart (the longest waiting closed first).
 * /v2/repository/* bodies go through the bounded body reader: 413 past the limit (declared or streamed),
@@ -96,6 +97,18 @@ def test_an_oversized_head_gets_431_and_an_endless_one_is_cut_off(crowded):
     assert httpx.get(crowded.url + "/health/live", timeout=30).status_code == 200
 
 
+def test_endless_chunked_trailers_are_cut_off(crowded):
+    # The body is over (its last, empty chunk), then one trailer field that never ends: httptools would keep
+    # it whole, and the answer to /health/live went out long ago.
+    sent = 0
+    with _connect(crowded.port) as s, pytest.raises(OSError):
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: ")
+        while sent < 32 << 20:
+            s.sendall(b"t" * 65536)
+            sent += 65536
+    record("hostile", endless_trailer_cut_off_after_mb=round(sent / 2**20, 1))
+
+
 def test_sockets_between_requests_neither_starve_the_probe_nor_pile_up(crowded):
     heading, idle = [], []
     try:
@@ -142,6 +155,22 @@ def test_slow_silent_and_idle_sockets_are_timed_out(impatient):
         assert check_error(status, headers, body)["code"] == "request_timeout"
         assert _closed_within(silent, bound), "a socket that never sent a byte was kept"
         assert _closed_within(idle, bound), "an idle keep-alive socket was kept"
+
+
+def test_a_body_nobody_reads_is_not_taken_for_ever(impatient):
+    """/health/live answers without reading the body; a client that goes on sending it, a chunk at a time,
+    is closed on after the head's time rather than read from for ever."""
+    with _connect(impatient.port) as s:
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
+        assert read_response(s, 30)[0] == 200
+        deadline = time.monotonic() + 30
+        try:
+            while not _closed(s):
+                assert time.monotonic() < deadline, "a body nobody reads was taken for ever"
+                s.sendall(b"1\r\nx\r\n")
+                time.sleep(0.25)
+        except OSError:  # reset while sending: closed too
+            pass
 
 
 # --- /v2/repository bodies, the access log ----------------------------------------------------
