@@ -26,6 +26,9 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+# After a refusal, the most a connection is kept, and the most it reads, to drop what the client still sends.
+LINGER_S, LINGER_BYTES = 2.0, 1 << 20
+
 
 class Waiting:
     """One server's connections that are between requests, the longest waiting first."""
@@ -65,6 +68,8 @@ class BoundedHttp(HttpToolsProtocol):
         self._head_bytes = 0
         self._gap = 0  # bytes since the last body byte, once the head is in: chunk framing, or trailers
         self._header_timer: asyncio.TimerHandle | None = None
+        self._lingering = False  # refused: what still comes is dropped until the close
+        self._dropped = 0
 
     # --- counted or waiting -------------------------------------------------------------
     def _wait(self) -> None:
@@ -93,13 +98,17 @@ class BoundedHttp(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # Only the head's share of each read is fed while the cap has room: if the head ends within it,
         # what follows (a body, the next request) goes on as usual.
+        if self._lingering:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
         while data and not self.transport.is_closing():
             if not self._in_head:
                 self._gap += len(data)
                 super().data_received(data)  # on_body sets _gap back to 0
                 if self._gap > self.max_header_bytes and not self._in_head:  # httptools buffers trailers whole
-                    self._refuse(431, "request_header_too_large",
-                                 f"the request's trailers exceed {self.max_header_bytes} bytes")
+                    self.transport.close()  # the request is answered, or its route is waiting: nobody to tell
                 return
             room = self.max_header_bytes - self._head_bytes
             if room <= 0:
@@ -128,6 +137,8 @@ class BoundedHttp(HttpToolsProtocol):
         super().on_message_complete()
         self._disarm()
         self._in_head, self._head_bytes = True, 0
+        if not self._busy():  # the end of a body read by nobody, which put off uvicorn's keep-alive timer:
+            self._arm()  # the next request is timed from here
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -160,12 +171,21 @@ class BoundedHttp(HttpToolsProtocol):
         """Answer `status` with the JSON API's error body and close; just close when a response of an
         earlier (pipelined) request is still being written, as the two would interleave."""
         self._disarm()
-        if not self._busy():
-            body = orjson.dumps({"error": {"code": code, "message": message}})
-            self.transport.write(b"".join([
-                STATUS_LINE[status], b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]))
-        self.transport.close()
+        if self._busy():
+            self.transport.close()
+            return
+        body = orjson.dumps({"error": {"code": code, "message": message}})
+        self.transport.write(b"".join([
+            STATUS_LINE[status], b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body]))
+        # A lingering close, as nginx's: closed at once on a client that is still sending, the socket would
+        # answer its next bytes with a reset, which can destroy the answer before the client reads it. So
+        # the answer and a FIN go out, what still comes is dropped, and the close follows the client's
+        # own, or LINGER_S, or LINGER_BYTES dropped.
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def bounded_http(max_header_bytes: int, header_timeout_s: float, max_waiting: int) -> type[BoundedHttp]:

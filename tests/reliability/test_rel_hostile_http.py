@@ -171,6 +171,11 @@ def test_a_body_nobody_reads_is_not_taken_for_ever(impatient):
                 time.sleep(0.25)
         except OSError:  # reset while sending: closed too
             pass
+    with _connect(impatient.port) as s:  # the same body, ended after the answer: then idle, and timed out so
+        s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
+        assert read_response(s, 30)[0] == 200
+        s.sendall(b"0\r\n\r\n")
+        assert _closed_within(s, 30), "idle after a body nobody read, and kept"
 
 
 # --- /v2/repository bodies, the access log ----------------------------------------------------
