@@ -164,7 +164,7 @@ class BoundedHttp(HttpToolsProtocol):
         if self._in_head and self._head_bytes:
             self._refuse(408, "request_timeout",
                          f"the request headers did not arrive within {self.header_timeout_s:g} s")
-        else:  # nothing was asked: nothing to answer
+        else:  # nothing was asked, or it was answered already: nothing to say
             self.transport.close()
 
     def _refuse(self, status: int, code: str, message: str) -> None:
