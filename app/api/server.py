@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.api.app import create_app
+from app.api.http_protocol import bounded_http
 from app.core.config import Settings
 from app.core.malloc import tune_malloc
 
@@ -88,11 +89,18 @@ def shared_socket(host: str, port: int) -> socket.socket:
 
 
 def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    tls: dict[str, Any] = {}
+    if settings.tls_cert is not None and settings.tls_key is not None:  # HTTPS (gRPC uses the same files)
+        tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
     return uvicorn.Config(
         app, host=host, port=port, workers=1, timeout_graceful_shutdown=settings.drain_s,
         log_level="info", access_log=False, lifespan="on",
-        # Open connections + requests: beyond this, new requests get uvicorn's 503 at once.
+        # Requests in progress: beyond this, new requests get uvicorn's 503 at once. Connections between
+        # requests (opening, idle, sending headers) are bounded apart (app/api/http_protocol.py).
         limit_concurrency=settings.max_connections,
+        http=bounded_http(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections),
+        timeout_keep_alive=settings.keepalive_s,  # type: ignore[arg-type]  # uvicorn's call_later takes a float
+        **tls,
     )
 
 
@@ -122,4 +130,7 @@ class DrainingServer(uvicorn.Server):
         client cannot tell from a failure mid-request. With several workers the supervisor's signal reaches
         them a little after clients were told to go away, so some connections are always in flight."""
         await asyncio.sleep(LINGER_S)
+        waiting = getattr(self.config.http, "waiting", None)
+        if waiting is not None:  # connections between requests, uncounted till now: closed with the idle ones
+            waiting.hand_over(self.server_state.connections)
         await super().shutdown(sockets)

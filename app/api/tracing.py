@@ -4,14 +4,16 @@ The outermost middleware of the app (app/api/app.py), so that refusals made furt
 401, the admission gate's 503, a CORS preflight) are covered like answers. A pure ASGI middleware: it
 runs for every request, refusals under a retry storm included, and costs only what it does.
 
-* `X-Request-Id` on every answer: the client's own when it is printable ASCII of at most 128 characters,
-  else 32 new random hex digits. The id is in `scope["state"]["request_id"]` (request.state.request_id) and in
-  app.core.tracing for the rest of the request.
+* `X-Request-Id` on every answer: the client's own when it is 1..128 characters of letters, digits and
+  `-_.:/+@` (a UUID, a W3C or B3 trace id), else 32 new random hex digits. No blank, `=`, quote or control
+  character: the id is logged as one `id=` field, and one with a space could forge others. The id is in
+  `scope["state"]["request_id"]` (request.state.request_id) and in app.core.tracing for the rest of the request.
 * One line per request on the `effnet.access` logger (EFFNET_ACCESS_LOG=false turns it off):
 
       POST /classify model=b0 status=200 images=2 ms=14.2 id=5f0c...
 
-  `model` is a loaded model's name, `auto`, `cascade` or `-`: never a string the client made up.
+  Nothing the client wrote is logged as sent: the method is one httptools knows, the path is percent-encoded
+  again (`_loggable`), `model` is a loaded model's name, `auto`, `cascade` or `-`, and the id is as above.
   `images` is `-` until the data plane has seen the request's images.
 * With a span sink (app/api/otel.py) a `request` span, parent of the body, decode, queue, inference and
   answer spans opened further in, with the request id, model, version, image count and status.
@@ -35,14 +37,16 @@ log = logging.getLogger("effnet.access")
 
 HEADER = b"x-request-id"
 MAX_ID_CHARS = 128
+SAFE_ID = re.compile(rb"[A-Za-z0-9._:/+@-]{1,%d}" % MAX_ID_CHARS)
 MAX_LOGGED_PATH = 256
+PATH_SAFE = "/:@!$&'()*+,;~"  # RFC 3986's path characters less "=": no `key=value` can appear in the path field
 # Paths that name a model: /models/{m}, /v2/models/{m}/..., /v2/repository/models/{m}/...
 MODEL_PATH = re.compile(r"^/(?:v2/(?:repository/)?)?models/([^/]+)")
 
 
 def client_request_id(raw: bytes | None) -> bytes | None:
-    """The client's id if it is fit to echo (printable ASCII, 1..128 characters), else None."""
-    if raw and len(raw) <= MAX_ID_CHARS and raw.isascii() and raw.decode("ascii").isprintable():
+    """The client's id if it is fit to echo and log (SAFE_ID: 1..128 of a safe alphabet), else None."""
+    if raw and SAFE_ID.fullmatch(raw):
         return raw
     return None
 
@@ -75,12 +79,10 @@ def model_of(scope: Scope) -> str:
 
 
 def _loggable(path: str) -> str:
-    """The path as one field without blanks: a client could put a newline in it to forge a line, or a
-    space to forge fields. Such paths are percent-encoded again, as the client had to send them."""
-    path = path[:MAX_LOGGED_PATH]
-    if path.isascii() and path.isprintable() and " " not in path:
-        return path
-    return quote(path, safe="/:@!$&'()*+,;=~")
+    """The path as one positional field: a client could put a newline in it to forge a line, a space to
+    forge fields, or `status=200` to forge a key a log parser looks for. Percent-encoded again, as the client
+    had to send it (an ordinary path comes back unchanged)."""
+    return quote(path[:MAX_LOGGED_PATH], safe=PATH_SAFE)
 
 
 class RequestTracing:

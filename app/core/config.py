@@ -69,8 +69,14 @@ class Settings(BaseSettings):
     admission_wait_ms: float | None = Field(default=None, ge=0, le=60_000)
     # Requests still sending their body, across models: generous, so slow uploads cannot lock others out.
     max_uploads: int = Field(default=1024, ge=1)
-    # uvicorn's bound on open connections + tasks; beyond it new requests get 503 at once.
+    # uvicorn's bound on connections with a request in progress (+ tasks); beyond it new requests get 503 at
+    # once. Connections between requests are bounded apart, as many again per process (app/api/http_protocol.py).
     max_connections: int = Field(default=2048, ge=1)
+    # A request's line and headers: at most this big (431 beyond) and in within HEADER_TIMEOUT_S (408).
+    max_header_kb: float = Field(default=32.0, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    # How long a connection may stay idle between requests (uvicorn's timeout_keep_alive).
+    keepalive_s: float = Field(default=5.0, gt=0)
     max_body_mb: float = Field(default=20.0, gt=0)
     # The whole body must arrive within this, and after the first second at least MIN_UPLOAD_KBPS.
     body_timeout_s: float = Field(default=15.0, gt=0)
@@ -205,6 +211,10 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_header_bytes(self) -> int:
+        return int(self.max_header_kb * 1024)
 
     @property
     def max_json_bytes(self) -> int:

@@ -171,7 +171,7 @@ REQUEST_REFUSED = [
         "Connection: close\r\n\r\n"), 400, json=False),
     Case("request_line_100k", lambda s: raw_request(
         s.port, f"POST /classify?model={'a' * 100_000} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
-        "Connection: close\r\n\r\n"), (404, 400), json=False),  # 400 if h11 sees it in pieces over 16 KiB
+        "Connection: close\r\n\r\n"), 431, "request_header_too_large"),  # over EFFNET_MAX_HEADER_KB
     Case("get_on_classify", lambda s: (lambda r: (r.status_code, dict(r.headers), r.content))(
         httpx.get(s.url + "/classify", timeout=30)), 405, "method_not_allowed"),
 ]

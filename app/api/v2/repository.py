@@ -17,10 +17,14 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.api.body import Upload
 from app.api.state import plane_of
 from app.api.v2.errors import V2_ERRORS
+from app.core.errors import ApiError, PayloadTooLarge
 from app.engine.control import ControlRefused
 from app.engine.registry import ControlError, valid_name
+
+MAX_BODY_BYTES = 64 * 1024  # {"ready": true} or {}: anything near this is not a request of this API
 
 router = APIRouter(prefix="/v2/repository", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)
 
@@ -30,22 +34,33 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
-    """The optional JSON body (tritonclient sends an empty one for index); None when it is not an object."""
-    raw = await request.body()
-    if not raw.strip():
-        return {}
-    if len(raw) > 64 * 1024:
-        return None
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return body if isinstance(body, dict) else None
+    """The optional JSON body (tritonclient sends an empty one for index); None when it is not an object.
+    Read like every other body (app/api/body.py: size, time and rate bounds, memory charged), and before
+    anything else is decided: a body nobody wants is still read within bounds, never without."""
+    async with Upload(request, plane_of(request)) as upload:  # the body stays charged while it is looked at
+        raw = await upload.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"the body is {len(raw)} bytes; the limit here is {MAX_BODY_BYTES}",
+                                  limit_bytes=MAX_BODY_BYTES)
+        if not raw.strip():
+            return {}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return body if isinstance(body, dict) else None
+
+
+def _refused(exc: ApiError) -> Response:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
 @router.post("/index", summary="Every model folder in the repository, with its state")
 async def index(request: Request) -> Response:
-    body = await _json_body(request)
+    try:
+        body = await _json_body(request)
+    except ApiError as exc:
+        return _refused(exc)
     if body is None or not isinstance(body.get("ready", False), bool):
         return _error(400, "the body must be empty or {\"ready\": true|false}")
     rows = await plane_of(request).index()
@@ -55,9 +70,13 @@ async def index(request: Request) -> Response:
 
 
 async def _control(request: Request, name: str, action: str) -> Response:
+    try:
+        body = await _json_body(request)
+    except ApiError as exc:
+        return _refused(exc)
     if not valid_name(name):
         return _error(400, "not a valid model name (lowercase letters, digits, '.', '_', '-')")
-    if await _json_body(request) is None:
+    if body is None:
         return _error(400, "the body must be empty or a JSON object")
     plane = plane_of(request)
     try:
