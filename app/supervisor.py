@@ -173,7 +173,7 @@ class Supervisor:
                 code = 1
                 break
             for i, w in list(self.workers.items()):
-                if not w.is_alive():
+                if not w.is_alive() and w.pid is not None:
                     shm.unlink(shm.segment_name(os.getpid(), w.pid))
                     if not self._may_restart():
                         log.error("workers keep dying (%d in a minute): stopping", len(self.restarts))

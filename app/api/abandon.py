@@ -50,7 +50,9 @@ class AbandonedRequests:
             await self.app(scope, receive, send)
             return
         continues = any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope.get("headers", ()))
-        watch = _Watch(receive, send, asyncio.current_task(), continues)
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app always runs in a task
+        watch = _Watch(receive, send, task, continues)
         try:
             await self.app(scope, watch.receive, watch.send)
         except asyncio.CancelledError:

@@ -27,6 +27,7 @@ from app.api.v2 import repository as v2_repository
 from app.api.v2 import routes as v2_routes
 from app.api.v2.json_worker import JsonWorker
 from app.core.config import Settings
+from app.engine.facade import Plane
 from app.engine.link.client import remote_plane
 from app.engine.runtime import running_plane
 
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         link = getattr(app.state, "engine_link", None)  # set in a worker process (app/supervisor.py)
         async with contextlib.AsyncExitStack() as stack:
+            plane: Plane
             if link is None:
                 plane = await stack.enter_async_context(running_plane(settings))
             else:

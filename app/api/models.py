@@ -31,7 +31,7 @@ def model_info(entry: ModelView) -> ModelInfo:
             weights_format=getattr(m.weights, "format", None), padding=getattr(m, "padding", None),
             precision=m.precision, derived_from=m.derived_from.name if m.derived_from else None,
         )
-    if entry.serving:
+    if entry.serving and entry.batch_sizes is not None:
         info.update(provider=entry.provider, max_batch=entry.max_batch, batch_sizes=list(entry.batch_sizes))
     return ModelInfo.model_validate(info)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
 from typing import Any
@@ -93,7 +94,7 @@ def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.C
     if settings.tls_cert is not None and settings.tls_key is not None:  # HTTPS (gRPC uses the same files)
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
     return uvicorn.Config(
-        app, host=host, port=port, workers=1, timeout_graceful_shutdown=settings.drain_s,
+        app, host=host, port=port, workers=1, timeout_graceful_shutdown=math.ceil(settings.drain_s),
         log_level="info", access_log=False, lifespan="on",
         # Requests in progress: beyond this, new requests get uvicorn's 503 at once. Connections between
         # requests (opening, idle, sending headers) are bounded apart (app/api/http_protocol.py).

@@ -32,9 +32,9 @@ def cpu_quota(root: Path = CGROUP) -> float | None:
         if quota != "max" and period:
             return int(quota) / int(period)
         return None
-    quota, period = _read(root / "cpu" / "cpu.cfs_quota_us"), _read(root / "cpu" / "cpu.cfs_period_us")
-    if quota and period and int(quota) > 0:
-        return int(quota) / int(period)
+    v1_quota, v1_period = _read(root / "cpu" / "cpu.cfs_quota_us"), _read(root / "cpu" / "cpu.cfs_period_us")
+    if v1_quota and v1_period and int(v1_quota) > 0:
+        return int(v1_quota) / int(v1_period)
     return None
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from app.core.config import Settings
 from app.engine.manifest import Manifest
+from app.engine.memory import MemoryBudget, UploadCount
 
 @dataclass(frozen=True)
 class Prediction:
@@ -114,9 +115,14 @@ class Plane(Protocol):
     """The verbs every front end uses, and nothing else (see the module docstring)."""
 
     settings: Settings
+    memory: MemoryBudget  # bytes of bodies and pixels in flight (across workers: a SharedBudget)
+    uploads: UploadCount  # requests still sending their body (across workers: a SharedUploadCount)
 
     @property
     def draining(self) -> bool: ...
+
+    @draining.setter
+    def draining(self, value: bool) -> None: ...  # set when the front end starts to shut down
 
     def find(self, name: str | None) -> ModelView: ...
 

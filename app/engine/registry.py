@@ -299,8 +299,9 @@ class Registry:
                 if e.version:
                     row["version"] = e.version
                 row["state"] = index_state(e.status)
-                if e.reason or e.drift:
-                    row["reason"] = e.reason or e.drift
+                reason = e.reason or e.drift
+                if reason:
+                    row["reason"] = reason
             out.append(row)
         return out
 

@@ -23,7 +23,7 @@ async def running_plane(settings: Settings, decode_workers: int | None = None) -
     set_max_pixels(settings.max_image_pixels)
     metrics = Metrics()
     registry = Registry(settings, hooks_for=metrics.hooks)
-    registry.on_ready = lambda e: metrics.model_loaded(e.name, e.manifest, e.provider or "")
+    registry.on_ready = lambda e: metrics.model_loaded(e.name, e.manifest, e.provider or "") if e.manifest else None
     registry.on_stopped = metrics.model_stopped
     pool = ThreadPoolExecutor(max_workers=decode_workers or settings.decode_workers, thread_name_prefix="decode")
     plane = DataPlane(settings, registry, metrics, pool)

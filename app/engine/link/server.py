@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -61,6 +62,10 @@ class _Ticket:
     call: Call
     room: Any = None  # the Reservation, once reserved
     task: asyncio.Task | None = None  # the reserve or submit in progress (a close cancels it)
+
+
+def _forget_opening(opening: dict[int, asyncio.Task], mid: int, _task: asyncio.Task) -> None:
+    opening.pop(mid, None)
 
 
 @dataclass(eq=False)  # one per connection, kept in a set
@@ -143,7 +148,7 @@ class EngineServer:
                 task.add_done_callback(s.tasks.discard)
                 if verb == "open":  # its client may leave while it waits for room: see "drop"
                     s.opening[mid] = task
-                    task.add_done_callback(lambda _, mid=mid: s.opening.pop(mid, None))
+                    task.add_done_callback(functools.partial(_forget_opening, s.opening, mid))
             elif kind == "tell":
                 self._tell(s, verb, args)
 
@@ -196,7 +201,7 @@ class EngineServer:
         elif verb == "drop":  # an `open` whose client left: out of the line for room (recorded as 499)
             task = s.opening.pop(args[0], None)
             if task is not None:
-                if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+                if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:  # type: ignore[arg-type]
                     # Cancelled before its first step, it never reaches _answer: the worker still hears.
                     s.send(("err", args[0], ShuttingDown("the engine dropped the request")))
                 task.cancel()
@@ -251,7 +256,9 @@ class EngineServer:
                      prep: list[tuple[float, float]] | None):
         t = s.tickets[tid]
         call, room = t.call, t.room
-        xs = [self.regions.array(s.arena, off, shape) for off, shape in inputs]
+        arena = s.arena
+        assert arena is not None  # hello, the session's first message, named it
+        xs = [self.regions.array(arena, off, shape) for off, shape in inputs]
         t.task = asyncio.current_task()
         try:
             results = await room.submit(xs, call.arrived, call._timeout())
@@ -259,7 +266,7 @@ class EngineServer:
             t.task = None
         classes = results[0].logits.shape[0]
         for off, r in zip(outputs, results):
-            self.regions.array(s.arena, off, (classes,))[:] = r.logits
+            self.regions.array(arena, off, (classes,))[:] = r.logits
         if prep is not None:
             call.record_prepared(call.entry.name, prep, results)
         return [(r.queue_s, r.inference_s, r.batch_size) for r in results]

@@ -39,7 +39,7 @@ def segment_name(service_pid: int, worker_pid: int) -> str:
 def _forget(shm: SharedMemory) -> None:
     """Keep multiprocessing's resource tracker out of it (see the module docstring)."""
     try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 - the documented workaround
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]  # noqa: SLF001 - the documented workaround
     except Exception:  # noqa: BLE001 - no tracker running: nothing to forget
         pass
 

@@ -79,7 +79,7 @@ class Link(asyncio.Protocol):
                 return
         del buf[:start]
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         if not self.closed:
             self.closed = True
             self.on_lost(exc)

@@ -99,9 +99,10 @@ def _run_model(folder: Path, manifest: Manifest, samples, threshold: float, *, b
 
 
 def _acc(correct: int, n: int) -> tuple[float | None, list[float] | None]:
-    if n == 0:
+    interval = wilson(correct, n)
+    if interval is None:  # n == 0
         return None, None
-    lo, hi = wilson(correct, n)
+    lo, hi = interval
     return round(100.0 * correct / n, 2), [round(100.0 * lo, 2), round(100.0 * hi, 2)]
 
 
