@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
+from app.engine.observe import BatchObserver
 from app.engine.queue_room import QueueRoom, Reservation
 
 log = logging.getLogger("effnet.batcher")
@@ -64,17 +65,6 @@ class _Item:
     enqueued: float  # loop.time()
     enqueued_pc: float  # time.perf_counter(): uvloop's loop.time() has millisecond resolution, too coarse for queue_s
     deadline: float  # loop.time() after which the answer is no longer worth computing
-
-
-@dataclass
-class Hooks:
-    """Metric callbacks; no-ops by default so the batcher stays testable on its own."""
-
-    on_batch: Callable[[int, float], None] = lambda size, seconds: None
-    on_item: Callable[[float], None] = lambda queue_s: None
-    on_depth: Callable[[int], None] = lambda depth: None
-    on_expired: Callable[[int], None] = lambda n: None
-    on_skipped: Callable[[int], None] = lambda n: None  # images dropped because their client left
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -108,7 +98,7 @@ class Batcher:
     timeout_s: float = 30.0
     pad: bool = False
     wait_always: bool = False  # EFFNET_BATCH_WAIT=always: wait the full delay even when nothing is incoming
-    hooks: Hooks = field(default_factory=Hooks)
+    observer: BatchObserver = field(default_factory=BatchObserver)  # its metrics (app/engine/observe.py)
 
     def __post_init__(self) -> None:
         self.sizes = batch_sizes(self.max_batch)
@@ -148,7 +138,7 @@ class Batcher:
             item = self._items.popleft()
             if not item.future.done():
                 item.future.set_exception(ShuttingDown("the server is shutting down"))
-        self.hooks.on_depth(0)
+        self.observer.depth(0)
         self._executor.shutdown(wait=True)
 
     def warm_up(self, shape: Sequence[int]) -> None:
@@ -194,7 +184,7 @@ class Batcher:
         t = time.perf_counter()
         items = [_Item(x, loop.create_future(), now, t, deadline) for x in xs]
         self._items.extend(items)
-        self.hooks.on_depth(len(self._items))
+        self.observer.depth(len(self._items))
         self._wakeup.set()
         try:
             return list(await asyncio.gather(*(i.future for i in items)))
@@ -285,10 +275,10 @@ class Batcher:
         `_loop` would leave the batch's clients unanswered, so its failure is logged and goes no further."""
         try:
             if expired:
-                self.hooks.on_expired(expired)
+                self.observer.expired(expired)
             if skipped:
-                self.hooks.on_skipped(skipped)
-            self.hooks.on_depth(len(self._items))
+                self.observer.skipped(skipped)
+            self.observer.depth(len(self._items))
         except Exception:  # noqa: BLE001 - instrumentation must never cost a client its answer
             log.exception("batcher %s: a metrics hook failed", self.name)
 
@@ -320,10 +310,10 @@ class Batcher:
         self.batches_run += 1
         cost = seconds / n
         self.per_image_s = cost if not self.per_image_s else (1 - COST_SMOOTHING) * self.per_image_s + COST_SMOOTHING * cost
-        self.hooks.on_batch(n, seconds)
+        self.observer.ran(n, seconds)
         for row, lrow, item in zip(probs, logits, batch):
             queue_s = started - item.enqueued_pc
-            self.hooks.on_item(queue_s)
+            self.observer.queued(queue_s)
             if not item.future.done():
                 item.future.set_result(Result(row, queue_s, seconds, n, lrow))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.engine.manifest import sha256_file
-from app.engine.metrics import Metrics
+from app.engine.observe import Observer
 from app.engine.registry import UNLOADED, ControlError, NoSuchModel, Registry, model_folders
 
 log = logging.getLogger("effnet.control")
@@ -35,8 +35,8 @@ class ControlRefused(ControlError):
 
 
 class ModelControl:
-    def __init__(self, registry: Registry, metrics: Metrics, mode: str, poll_s: float) -> None:
-        self.registry, self.metrics, self.mode, self.poll_s = registry, metrics, mode, poll_s
+    def __init__(self, registry: Registry, observer: Observer, mode: str, poll_s: float) -> None:
+        self.registry, self.observer, self.mode, self.poll_s = registry, observer, mode, poll_s
         self._task: asyncio.Task | None = None
         self._seen: dict[str, Fingerprint] = {}  # folder -> its files when last looked at
 
@@ -64,19 +64,14 @@ class ModelControl:
         except NoSuchModel:
             raise  # a name the repository does not have: no series for it (clients choose these names)
         except ControlError:
-            self.metrics.model_loads.labels(name, "failed").inc()
             entry = self.registry.entries.get(name)
-            if entry is not None and entry.drift:  # the old version serves on
-                self.metrics.model_reload_failures.labels(name).inc()
-                self.metrics.model_disk_drift.labels(name).set(1)
+            self.observer.load_finished(name, ok=False, drift=entry is not None and bool(entry.drift))
             raise
-        self.metrics.model_loads.labels(name, "ok").inc()
-        self.metrics.model_disk_drift.labels(name).set(0)
+        self.observer.load_finished(name, ok=True, drift=False)
 
     async def _unload(self, name: str) -> None:
         await self.registry.unload(name)
-        self.metrics.model_unloads.labels(name).inc()
-        self.metrics.model_disk_drift.labels(name).set(0)  # what is on disk no longer matters
+        self.observer.model_unloaded(name)
 
     # --- poll ----------------------------------------------------------------------------
     def start(self) -> None:

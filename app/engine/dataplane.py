@@ -54,7 +54,7 @@ class DataPlane:
         self.settings = settings
         self.registry = registry
         self.control = ModelControl(registry, metrics, settings.model_control, settings.poll_s)
-        self.metrics = metrics
+        self.metrics = metrics  # the observer of every event (app/engine/observe.py), and /metrics
         self.decode_pool = decode_pool
         self.stats = ServiceStats()
         self.memory = MemoryBudget(settings.max_inflight_bytes)
@@ -105,10 +105,10 @@ class DataPlane:
         await self.control.unload(name)
 
     def note_auto_routed(self, name: str, budget_missed: bool) -> None:
-        self.metrics.auto_routed.labels(name, str(budget_missed).lower()).inc()
+        self.metrics.auto_chose(name, budget_missed)
 
     def note_escalations(self, cascade: str, from_model: str, to_model: str, n: int) -> None:
-        self.metrics.cascade_escalations.labels(cascade, from_model, to_model).inc(n)
+        self.metrics.escalated(cascade, from_model, to_model, n)
 
     async def metrics_text(self) -> bytes:
         return self.metrics.render()
@@ -192,8 +192,8 @@ class DataPlane:
                 self.stats.refused(entry.name)
                 exc.headers = {**exc.headers, "Retry-After": str(self.retry_after_s(entry))}
             if exc.reject_reason:
-                self.metrics.rejected.labels(entry.name, exc.reject_reason).inc()
-            self.metrics.requests.labels(entry.name, str(exc.status)).inc()
+                self.metrics.request_refused(entry.name, exc.reject_reason)
+            self.metrics.request_finished(entry.name, str(exc.status), None)
             return exc
 
     def retry_after_s(self, entry: ModelEntry) -> int:
@@ -247,7 +247,7 @@ class Call:
         elif isinstance(exc, ApiError):
             status = str(exc.status)
             if exc.reject_reason:
-                plane.metrics.rejected.labels(name, exc.reject_reason).inc()
+                plane.metrics.request_refused(name, exc.reject_reason)
             if isinstance(exc, Overloaded):
                 plane.stats.refused(name)
                 # When to come back: no sooner than the full queue would have drained.
@@ -258,8 +258,7 @@ class Call:
         else:
             status = "500"
         plane.inflight[name] -= 1
-        plane.metrics.requests.labels(name, status).inc()
-        plane.metrics.request_duration.labels(name, status).observe(time.perf_counter() - self.started)
+        plane.metrics.request_finished(name, status, time.perf_counter() - self.started)
 
     def _check_count(self, n: int) -> None:
         limit = self.plane.settings.max_queue
@@ -285,15 +284,12 @@ class Call:
 
     def record_prepared(self, name: str, prep: list[tuple[float, float]], results: list[Result]) -> None:
         """What images() records about images a worker decoded: (decode_s, preprocess_s) each, with its answer."""
-        decode_hist = self.plane.metrics.stage_duration.labels(name, "decode")
-        pre_hist = self.plane.metrics.stage_duration.labels(name, "preprocess")
         for (decode_s, preprocess_s), r in zip(prep, results):
-            decode_hist.observe(decode_s)
-            pre_hist.observe(preprocess_s)
+            self.plane.metrics.image_prepared(name, decode_s, preprocess_s)
             self.plane.stats.observe(name, decode_s + preprocess_s + r.inference_s)
 
     def _skipped(self, n: int, why: str) -> None:
-        self.plane.metrics.images_skipped.labels(self.entry.name, why).inc(n)
+        self.plane.metrics.images_dropped(self.entry.name, why, n)
 
     async def images(self, data: list[bytes]) -> list[ImageResult]:
         """Encoded images -> answers, in order. Queue room for all of them is held before any is decoded."""
@@ -306,11 +302,8 @@ class Call:
             except asyncio.CancelledError:
                 self._skipped(len(data), "client_gone")  # nothing of it reaches the model
                 raise
-            decode_hist = plane.metrics.stage_duration.labels(entry.name, "decode")
-            pre_hist = plane.metrics.stage_duration.labels(entry.name, "preprocess")
             for p in prepared:
-                decode_hist.observe(p.decode_s)
-                pre_hist.observe(p.preprocess_s)
+                plane.metrics.image_prepared(entry.name, p.decode_s, p.preprocess_s)
             with tracing.span("submit"):  # the batcher's queue, its run and the wake-ups either side
                 submitted = tracing.now_ns()
                 results = await room.submit([p.tensor for p in prepared], self.arrived, self._timeout())

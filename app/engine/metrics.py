@@ -10,15 +10,17 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
 
-from app.engine.batcher import Hooks
 from app.engine.manifest import Manifest
+from app.engine.observe import BatchObserver, Observer
 
 # ~1 ms (a B0 batch on a GPU) to ~10 s (a queued B7 on a CPU), roughly x2 per step.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-class Metrics:
+class Metrics(Observer):
+    """The service's observer: every engine event as a Prometheus series."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.request_duration = Histogram(
@@ -74,7 +76,8 @@ class Metrics:
         )
         self._info_labels: dict[str, tuple] = {}  # the current info series per model, to drop on change
 
-    def model_loaded(self, name: str, manifest: Manifest, provider: str) -> None:
+    # --- Observer ----------------------------------------------------------------------------
+    def model_serving(self, name: str, manifest: Manifest, provider: str) -> None:
         self.model_stopped(name)  # a reload may change any label
         info = (name, provider, str(manifest.weights.pretrained).lower(), str(manifest.resolution))
         version = (name, manifest.onnx.sha256[:12])
@@ -100,20 +103,53 @@ class Metrics:
             self.model_info.remove(*labels[0])
             self.model_version.remove(*labels[1])
 
-    def hooks(self, name: str) -> Hooks:
+    def batches(self, name: str) -> BatchObserver:
         batch = self.batch_size.labels(name)
         inference = self.stage_duration.labels(name, "inference")
         queue = self.stage_duration.labels(name, "queue")
         depth = self.queue_depth.labels(name)
 
-        def on_batch(size: int, seconds: float) -> None:
+        def ran(size: int, seconds: float) -> None:
             batch.observe(size)
             for _ in range(size):  # per image, like the other stages: each waited the whole run
                 inference.observe(seconds)
 
         # Expired items are counted as rejections by the handler that receives the error.
         gone = self.images_skipped.labels(name, "client_gone")
-        return Hooks(on_batch=on_batch, on_item=queue.observe, on_depth=depth.set, on_skipped=gone.inc)
+        return BatchObserver(ran=ran, queued=queue.observe, depth=depth.set, skipped=gone.inc)
+
+    def load_finished(self, name: str, ok: bool, drift: bool) -> None:
+        self.model_loads.labels(name, "ok" if ok else "failed").inc()
+        if ok:
+            self.model_disk_drift.labels(name).set(0)
+        elif drift:  # the old version serves on
+            self.model_reload_failures.labels(name).inc()
+            self.model_disk_drift.labels(name).set(1)
+
+    def model_unloaded(self, name: str) -> None:
+        self.model_unloads.labels(name).inc()
+        self.model_disk_drift.labels(name).set(0)  # what is on disk no longer matters
+
+    def request_finished(self, name: str, status: str, seconds: float | None) -> None:
+        self.requests.labels(name, status).inc()
+        if seconds is not None:
+            self.request_duration.labels(name, status).observe(seconds)
+
+    def request_refused(self, name: str, reason: str) -> None:
+        self.rejected.labels(name, reason).inc()
+
+    def images_dropped(self, name: str, reason: str, n: int) -> None:
+        self.images_skipped.labels(name, reason).inc(n)
+
+    def image_prepared(self, name: str, decode_s: float, preprocess_s: float) -> None:
+        self.stage_duration.labels(name, "decode").observe(decode_s)
+        self.stage_duration.labels(name, "preprocess").observe(preprocess_s)
+
+    def auto_chose(self, name: str, budget_missed: bool) -> None:
+        self.auto_routed.labels(name, str(budget_missed).lower()).inc()
+
+    def escalated(self, cascade: str, from_model: str, to_model: str, n: int) -> None:
+        self.cascade_escalations.labels(cascade, from_model, to_model).inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

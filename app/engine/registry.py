@@ -20,15 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app.engine.batcher import Batcher, Hooks
+from app.engine.batcher import Batcher
 from app.core.config import Settings, read_batch_table
 from app.engine.facade import index_state
 from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
+from app.engine.observe import Observer
 from app.engine.sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device
 
 log = logging.getLogger("effnet.registry")
@@ -109,17 +109,15 @@ def valid_name(name: str) -> bool:
 
 
 class Registry:
-    def __init__(self, settings: Settings, hooks_for: Callable[[str], Hooks] | None = None) -> None:
+    def __init__(self, settings: Settings, observer: Observer | None = None) -> None:
         self.settings = settings
-        self.hooks_for = hooks_for or (lambda name: Hooks())
+        self.observer = observer or Observer()
         self.entries: dict[str, ModelEntry] = {
             name: ModelEntry(name, settings.repository / name) for name in discover(settings)
         }
         self.loaded = False  # every entry reached ready or unavailable
         # What the operator asked for at start (EFFNET_MODELS, or every folder then): what readiness waits for.
         self.asked: tuple[str, ...] = tuple(self.entries)
-        self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
-        self.on_stopped: Callable[[str], None] = lambda name: None  # a model stopped serving (unload)
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task] = set()  # old versions draining after a swap
 
@@ -203,7 +201,7 @@ class Registry:
                 max_queue=self.settings.max_queue,
                 timeout_s=self.settings.request_timeout_s,
                 pad=entry.session.device == "cuda",
-                hooks=self.hooks_for(entry.name),
+                observer=self.observer.batches(entry.name),
             )
             entry.session.idle = lambda: batcher.depth == 0  # big runs shrink the arena only when none waits
             stage = "warm-up"
@@ -230,8 +228,12 @@ class Registry:
                     continue
                 await self._bring_up(entry, tables)
                 if entry.status == "ready":
-                    self.on_ready(entry)
+                    self._serving(entry)
         self.loaded = True
+
+    def _serving(self, entry: ModelEntry) -> None:
+        if entry.manifest is not None:
+            self.observer.model_serving(entry.name, entry.manifest, entry.provider or "")
 
     # --- model control -----------------------------------------------------------------
     def _lock(self, name: str) -> asyncio.Lock:
@@ -262,7 +264,7 @@ class Registry:
             if old is not None and old is not new:
                 old.successor = new
                 self._retire(old)
-            self.on_ready(new)
+            self._serving(new)
             return new
 
     async def unload(self, name: str) -> None:
@@ -275,7 +277,7 @@ class Registry:
                 raise ControlError(f"model {name!r} is not loaded")
             entry.status, entry.reason = "unavailable", UNLOADED
             batcher, entry.batcher = entry.batcher, None
-            self.on_stopped(name)
+            self.observer.model_stopped(name)
             if batcher is not None:
                 await batcher.stop(self.settings.drain_s)
             entry.session = None

@@ -22,9 +22,7 @@ async def running_plane(settings: Settings, decode_workers: int | None = None) -
     the plane refuses new work, whatever is still queued gets a short last chance, and the batchers stop."""
     set_max_pixels(settings.max_image_pixels)
     metrics = Metrics()
-    registry = Registry(settings, hooks_for=metrics.hooks)
-    registry.on_ready = lambda e: metrics.model_loaded(e.name, e.manifest, e.provider or "") if e.manifest else None
-    registry.on_stopped = metrics.model_stopped
+    registry = Registry(settings, observer=metrics)
     pool = ThreadPoolExecutor(max_workers=decode_workers or settings.decode_workers, thread_name_prefix="decode")
     plane = DataPlane(settings, registry, metrics, pool)
     loader = asyncio.create_task(registry.load_all(), name="load-models")

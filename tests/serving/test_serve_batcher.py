@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from app.engine.batcher import Batcher, batch_sizes, softmax
+from app.engine.observe import BatchObserver
 from app.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 SHAPE = (3, 2, 2)
@@ -267,8 +268,8 @@ def test_requests_past_their_deadline_never_reach_the_model():
 
     async def main():
         # 0.5 s: the blocker and the fresh one are taken within it however busy the machine is
-        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.5)
-        b.hooks.on_expired = expired_counts.append
+        b = Batcher("m", model, max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=0.5,
+                    observer=BatchObserver(expired=expired_counts.append))
         b.start()
         blocker = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.02)

@@ -15,6 +15,7 @@ import pytest
 
 from app.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
 from app.engine.batcher import Batcher
+from app.engine.observe import BatchObserver
 from test_serve_batcher import Recorder, img, run
 
 
@@ -87,12 +88,10 @@ def test_hooks_see_the_real_numbers():
 
     async def main():
         loop = asyncio.get_running_loop()
-        b = Batcher("m", model, max_batch=8, max_delay_s=0.0, max_queue=100, timeout_s=5.0)
-        b.hooks.on_depth = depth.append
-        b.hooks.on_item = items.append
-        b.hooks.on_batch = lambda n, s: batches.append((n, s))
-        b.hooks.on_skipped = skipped.append
-        b.hooks.on_expired = expired.append
+        b = Batcher("m", model, max_batch=8, max_delay_s=0.0, max_queue=100, timeout_s=5.0,
+                    observer=BatchObserver(depth=depth.append, queued=items.append,
+                                           ran=lambda n, s: batches.append((n, s)), skipped=skipped.append,
+                                           expired=expired.append))
         b.start()
         blocker = asyncio.ensure_future(b.submit([img(0)]))
         await asyncio.sleep(0.05)  # inside the model; the queue is empty again
@@ -343,8 +342,7 @@ def test_an_unexpected_error_in_the_loop_is_logged_and_the_loop_goes_on(caplog):
             raise RuntimeError("hook bug (simulated)")
 
     async def main():
-        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10)
-        b.hooks.on_batch = on_batch
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10, observer=BatchObserver(ran=on_batch))
         b.start()
         victim = asyncio.ensure_future(b.submit([img(1)]))
         done, _ = await asyncio.wait([victim], timeout=2.0)
@@ -449,8 +447,8 @@ def test_a_hook_that_raises_while_a_batch_is_taken_costs_no_client_its_answer(ca
 
     async def main():
         loop = asyncio.get_running_loop()
-        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=10.0)
-        b.hooks.on_expired = on_expired
+        b = Batcher("m", Recorder(), max_batch=4, max_delay_s=0.0, max_queue=10, timeout_s=10.0,
+                    observer=BatchObserver(expired=on_expired))
         late = asyncio.ensure_future(b.submit([img(1)], arrived=loop.time() - 100.0))
         live = asyncio.ensure_future(b.submit([img(2)]))
         await asyncio.sleep(0)
