@@ -139,9 +139,6 @@ class DataPlane:
             entry = entry.successor
         return entry
 
-    def is_ready(self, entry: ModelEntry) -> bool:
-        return entry.status == "ready" and entry.batcher is not None and not self.draining
-
     def queue_drain_ms(self, entry: ModelEntry) -> float:
         """How long an image arriving now would wait before its inference starts, from the queue as it is."""
         b = entry.batcher

@@ -218,20 +218,6 @@ def test_no_name_is_the_default_model_and_an_unknown_one_lists_the_available(set
     assert exc.value.status == 404 and str(exc.value) == "unknown model"
 
 
-def test_ready_means_ready_with_a_batcher_and_not_draining(setup):
-    plane, entry, _, _ = setup()
-    assert plane.is_ready(entry)
-    plane.draining = True
-    assert not plane.is_ready(entry)
-    plane.draining = False
-    entry.status = "loading"
-    assert not plane.is_ready(entry)
-    entry.status = "ready"
-    batcher, entry.batcher = entry.batcher, None
-    assert not plane.is_ready(entry)
-    entry.batcher = batcher
-
-
 def test_a_model_not_ready_is_refused_with_how_long_to_wait(setup):
     plane, entry, _, _ = setup()
     entry.status = "loading"
