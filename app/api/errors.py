@@ -1,20 +1,25 @@
-"""One JSON error shape for every failure of the JSON API: {"error": {"code", "message", ...extra}}.
+"""Every failure as HTTP answers it, in one place: the JSON API's shape {"error": {"code", "message", ...extra}}
+and the V2 protocol's {"error": "message"} (app/api/grpc/status.py does the same for gRPC).
 
 Every error the service can answer is an `ApiError` (app/core/errors.py) raised by our own code, so the
-handlers below only translate; the catch-all exists so that a bug can never leak a stack trace, not
-because any path is expected to reach it.
+handlers and renderers below only translate; the catch-all exists so that a bug can never leak a stack
+trace, not because any path is expected to reach it. `send_error` answers from a middleware that sits
+outside FastAPI (the API key, the admission gate), with the encoded answers cached: a refusal storm costs
+one dict lookup per refusal.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import json
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app.core.errors import ApiError, ClientGone
 
@@ -44,6 +49,33 @@ def error_response(exc: ApiError | ClientGone) -> Response:
     if isinstance(exc, ClientGone):
         return Response(status_code=499)  # nginx's "client closed request": nobody reads it
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+Style = Literal["json", "v2"]
+
+
+def v2_response(exc: ApiError) -> JSONResponse:
+    """The V2 protocol's error answer (KServe, Triton): {"error": "message"}."""
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+_encoded: dict[tuple, tuple[bytes, list[tuple[bytes, bytes]]]] = {}
+
+
+async def send_error(send: Send, exc: ApiError, style: Style = "json") -> None:
+    """Answer `exc` on a raw ASGI `send`, in the JSON API's shape or the V2 protocol's."""
+    key = (style, exc.status, exc.code, exc.message, tuple(sorted(exc.headers.items())), repr(exc.extra))
+    cached = _encoded.get(key)
+    if cached is None:
+        body = json.dumps(exc.body() if style == "json" else {"error": exc.message}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+        if len(_encoded) > 1024:  # refusals come from a bounded vocabulary; stay bounded anyway
+            _encoded.clear()
+        cached = _encoded[key] = (body, headers)
+    body, headers = cached
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -11,13 +11,13 @@ the request properly (the data plane's stage one again, and stage two once the b
 
 from __future__ import annotations
 
-import json
 import re
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.errors import ApiError, UnknownModel
+from app.api.errors import Style, send_error
+from app.core.errors import UnknownModel
 
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]*)?/infer$")
 
@@ -25,9 +25,8 @@ V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]*)?/infer$")
 class AdmissionGate:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._encoded: dict[tuple, tuple[bytes, list]] = {}
 
-    def _model(self, scope: Scope) -> tuple[str | None, str] | None:
+    def _model(self, scope: Scope) -> tuple[str | None, Style] | None:
         """(model name or None for the default, "json" | "v2") for an inference request, else None."""
         path = scope.get("path", "")
         if path == "/classify":
@@ -54,20 +53,6 @@ class AdmissionGate:
                 if view is not None:
                     refusal = await plane.refusal(view)
                     if refusal is not None:
-                        await self._send(send, refusal, style)
+                        await send_error(send, refusal, style)
                         return
         await self.app(scope, receive, send)
-
-    async def _send(self, send: Send, exc: ApiError, style: str) -> None:
-        key = (style, exc.status, exc.code, exc.message, tuple(sorted(exc.headers.items())))
-        cached = self._encoded.get(key)
-        if cached is None:
-            body = json.dumps(exc.body() if style == "json" else {"error": exc.message}).encode()
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-            cached = self._encoded[key] = (body, headers)
-            if len(self._encoded) > 1024:  # refusal texts come from a bounded vocabulary; stay bounded anyway
-                self._encoded.clear()
-        body, headers = cached
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})

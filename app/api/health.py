@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 
-from app.api.errors import ErrorResponse
+from app.api.errors import ErrorResponse, error_response
 from app.api.schemas import Health
 from app.api.state import plane_of
+from app.core.errors import NotReady, ShuttingDown
 from app.engine.building import pending
 from app.engine.metrics import CONTENT_TYPE
 
@@ -30,15 +30,17 @@ async def live() -> Health:
 async def ready(request: Request) -> Any:
     state = plane_of(request).readiness()
     if state.draining:
-        return JSONResponse({"error": {"code": "shutting_down", "message": "the server is shutting down"}}, status_code=503)
+        return error_response(ShuttingDown("the server is shutting down"))
     building = pending(plane_of(request).settings.repository)  # one small file read: probes come every few s
     if not state.ready:
         waiting = state.not_ready or {v.name: v.status for v in plane_of(request).views()}
         message = "no models configured or found" if not state.models else "models not ready: " + ", ".join(sorted(waiting))
         if building:
             message += "; still building: " + ", ".join(building)
-        error = {"code": "not_ready", "message": message, "models": waiting, **({"building": building} if building else {})}
-        return JSONResponse({"error": error}, status_code=503)
+        not_ready = NotReady(message, models=waiting)
+        if building:
+            not_ready.extra["building"] = building
+        return error_response(not_ready)
     # Ready with some models down (later arrivals, or any when not strict): listed with their reason, still 200.
     return Health(status="ready", models=list(state.serving), unavailable=state.not_ready or None,
                   building=building or None)

@@ -9,11 +9,13 @@ a guess was right.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Mapping
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.errors import send_error
+from app.core.errors import Unauthenticated
 
 
 def exempt_prefixes(exempt: list[str]) -> tuple[str, ...]:
@@ -51,14 +53,4 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self._exempt(scope.get("path", "")) or self._authorised(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"error": {"code": "unauthorized", "message": "missing or wrong API key"}}).encode()
-        await send({
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b"Bearer"),
-            ],
-        })
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, Unauthenticated())

@@ -39,6 +39,31 @@ class UnknownModel(ApiError):
     status, code = 404, "unknown_model"
 
 
+class Unauthenticated(ApiError):
+    """EFFNET_API_KEY is set and the request does not carry it (or carries another)."""
+
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str = "missing or wrong API key", **extra: Any) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"}, **extra)
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class ControlError(ApiError):
+    """A model load or unload could not be done; the message says why and is safe to show."""
+
+    status, code = 400, "bad_request"
+
+
+class ControlRefused(ControlError):
+    """Load and unload are not allowed in this model-control mode (EFFNET_MODEL_CONTROL)."""
+
+    status, code = 403, "forbidden"
+
+
 class PayloadTooLarge(ApiError):
     status, code, reject_reason = 413, "payload_too_large", "payload_too_large"
 
@@ -90,6 +115,12 @@ class InferenceFailed(Unavailable):
 
 class ShuttingDown(Unavailable):
     code, reject_reason = "shutting_down", "shutting_down"
+
+
+class NotReady(Unavailable):
+    """/health/ready while the models it waits for do not all serve yet."""
+
+    code = "not_ready"
 
 
 class ClientGone(Exception):

@@ -23,15 +23,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.errors import ControlError, ControlRefused
 from app.engine.manifest import sha256_file
 from app.engine.observe import Observer
-from app.engine.registry import UNLOADED, ControlError, NoSuchModel, Registry, model_folders
+from app.engine.registry import UNLOADED, NoSuchModel, Registry, model_folders
 
 log = logging.getLogger("effnet.control")
-
-
-class ControlRefused(ControlError):
-    """Load/unload is not allowed in this control mode."""
 
 
 class ModelControl:

@@ -26,6 +26,7 @@ from typing import Literal
 
 from app.engine.batcher import Batcher
 from app.core.config import Settings, read_batch_table
+from app.core.errors import ControlError
 from app.engine.facade import index_state
 from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
 from app.engine.observe import Observer
@@ -37,10 +38,6 @@ Status = Literal["loading", "ready", "unavailable"]
 
 
 UNLOADED = "unloaded"  # the reason of a model stopped on request (not a failure: readiness ignores it)
-
-
-class ControlError(Exception):
-    """A load or unload could not be done; the message says why and is safe to show."""
 
 
 class NoSuchModel(ControlError):

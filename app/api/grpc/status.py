@@ -17,9 +17,7 @@ import grpc
 
 from app.api.security import exempt_prefixes, is_exempt, presented_key
 from app.core.config import Settings
-from app.core.errors import ApiError, BadRequest, ShuttingDown
-from app.engine.control import ControlRefused
-from app.engine.registry import ControlError
+from app.core.errors import ApiError, ShuttingDown, Unauthenticated
 
 log = logging.getLogger("effnet.grpc")
 
@@ -38,26 +36,14 @@ CODES = {
 }
 
 
-class Unauthenticated(ApiError):
-    status, code = 401, "unauthorized"
-
-
-class Forbidden(ApiError):
-    status, code = 403, "forbidden"
-
-
 def code_for(status: int) -> grpc.StatusCode:
     return CODES.get(status, grpc.StatusCode.INTERNAL)
 
 
 def as_api_error(exc: Exception) -> ApiError:
-    """A model-control error as the status the HTTP repository routes answer (403 refused, else 400)."""
+    """Our own errors as they are (model control's included); anything else is a bug: logged, and INTERNAL."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, ControlRefused):
-        return Forbidden(str(exc))
-    if isinstance(exc, ControlError):
-        return BadRequest(str(exc))
     log.error("gRPC call failed", exc_info=exc)
     return ApiError("internal error")
 
@@ -77,7 +63,7 @@ class KeyCheck:
             return
         given = presented_key({k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)})
         if given is None or not hmac.compare_digest(given.encode(), self.key):
-            raise Unauthenticated("missing or wrong API key")
+            raise Unauthenticated()
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: ApiError) -> None:

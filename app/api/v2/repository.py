@@ -19,18 +19,14 @@ from fastapi.responses import JSONResponse
 
 from app.api.body import Upload
 from app.api.state import plane_of
+from app.api.errors import v2_response
 from app.api.v2.errors import V2_ERRORS
-from app.core.errors import ApiError, PayloadTooLarge
-from app.engine.control import ControlRefused
-from app.engine.registry import ControlError, valid_name
+from app.core.errors import ApiError, BadRequest, PayloadTooLarge
+from app.engine.registry import valid_name
 
 MAX_BODY_BYTES = 64 * 1024  # {"ready": true} or {}: anything near this is not a request of this API
 
 router = APIRouter(prefix="/v2/repository", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 async def _json_body(request: Request) -> dict[str, Any] | None:
@@ -51,18 +47,14 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
         return body if isinstance(body, dict) else None
 
 
-def _refused(exc: ApiError) -> Response:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
-
 @router.post("/index", summary="Every model folder in the repository, with its state")
 async def index(request: Request) -> Response:
     try:
         body = await _json_body(request)
+        if body is None or not isinstance(body.get("ready", False), bool):
+            raise BadRequest("the body must be empty or {\"ready\": true|false}")
     except ApiError as exc:
-        return _refused(exc)
-    if body is None or not isinstance(body.get("ready", False), bool):
-        return _error(400, "the body must be empty or {\"ready\": true|false}")
+        return v2_response(exc)
     rows = await plane_of(request).index()
     if body.get("ready"):
         rows = [r for r in rows if r.get("state") == "READY"]
@@ -72,19 +64,15 @@ async def index(request: Request) -> Response:
 async def _control(request: Request, name: str, action: str) -> Response:
     try:
         body = await _json_body(request)
-    except ApiError as exc:
-        return _refused(exc)
-    if not valid_name(name):
-        return _error(400, "not a valid model name (lowercase letters, digits, '.', '_', '-')")
-    if body is None:
-        return _error(400, "the body must be empty or a JSON object")
-    plane = plane_of(request)
-    try:
+        if not valid_name(name):
+            raise BadRequest("not a valid model name (lowercase letters, digits, '.', '_', '-')")
+        if body is None:
+            raise BadRequest("the body must be empty or a JSON object")
+        plane = plane_of(request)
+        # A refusal in this control mode is a 403 (ControlRefused), a load or unload that failed a 400.
         await (plane.load(name) if action == "load" else plane.unload(name))
-    except ControlRefused as exc:
-        return _error(403, str(exc))
-    except ControlError as exc:
-        return _error(400, str(exc))
+    except ApiError as exc:
+        return v2_response(exc)
     return Response(status_code=200)
 
 
