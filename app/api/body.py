@@ -92,7 +92,8 @@ class Upload:
         if kind == "raw":
             return [body]
         self._charge(len(body))  # the parts are copies of the body's bytes
-        return parse_multipart(body, params)
+        # In a decode thread: python-multipart is pure Python, and even a bounded body is not free to parse.
+        return await asyncio.get_running_loop().run_in_executor(self.plane.decode_pool, parse_multipart, body, params)
 
     async def body(self) -> bytes:
         with tracing.span("body") as span:
