@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # memory limit (cgroup), at least 256 MB. Beyond it: 503 + Retry-After.
     max_inflight_mb: float = Field(default_factory=limits.default_inflight_mb, gt=0)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
+    # Decoded pixels per request, all its images together (a JPEG counts at its draft scale); beyond: 413.
+    # Two images at the per-image cap: a 64-part upload of small flat PNGs cannot ask for 3 gigapixels.
+    max_request_pixels: int = Field(default=100_000_000, ge=1)
     # The JSON part of a V2 inference request: parsing it holds the GIL, so it is kept small; tensors
     # beyond it go as binary data (tritonclient's default).
     max_json_mb: float = Field(default=4.0, gt=0)
