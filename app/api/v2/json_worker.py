@@ -109,7 +109,7 @@ class JsonWorker:
             future, pool = self._submit(body, header_length, manifest, max_images, max_json)
             try:
                 return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Unavailable(f"the JSON body was not parsed within {timeout_s:g} s; retry shortly, or send "
                                   "tensors as binary data", retry_after=1) from None
             except BrokenProcessPool:
