@@ -7,7 +7,7 @@
 * Time: the whole body within EFFNET_BODY_TIMEOUT_S, and after a grace second at least
   EFFNET_MIN_UPLOAD_KBPS; otherwise 408 and the connection closes. A stalled upload holds nothing for long.
 * Memory: every chunk is charged to the data plane's budget before it is kept (503 when full), and
-  given back when the request ends.
+  given back when the request ends; so is what the body decompresses to (`take`).
 * Concurrency: at most EFFNET_MAX_UPLOADS requests may be sending a body at once (503 beyond), a bound
   apart from the model queues, so slow uploads cannot fill a queue.
 * A client that disconnects after its body is in cancels its work (`guard`): queued images are dropped
@@ -79,8 +79,18 @@ class Upload:
         self._done.set()
 
     def _charge(self, n: int) -> None:
-        self.plane.memory.take(n, "request bodies")
+        self.take(n, "request bodies")
+
+    # The request's share of the memory budget, for what its body turns into (a decompressed body: app/api/v2):
+    # taken like the body's own bytes and given back with them when the request ends. Called from one
+    # thread at a time (the loop, or the decode thread the request is waiting on).
+    def take(self, n: int, what: str) -> None:
+        self.plane.memory.take(n, what)
         self._charged += n
+
+    def give(self, n: int) -> None:
+        self.plane.memory.give(n)
+        self._charged -= n
 
     # --- reading ---------------------------------------------------------------------
     async def images(self) -> list[bytes]:
@@ -92,7 +102,8 @@ class Upload:
         if kind == "raw":
             return [body]
         self._charge(len(body))  # the parts are copies of the body's bytes
-        return parse_multipart(body, params)
+        # In a decode thread: python-multipart is pure Python, and even a bounded body is not free to parse.
+        return await asyncio.get_running_loop().run_in_executor(self.plane.decode_pool, parse_multipart, body, params)
 
     async def body(self) -> bytes:
         with tracing.span("body") as span:
@@ -125,8 +136,7 @@ class Upload:
                 chunks.append(chunk)
             body = b"".join(chunks)
             del chunks
-            self.plane.memory.give(received)  # the chunks are gone: one copy stays charged
-            self._charged -= received
+            self.give(received)  # the chunks are gone: one copy stays charged
             return body
         finally:
             self._finish_upload()

@@ -88,9 +88,16 @@ class Settings(BaseSettings):
     # memory limit (cgroup), at least 256 MB. Beyond it: 503 + Retry-After.
     max_inflight_mb: float = Field(default_factory=limits.default_inflight_mb, gt=0)
     max_image_pixels: int = Field(default=50_000_000, ge=1)
+    # Decoded pixels per request, all its images together (a JPEG counts at its draft scale); beyond: 413.
+    # Two images at the per-image cap: a 64-part upload of small flat PNGs cannot ask for 3 gigapixels.
+    max_request_pixels: int = Field(default=100_000_000, ge=1)
     # The JSON part of a V2 inference request: parsing it holds the GIL, so it is kept small; tensors
     # beyond it go as binary data (tritonclient's default).
     max_json_mb: float = Field(default=4.0, gt=0)
+    # Big V2 JSON bodies wait for the one JSON worker process (app/api/v2/json_worker.py): at most this many at
+    # once (a 4 MB body parses in under 0.5 s, so the last waits a few seconds), each at most TIMEOUT_S; 503 beyond.
+    json_worker_queue: int = Field(default=8, ge=1)
+    json_worker_timeout_s: float = Field(default=5.0, gt=0)
     # Requests that waited longer are dropped before inference (503); a client's X-Request-Timeout-Ms
     # (or Envoy's x-envoy-expected-rq-timeout-ms) can only shorten it.
     request_timeout_s: float = Field(default=30.0, gt=0)

@@ -44,7 +44,7 @@ from app.engine.control import ModelControl
 from app.engine.facade import ImageResult, ModelView, Prediction, Readiness, RouteInfo  # noqa: F401 - re-exported
 from app.engine.memory import MemoryBudget, UploadCount
 from app.engine.metrics import Metrics
-from app.engine.preprocess import Prepared, prepare
+from app.engine.preprocess import PixelAllowance, Prepared, prepare
 from app.engine.registry import ModelEntry, Registry
 from app.engine.stats import ServiceStats
 
@@ -295,7 +295,8 @@ class Call:
             entry, plane = self.entry, self.plane  # after the reservation: a reload may have moved us on
             pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
             try:
-                prepared = await decode_all(plane.decode_pool, data, pp, max_pixels, plane.memory, entry.name)
+                prepared = await decode_all(plane.decode_pool, data, pp, max_pixels, plane.memory, entry.name,
+                                            plane.settings.max_request_pixels)
             except asyncio.CancelledError:
                 self._skipped(len(data), "client_gone")  # nothing of it reaches the model
                 raise
@@ -331,14 +332,16 @@ class Call:
 
 
 async def decode_all(pool: Executor, data: list[bytes], pp, max_pixels: int, budget: MemoryBudget,
-                     model: str) -> list[Prepared]:
-    """Decode and preprocess a request's images in parallel on the decode pool, each charged to the budget."""
+                     model: str, request_pixels: int | None = None) -> list[Prepared]:
+    """Decode and preprocess a request's images in parallel on the decode pool, each charged to the budget
+    and, together, to the request's pixel allowance (EFFNET_MAX_REQUEST_PIXELS)."""
     loop = asyncio.get_running_loop()
+    allowance = PixelAllowance(request_pixels) if request_pixels else None
     # One span for the request's images together: they decode in parallel, and each one's own
     # decode/preprocess times are in the answer and on /metrics already.
     with tracing.span("decode", model=model, images=len(data)):
         return await asyncio.gather(*(
-            loop.run_in_executor(pool, functools.partial(prepare, d, pp, max_pixels, budget=budget)) for d in data
+            loop.run_in_executor(pool, functools.partial(prepare, d, pp, max_pixels, budget=budget, pixels=allowance)) for d in data
         ))
 
 

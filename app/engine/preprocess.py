@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from app.core.errors import ImageError, OverBudget
+from app.core.errors import ImageError, OverBudget, PayloadTooLarge
 from app.engine.manifest import Preprocess
 from app.engine.memory import MemoryBudget
 
@@ -76,6 +77,26 @@ def decoded_bytes(img: Image.Image) -> int:
     return w * h * (2 * _MODE_BYTES.get(img.mode, 4) + 8)
 
 
+class PixelAllowance:
+    """The pixels one request may still decode, across its images (EFFNET_MAX_REQUEST_PIXELS). The per-image cap
+    alone lets a request of 64 small files ask for 64 x 50 megapixels: a 47 kB flat PNG declares 7000x7000 and
+    costs 0.8 s of CPU to decode. Taken from the decode threads as each image's header is read, before any of
+    its pixels are decoded (a JPEG counts at the reduced scale it is decoded at)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.left = limit, limit
+        self._lock = threading.Lock()
+
+    def take(self, img: Image.Image) -> None:
+        w, h = img.size
+        with self._lock:
+            if w * h > self.left:
+                raise PayloadTooLarge(f"the request's images decode to more than {self.limit} pixels together "
+                                      "(EFFNET_MAX_REQUEST_PIXELS); send fewer or smaller images per request",
+                                      limit_pixels=self.limit)
+            self.left -= w * h
+
+
 def open_image(data: bytes, max_pixels: int, target_short: int | None = None,
                before_decode: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """Decode to an RGB PIL image (first frame, EXIF orientation applied). `before_decode` sees the image
@@ -95,7 +116,7 @@ def open_image(data: bytes, max_pixels: int, target_short: int | None = None,
         if before_decode is not None:
             before_decode(img)
         img.load()
-    except (ImageError, OverBudget):
+    except (ImageError, OverBudget, PayloadTooLarge):
         raise
     except Image.DecompressionBombError:
         raise ImageError(f"image exceeds {max_pixels} pixels (decompression bomb guard)") from None
@@ -195,12 +216,15 @@ def normalise(img: Image.Image, pp: Preprocess) -> np.ndarray:
 
 
 def prepare(data: bytes, pp: Preprocess, max_pixels: int, *, draft: bool = True,
-            budget: MemoryBudget | None = None) -> Prepared:
+            budget: MemoryBudget | None = None, pixels: PixelAllowance | None = None) -> Prepared:
     """The whole path for one upload; runs in the decode thread pool. With a budget, the decoded image's
-    memory is charged before any pixel is decoded (OverBudget when it does not fit) and given back after."""
+    memory is charged before any pixel is decoded (OverBudget when it does not fit) and given back after;
+    with an allowance, its pixels are taken from the request's (PayloadTooLarge when they do not fit)."""
     charged = []
 
     def charge(img: Image.Image) -> None:
+        if pixels is not None:
+            pixels.take(img)
         if budget is not None:
             need = decoded_bytes(img)
             budget.take(need, "decoding a {}x{} image".format(*img.size))

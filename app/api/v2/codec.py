@@ -24,7 +24,7 @@ import binascii
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -62,19 +62,50 @@ class InferInput:
     outputs: list[Output]
 
 
-def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
+# Decompressed in pieces of this size, each charged to the memory budget before the next is made.
+INFLATE_PIECE = 1 << 20
+
+
+class Charges(Protocol):
+    """What decompression charges its output to: the request's share of the memory budget (app/api/body.py)."""
+
+    def take(self, n: int, what: str) -> None: ...
+
+    def give(self, n: int) -> None: ...
+
+
+def decode_content(body: bytes, encoding: str | None, limit: int, budget: Charges | None = None) -> bytes:
+    """The body with its Content-Encoding undone, within `limit` bytes. With a budget, the inflated bytes are
+    charged like a plain body's before they are kept (a 3 kB gzip of a 3 MB tensor holds 3 MB), and the
+    charge stays with the request (the budget gives it back when the request ends)."""
     enc = (encoding or "identity").strip().lower()
     if enc == "identity":
         return body
     if enc not in ("gzip", "deflate"):
         raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+    pieces: list[bytes] = []
+    total, rest = 0, body
     try:
-        out = d.decompress(body, limit + 1)
+        while True:
+            piece = d.decompress(rest, INFLATE_PIECE)
+            rest = d.unconsumed_tail
+            total += len(piece)
+            if total > limit:
+                raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes", limit_bytes=limit)
+            if budget is not None:
+                # Twice, as body.py charges a plain body: the pieces and the joined body are alive together.
+                budget.take(2 * len(piece), "decompressed request bodies")
+            pieces.append(piece)
+            # A full piece may leave output inside zlib even with no input left: ask again until one is short.
+            if not rest and len(piece) < INFLATE_PIECE:
+                break
     except zlib.error:
         raise ProtocolError(400, f"the body is not valid {enc} data") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"the decompressed body exceeds the limit of {limit} bytes", limit_bytes=limit)
+    out = b"".join(pieces)
+    del pieces
+    if budget is not None:
+        budget.give(total)  # the pieces are gone: one copy stays charged
     return out
 
 
@@ -132,15 +163,24 @@ def pack_bytes_elements(elements) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def _flatten(data: Any, limit: int) -> list[Any]:
-    """Nested JSON lists -> a flat list, refused as soon as it holds more than `limit` items."""
+def _flatten(data: Any, limit: int, depth: int) -> list[Any]:
+    """Nested JSON lists -> a flat list of at most `limit` values, nested at most `depth` lists deep. Every
+    element counts, empty lists too: `[[],[],...]` holds no value, yet walking a million of them is work a
+    4 kB gzip body could ask for. A well-formed `data` has a list around each group of values, so at most
+    one list per value (and the outer one)."""
     if not isinstance(data, list):
         return [data]
     flat: list[Any] = []
+    seen = 0
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
+            seen += 1
+            if seen > 2 * limit:
+                raise ProtocolError(400, f"'data' holds more elements than the {limit} values its shape allows")
             if isinstance(item, list):
+                if len(stack) >= depth:
+                    raise ProtocolError(400, f"'data' is nested deeper than its shape's {depth} dimensions")
                 stack.append(iter(item))
                 break
             flat.append(item)
@@ -228,7 +268,7 @@ def _images(t, name, shape, size, raw, max_images: int) -> list[bytes]:
         images = bytes_elements(raw, f"input {name!r}", shape[0])
     else:
         images = []
-        for v in _flatten(t["data"], shape[0]):
+        for v in _flatten(t["data"], shape[0], 2):  # [N] or [N, 1], flat or nested
             if not isinstance(v, str):
                 raise ProtocolError(400, f"input {name!r}: JSON BYTES elements must be base64 strings")
             try:
@@ -253,6 +293,8 @@ def requested_outputs(req: dict[str, Any], output_name: str) -> list[Output]:
         if not isinstance(o, dict) or o.get("name") != output_name:
             got = o.get("name") if isinstance(o, dict) else o
             raise ProtocolError(400, f"unknown output {got!r}; the model's output is {output_name!r}")
+        if result:  # each entry is a copy of the answer: a 4 MB list of them would ask for gigabytes
+            raise ProtocolError(400, f"output {output_name!r} is requested more than once")
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
             raise ProtocolError(400, "output 'parameters' must be an object")

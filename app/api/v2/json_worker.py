@@ -6,18 +6,28 @@ threads held the GIL ~36% of the time, so the event loop waited behind them (/he
 2 cores). In a worker process they cost no GIL here at all. Small bodies (the common case: tritonclient
 sends tensors as binary data) are parsed in the calling thread, where a process hop would cost more than
 the parse. One worker: JSON parsing gets at most one core, whatever the flood.
+
+What a flood of big JSON bodies can hold is bounded: the event loop awaits the worker's answer, so no
+thread waits on it (the decode threads that /classify and gRPC share stay free); at most
+EFFNET_JSON_WORKER_QUEUE bodies wait for it or run in it (503 + Retry-After beyond), and each waits at most
+EFFNET_JSON_WORKER_TIMEOUT_S (503). Whatever the input, the worker answers a parse or a 400, never a 500:
+only the fields the answer needs travel back, so a JSON header nested 900 deep cannot break the pickling.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import multiprocessing
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from app.api.v2.codec import InferInput, parse_infer
-from app.core.errors import Unavailable
+from app.api.v2.codec import InferInput, ProtocolError, parse_infer
+from app.core.errors import ApiError, Overloaded, Unavailable
 from app.engine.manifest import Manifest
+
+log = logging.getLogger("effnet.v2")
 
 # Below this many bytes of JSON the parse (~2.5 ms) is cheaper than the trip to the worker.
 IN_PROCESS_BYTES = 256 * 1024
@@ -34,37 +44,91 @@ def json_bytes(body: bytes, header_length: str | None) -> int:
         return 0
 
 
-def _parse_without_data(body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
-                        max_json: int) -> InferInput:
-    """In the worker: parse, then drop the JSON values from the request (they are in `tensors` now), so
-    only arrays travel back."""
-    inp = parse_infer(body, header_length, manifest, max_images, max_json)
-    for t in inp.request.get("inputs", []):
-        if isinstance(t, dict):
-            t.pop("data", None)
-    return inp
+def wants_worker(body: bytes, header_length: str | None) -> bool:
+    return json_bytes(body, header_length) > IN_PROCESS_BYTES
+
+
+def parse_checked(body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
+                  max_json: int) -> InferInput:
+    """parse_infer, where anything it did not foresee in client input is a 400, not a 500 and a traceback."""
+    try:
+        return parse_infer(body, header_length, manifest, max_images, max_json)
+    except ApiError:
+        raise
+    except (RecursionError, MemoryError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        log.warning("unparseable inference request: %s", type(exc).__name__)
+        raise ProtocolError(400, "the inference request could not be parsed") from None
+
+
+def _slim(inp: InferInput) -> InferInput:
+    """What the answer needs of the JSON header (encode_infer: the id; the input's name, type and shape for
+    whoever looks), without the values (they are in `tensors` now) or anything else the client nested there."""
+    req, t = inp.request, inp.request["inputs"][0]
+    head = {k: t[k] for k in ("name", "datatype") if isinstance(t.get(k), str)}
+    head["shape"] = t["shape"]  # validated: a list of integers
+    slim = {"inputs": [head]}
+    if isinstance(req.get("id"), str):
+        slim["id"] = req["id"]
+    return InferInput(slim, inp.tensors, inp.images, inp.outputs)
+
+
+def _parse_in_worker(body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
+                     max_json: int) -> InferInput:
+    return _slim(parse_checked(body, header_length, manifest, max_images, max_json))
 
 
 class JsonWorker:
-    """parse_infer, in a worker process for big JSON bodies. Thread-safe; the process starts on first use
-    (spawned: forking a process that runs ONNX Runtime's threads is unsafe) and is restarted if it dies."""
+    """parse_infer, in a worker process for big JSON bodies. The process starts on first use (spawned: forking
+    a process that runs ONNX Runtime's threads is unsafe) and is restarted if it dies. `parse_async` is for
+    the event loop (bounded waiting, no thread held); `parse` blocks its calling thread (tools, tests)."""
 
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self.waiting = 0  # bodies sent to the worker and not answered yet (touched on the event loop only)
 
     def parse(self, body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
               max_json: int) -> InferInput:
-        if json_bytes(body, header_length) <= IN_PROCESS_BYTES:
-            return parse_infer(body, header_length, manifest, max_images, max_json)
+        if not wants_worker(body, header_length):
+            return parse_checked(body, header_length, manifest, max_images, max_json)
+        future, pool = self._submit(body, header_length, manifest, max_images, max_json)
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise self._broken(pool) from None
+
+    async def parse_async(self, body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
+                          max_json: int, *, timeout_s: float, max_waiting: int) -> InferInput:
+        """In the worker; 503 when `max_waiting` bodies are there already or this one is not parsed within
+        `timeout_s` (it is then dropped if it has not started)."""
+        if self.waiting >= max_waiting:
+            raise Overloaded(f"{max_waiting} JSON bodies are waiting to be parsed; retry shortly, or send "
+                             "tensors as binary data", retry_after=1)
+        self.waiting += 1
+        try:
+            future, pool = self._submit(body, header_length, manifest, max_images, max_json)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+            except TimeoutError:
+                raise Unavailable(f"the JSON body was not parsed within {timeout_s:g} s; retry shortly, or send "
+                                  "tensors as binary data", retry_after=1) from None
+            except BrokenProcessPool:
+                raise self._broken(pool) from None
+        finally:
+            self.waiting -= 1
+
+    def _submit(self, *args) -> tuple[Future, ProcessPoolExecutor]:
         pool = self._running_pool()
         try:
-            return pool.submit(_parse_without_data, body, header_length, manifest, max_images, max_json).result()
-        except BrokenProcessPool:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None  # the next big body starts a fresh worker
-            raise Unavailable("the JSON parsing worker stopped; retry", retry_after=1) from None
+            return pool.submit(_parse_in_worker, *args), pool
+        except BrokenProcessPool:  # died between two requests
+            raise self._broken(pool) from None
+
+    def _broken(self, pool: ProcessPoolExecutor) -> Unavailable:
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None  # the next big body starts a fresh worker
+        return Unavailable("the JSON parsing worker stopped; retry", retry_after=1)
 
     def _running_pool(self) -> ProcessPoolExecutor:
         with self._lock:

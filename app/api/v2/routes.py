@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse
 from app.api.state import plane_of
 from app.api.v2.errors import V2_ERRORS
 from app.api.body import Upload, client_timeout_s
-from app.api.v2.codec import HEADER, ProtocolError, decode_content, encode_infer
-from app.api.v2.json_worker import JsonWorker
+from app.api.v2.codec import HEADER, InferInput, ProtocolError, decode_content, encode_infer
+from app.api.v2.json_worker import parse_checked, wants_worker
 from app.api.v2.descriptions import find_entry, metadata, model_config, model_state
 from app.api.v2.descriptions import server_metadata as describe_server
 from app.core import tracing
@@ -148,8 +148,13 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelView, arrive
         # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
         with tracing.span("parse"):
             # The version admitted (a reload may have swapped in one with another resolution meanwhile).
-            inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers, call.view,
-                                             settings, request.app.state.json_worker)
+            manifest = call.view.manifest
+            body, inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers,
+                                                   manifest, settings, upload)
+            if inp is None:  # big JSON: the worker process parses it, and no thread here waits for it
+                inp = await request.app.state.json_worker.parse_async(
+                    body, request.headers.get(HEADER), manifest, settings.max_queue, settings.max_json_bytes,
+                    timeout_s=settings.json_worker_timeout_s, max_waiting=settings.json_worker_queue)
         del body
         results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
     with tracing.span("answer"):
@@ -160,9 +165,15 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelView, arrive
         return Response(content, headers=headers)
 
 
-def _decode_and_parse(body: bytes, headers, entry: ModelView, settings, json_worker: JsonWorker):
-    body = decode_content(body, headers.get("content-encoding"), settings.max_body_bytes)  # zlib frees the GIL
-    return json_worker.parse(body, headers.get(HEADER), entry.manifest, settings.max_queue, settings.max_json_bytes)
+def _decode_and_parse(body: bytes, headers, manifest, settings, upload: Upload) -> tuple[bytes | None, InferInput | None]:
+    """In a decode thread: the body decompressed (charged to the request's memory like a plain body; zlib frees
+    the GIL) and, when its JSON is small, parsed: (None, parsed). A big JSON part is left to the worker
+    process: (body, None)."""
+    body = decode_content(body, headers.get("content-encoding"), settings.max_body_bytes, upload)
+    header_length = headers.get(HEADER)
+    if wants_worker(body, header_length):
+        return body, None
+    return None, parse_checked(body, header_length, manifest, settings.max_queue, settings.max_json_bytes)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)

@@ -254,7 +254,8 @@ class RemoteCall:
         plane = self.plane
         try:
             prepared = await decode_all(plane.decode_pool, data, view.manifest.preprocess,
-                                        plane.settings.max_image_pixels, plane.memory, view.name)
+                                        plane.settings.max_image_pixels, plane.memory, view.name,
+                                        plane.settings.max_request_pixels)
         except asyncio.CancelledError:
             self._skipped += len(data)
             raise
