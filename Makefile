@@ -79,9 +79,10 @@ FAST_IGNORE ?= --ignore=tests/reliability --ignore=tests/eval --ignore=tests/dep
 test-fast: install lint ## lint + the quick tests (no reliability, family, eval, deploy), stop at the first failure
 	$(PY) -m pytest -x -q $(FAST_IGNORE) -k "not mutants"
 
-lint: install ## import layers (import-linter) and ruff (errors and likely bugs, not style)
+lint: install ## import layers (import-linter), ruff (errors and likely bugs, not style), mypy on app/
 	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache --no-logo
 	$(VENV)/bin/ruff check app build benchmarks tests
+	$(VENV)/bin/mypy
 
 test-workers: install system-deps $(PERF_ANALYZER) ## every test that starts a server, split into 2 workers
 	EFFNET_TEST_WORKERS=2 $(PY) -m pytest $(SERVER_TESTS)

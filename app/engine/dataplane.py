@@ -182,7 +182,7 @@ class DataPlane:
         entry = self.current(self._live(target))
         try:
             self.check_admissible(entry)
-            await entry.batcher.room.wait_for_room(self.admission_wait_s(entry))
+            await entry.room.wait_for_room(self.admission_wait_s(entry))
             return None
         except ApiError as exc:
             if isinstance(exc, Overloaded):
@@ -228,7 +228,7 @@ class Call:
             self.entry = plane.current(self.entry)
             plane.check_admissible(self.entry)
             # The admission gate (app/api/gate.py) has queued this request fairly already, if it could.
-            await self.entry.batcher.room.wait_for_room(self._wait_left(), in_line=False)
+            await self.entry.room.wait_for_room(self._wait_left(), in_line=False)
         except BaseException as exc:
             self._close(exc)
             raise
@@ -271,7 +271,7 @@ class Call:
         if self.entry.batcher is None:  # unloaded meanwhile
             self.plane.check_admissible(self.entry)
         with tracing.span("admission", images=n):
-            return await self.entry.batcher.room.reserve_within(n, self._wait_left())
+            return await self.entry.room.reserve_within(n, self._wait_left())
 
     async def reserve(self, n: int):
         """Stage two alone, for a worker process that decodes the images itself (app/engine/link): queue room
@@ -293,7 +293,7 @@ class Call:
         self._check_count(len(data))
         with await self._reserve(len(data)) as room:
             entry, plane = self.entry, self.plane  # after the reservation: a reload may have moved us on
-            pp, max_pixels = entry.manifest.preprocess, plane.settings.max_image_pixels
+            pp, max_pixels = entry.spec.preprocess, plane.settings.max_image_pixels
             try:
                 prepared = await decode_all(plane.decode_pool, data, pp, max_pixels, plane.memory, entry.name,
                                             plane.settings.max_request_pixels)
@@ -325,8 +325,8 @@ class Call:
 
     def _result(self, r: Result, decode_s: float, preprocess_s: float) -> ImageResult:
         return ImageResult(
-            self.entry.name, r.probs, r.logits, self.entry.manifest.labels, decode_s, preprocess_s,
-            r.queue_s, r.inference_s, r.batch_size, self.entry.version, self.entry.manifest.weights.pretrained,
+            self.entry.name, r.probs, r.logits, self.entry.spec.labels, decode_s, preprocess_s,
+            r.queue_s, r.inference_s, r.batch_size, self.entry.version, self.entry.spec.weights.pretrained,
             self.entry.provider,
         )
 

@@ -9,12 +9,14 @@ as they are and cannot be used to reach around admission.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from app.core.config import Settings
+from app.core.errors import Unavailable
 from app.engine.manifest import Manifest
 from app.engine.memory import MemoryBudget, UploadCount
 
@@ -75,6 +77,13 @@ class ModelView:
     drift: str | None = None  # serving, but its files on disk failed to load: why (registry.ModelEntry.drift)
 
     @property
+    def spec(self) -> Manifest:
+        """The manifest of a version that loaded: every view a call holds has one."""
+        if self.manifest is None:
+            raise Unavailable(f"model {self.name} is not loaded")
+        return self.manifest
+
+    @property
     def serving(self) -> bool:
         """Loaded and taking work (it may still refuse a request when its queue is full)."""
         return self.status == "ready" and self.batch_sizes is not None and self.manifest is not None
@@ -116,6 +125,7 @@ class Plane(Protocol):
 
     settings: Settings
     memory: MemoryBudget  # bytes of bodies and pixels in flight (across workers: a SharedBudget)
+    decode_pool: Executor  # the threads that decode, preprocess and parse, off the event loop
     uploads: UploadCount  # requests still sending their body (across workers: a SharedUploadCount)
 
     @property

@@ -127,8 +127,7 @@ def open_image(data: bytes, max_pixels: int, target_short: int | None = None,
             raise ImageError(f"image exceeds {max_pixels} pixels (decompression bomb guard)") from None
         raise ImageError("the image is corrupt or truncated") from None
     try:
-        img = _orient(img)
-        return to_rgb(img)
+        return to_rgb(_orient(img))
     except ImageError:
         raise
     except Exception:  # noqa: BLE001
@@ -241,5 +240,5 @@ def prepare(data: bytes, pp: Preprocess, max_pixels: int, *, draft: bool = True,
         t2 = time.perf_counter()
         return Prepared(tensor, t1 - t0, t2 - t1, img.size)
     finally:
-        if charged:
+        if charged and budget is not None:
             budget.give(charged[0])

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Literal
 
 from app.engine.batcher import Batcher
+from app.engine.queue_room import QueueRoom
 from app.core.config import Settings, read_batch_table
-from app.core.errors import ControlError
+from app.core.errors import ControlError, Unavailable
 from app.engine.facade import index_state
 from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
 from app.engine.observe import Observer
@@ -58,6 +59,20 @@ class ModelEntry:
     successor: ModelEntry | None = None  # set when a reload replaced this entry
     declared: str | None = None  # the version its manifest declares, once the manifest is read (loaded or not)
     drift: str | None = None  # serving, but the files on disk failed to load as its successor: why
+
+    @property
+    def spec(self) -> Manifest:
+        """The manifest of a version that loaded (an entry a call holds has one)."""
+        if self.manifest is None:
+            raise Unavailable(f"model {self.name} is not loaded")
+        return self.manifest
+
+    @property
+    def room(self) -> QueueRoom:
+        """Its batcher's queue room; an entry unloaded meanwhile (no batcher) is refused as unavailable."""
+        if self.batcher is None:
+            raise Unavailable(f"model {self.name} is not loaded")
+        return self.batcher.room
 
     @property
     def provider(self) -> str | None:

@@ -143,7 +143,8 @@ def _shape(t: dict[str, Any]) -> list[int]:
 
 def bytes_elements(raw: bytes, where: str, expected: int) -> list[bytes]:
     """Length-prefixed BYTES elements; refused as soon as there are more than `expected`."""
-    out, off = [], 0
+    out: list[bytes] = []
+    off = 0
     while off < len(raw):
         if len(out) == expected:
             raise ProtocolError(400, f"{where}: more BYTES elements than its shape's {expected}")
@@ -288,7 +289,7 @@ def requested_outputs(req: dict[str, Any], output_name: str) -> list[Output]:
         return [Output(output_name, 0, default_binary)]
     if not isinstance(outs, list) or not outs:
         raise ProtocolError(400, "'outputs' must be a non-empty list")
-    result = []
+    result: list[Output] = []
     for o in outs:
         if not isinstance(o, dict) or o.get("name") != output_name:
             got = o.get("name") if isinstance(o, dict) else o

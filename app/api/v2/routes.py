@@ -148,14 +148,16 @@ async def _run(plane, upload: Upload, request: Request, entry: ModelView, arrive
         # Off the event loop: a gzip bomb or a huge JSON header must not stall every other request.
         with tracing.span("parse"):
             # The version admitted (a reload may have swapped in one with another resolution meanwhile).
-            manifest = call.view.manifest
-            body, inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers,
-                                                   manifest, settings, upload)
+            manifest = call.view.spec
+            decoded, inp = await loop.run_in_executor(plane.decode_pool, _decode_and_parse, body, request.headers,
+                                                      manifest, settings, upload)
+            del body  # the decompressed body, or what was parsed from it, replaces it
             if inp is None:  # big JSON: the worker process parses it, and no thread here waits for it
+                assert decoded is not None  # _decode_and_parse hands back the body whenever it did not parse it
                 inp = await request.app.state.json_worker.parse_async(
-                    body, request.headers.get(HEADER), manifest, settings.max_queue, settings.max_json_bytes,
+                    decoded, request.headers.get(HEADER), manifest, settings.max_queue, settings.max_json_bytes,
                     timeout_s=settings.json_worker_timeout_s, max_waiting=settings.json_worker_queue)
-        del body
+            del decoded
         results = await (call.tensors(inp.tensors) if inp.tensors is not None else call.images(inp.images))
     with tracing.span("answer"):
         logits = np.stack([r.logits for r in results])

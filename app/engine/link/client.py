@@ -253,7 +253,7 @@ class RemoteCall:
         view = await self._reserve(len(data))
         plane = self.plane
         try:
-            prepared = await decode_all(plane.decode_pool, data, view.manifest.preprocess,
+            prepared = await decode_all(plane.decode_pool, data, view.spec.preprocess,
                                         plane.settings.max_image_pixels, plane.memory, view.name,
                                         plane.settings.max_request_pixels)
         except asyncio.CancelledError:
@@ -268,7 +268,7 @@ class RemoteCall:
     async def _submit(self, xs: list[np.ndarray], prep: list[tuple[float, float]] | None) -> list[ImageResult]:
         plane, view = self.plane, self.view
         arena = plane.arena
-        classes = len(view.manifest.labels)
+        classes = len(view.spec.labels)
         held: list[tuple[int, int]] = []  # (offset, bytes) of this call's arena space
         try:
             inputs = []
@@ -303,10 +303,10 @@ class RemoteCall:
         finally:
             _free(arena, held)
         probs = softmax(logits)
-        pretrained = view.manifest.weights.pretrained
+        pretrained = view.spec.weights.pretrained
         d = prep or [(0.0, 0.0)] * len(xs)
         results = [
-            ImageResult(view.name, probs[i], logits[i], view.manifest.labels, d[i][0], d[i][1], q, inf, bs,
+            ImageResult(view.name, probs[i], logits[i], view.spec.labels, d[i][0], d[i][1], q, inf, bs,
                         view.version, pretrained, view.provider)
             for i, (q, inf, bs) in enumerate(meta)
         ]
