@@ -35,8 +35,12 @@ class BadRequest(ApiError):
     status, code, reject_reason = 400, "bad_request", "bad_request"
 
 
-class UnknownModel(ApiError):
-    status, code = 404, "unknown_model"
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class UnknownModel(NotFound):
+    code = "unknown_model"
 
 
 class Unauthenticated(ApiError):

@@ -41,7 +41,8 @@ from reliability_helpers import encode, real_photo
 from serving_helpers import live_server, write_model
 
 from app.api.uploads import MAX_PARTS, parse_multipart
-from app.api.v2.codec import ProtocolError, decode_content, parse_infer
+from app.api.v2.codec import decode_content, parse_infer
+from app.core.errors import ApiError
 from app.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker
 from app.core.config import Settings
 from app.core.errors import (
@@ -199,12 +200,12 @@ def _big_fp32(n: int = 16, **extra) -> bytes:
 def test_empty_lists_count_as_elements(manifest):
     body = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                                    "data": [[]] * 100_000}]}).encode()
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ApiError) as caught:
         parse_infer(body, None, manifest, 64)
     assert caught.value.status == 400 and "more elements" in caught.value.message
     nested = json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
                                      "data": deep(50)}]}).encode()
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ApiError) as caught:
         parse_infer(nested, None, manifest, 64)
     assert caught.value.status == 400
 
@@ -213,7 +214,7 @@ def test_an_output_is_asked_for_once(manifest):
     body = json.dumps({"inputs": [{"name": "images", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                    "data": [0.0] * 3072}],
                        "outputs": [{"name": "logits"}] * 2}).encode()
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ApiError) as caught:
         parse_infer(body, None, manifest, 64)
     assert caught.value.status == 400 and "more than once" in caught.value.message
 
@@ -228,7 +229,7 @@ def stopped(workers: list[JsonWorker], manifest) -> Iterator[None]:
     """Each JSON worker process started (one real parse) and then stopped with SIGSTOP until the block ends."""
     pids = []
     for w in workers:
-        with contextlib.suppress(ProtocolError):  # a 32 px tensor for whichever model: the process is what counts
+        with contextlib.suppress(ApiError):  # a 32 px tensor for whichever model: the process is what counts
             w.parse(_big_fp32(), None, manifest, 64, 4 << 20)
         pids += list(w._pool._processes)
     for pid in pids:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from serving_helpers import write_model
 
-from app.api.v2.codec import ProtocolError, parse_infer
+from app.api.v2.codec import parse_infer
 from app.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker, json_bytes
-from app.core.errors import Unavailable
+from app.core.errors import ApiError, Unavailable
 from app.engine.manifest import load_manifest
 
 
@@ -61,7 +61,7 @@ def test_a_small_body_never_starts_the_worker(worker, manifest):
 
 def test_a_protocol_error_crosses_from_the_worker_with_its_status(worker, manifest):
     body, _ = _body(16)
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ApiError) as caught:
         worker.parse(body, None, manifest, 8, 4 << 20)  # 16 images, at most 8
     assert caught.value.status == 400 and "at most 8 images" in caught.value.message
 

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from app.api.grpc.status import rpc
 from app.api.grpc.tensors import encode_response, parse_request
-from app.api.v2.codec import ProtocolError
+from app.core.errors import ApiError, BadRequest
 from app.api.v2.descriptions import find_entry, metadata, model_config, server_metadata
 from app.engine.facade import Plane
 from app.engine.registry import valid_name
@@ -53,7 +53,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             entry = find_entry(self.plane, request.name, request.version)
-        except ProtocolError:
+        except ApiError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=entry.serving and not self.plane.draining)
 
@@ -117,6 +117,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 def _model_name(name: str) -> str:
     if not valid_name(name):
-        raise ProtocolError(400, "not a valid model name (lowercase letters, digits, '.', '_', '-')")
+        raise BadRequest("not a valid model name (lowercase letters, digits, '.', '_', '-')")
     return name
 

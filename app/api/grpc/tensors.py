@@ -18,8 +18,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from app.api.v2.codec import (
-    VERSION, Output, ProtocolError, classification_strings, decode_input, pack_bytes_elements, requested_outputs,
+    VERSION, Output, classification_strings, decode_input, pack_bytes_elements, requested_outputs,
 )
+from app.core.errors import BadRequest
 from app.engine.manifest import Manifest
 
 
@@ -38,20 +39,20 @@ def parameter(p: pb.InferParameter) -> Any:
 
 def parse_request(request: pb.ModelInferRequest, manifest: Manifest, max_images: int) -> Parsed:
     if len(request.inputs) != 1:
-        raise ProtocolError(400, f"model {manifest.name!r} takes exactly one input")
+        raise BadRequest(f"model {manifest.name!r} takes exactly one input")
     t = request.inputs[0]
     if any(k.startswith("shared_memory") for k in t.parameters):
-        raise ProtocolError(400, "shared-memory inputs are not supported")
+        raise BadRequest("shared-memory inputs are not supported")
     raw: bytes | None = None
     data: Any = None
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
-            raise ProtocolError(400, "raw_input_contents must hold one entry per input")
+            raise BadRequest("raw_input_contents must hold one entry per input")
         if t.HasField("contents"):
-            raise ProtocolError(400, f"input {t.name!r}: both raw_input_contents and contents are set")
+            raise BadRequest(f"input {t.name!r}: both raw_input_contents and contents are set")
         raw = request.raw_input_contents[0]
     elif not t.HasField("contents"):
-        raise ProtocolError(400, f"input {t.name!r} has neither raw_input_contents nor contents")
+        raise BadRequest(f"input {t.name!r} has neither raw_input_contents nor contents")
     elif t.datatype == "BYTES":
         raw = pack_bytes_elements(t.contents.bytes_contents)  # one parser for both ways of sending BYTES
     elif t.datatype == "FP32":

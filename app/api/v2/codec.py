@@ -29,22 +29,11 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from app.core.errors import BadRequest, PayloadTooLarge
+from app.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.engine.manifest import Manifest
 
 VERSION = "1"
 HEADER = "Inference-Header-Content-Length"
-
-
-class ProtocolError(BadRequest):
-    """A malformed inference request (or an unsupported encoding): the protocol's `{"error": ...}` answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def __reduce__(self):  # crosses from the JSON worker process (json_worker.py) with its status
-        return (type(self), (self.status, self.message), self.__dict__)
 
 
 @dataclass
@@ -82,7 +71,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int, budget: Charge
     if enc == "identity":
         return body
     if enc not in ("gzip", "deflate"):
-        raise ProtocolError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
     pieces: list[bytes] = []
     total, rest = 0, body
@@ -101,7 +90,7 @@ def decode_content(body: bytes, encoding: str | None, limit: int, budget: Charge
             if not rest and len(piece) < INFLATE_PIECE:
                 break
     except zlib.error:
-        raise ProtocolError(400, f"the body is not valid {enc} data") from None
+        raise BadRequest(f"the body is not valid {enc} data") from None
     out = b"".join(pieces)
     del pieces
     if budget is not None:
@@ -114,9 +103,9 @@ def _split(body: bytes, header_length: str | None, max_json: int) -> tuple[dict[
         try:
             n = int(header_length)
         except ValueError:
-            raise ProtocolError(400, f"{HEADER} is not a number") from None
+            raise BadRequest(f"{HEADER} is not a number") from None
         if not 0 <= n <= len(body):
-            raise ProtocolError(400, f"{HEADER} is {n}, the body has {len(body)} bytes")
+            raise BadRequest(f"{HEADER} is {n}, the body has {len(body)} bytes")
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
@@ -128,16 +117,16 @@ def _split(body: bytes, header_length: str | None, max_json: int) -> tuple[dict[
     try:
         req = orjson.loads(head)
     except (orjson.JSONDecodeError, UnicodeDecodeError):
-        raise ProtocolError(400, "the inference request header is not valid JSON") from None
+        raise BadRequest("the inference request header is not valid JSON") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
-        raise ProtocolError(400, "the inference request must be a JSON object with an 'inputs' list")
+        raise BadRequest("the inference request must be a JSON object with an 'inputs' list")
     return req, binary
 
 
 def _shape(t: dict[str, Any]) -> list[int]:
     shape = t.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(400, f"input {t.get('name')!r}: 'shape' must be a list of non-negative integers")
+        raise BadRequest(f"input {t.get('name')!r}: 'shape' must be a list of non-negative integers")
     return shape
 
 
@@ -147,13 +136,13 @@ def bytes_elements(raw: bytes, where: str, expected: int) -> list[bytes]:
     off = 0
     while off < len(raw):
         if len(out) == expected:
-            raise ProtocolError(400, f"{where}: more BYTES elements than its shape's {expected}")
+            raise BadRequest(f"{where}: more BYTES elements than its shape's {expected}")
         if off + 4 > len(raw):
-            raise ProtocolError(400, f"{where}: truncated BYTES element length")
+            raise BadRequest(f"{where}: truncated BYTES element length")
         (n,) = struct.unpack_from("<I", raw, off)
         off += 4
         if off + n > len(raw):
-            raise ProtocolError(400, f"{where}: BYTES element of {n} bytes runs past the data")
+            raise BadRequest(f"{where}: BYTES element of {n} bytes runs past the data")
         out.append(raw[off:off + n])
         off += n
     return out
@@ -178,15 +167,15 @@ def _flatten(data: Any, limit: int, depth: int) -> list[Any]:
         for item in stack[-1]:
             seen += 1
             if seen > 2 * limit:
-                raise ProtocolError(400, f"'data' holds more elements than the {limit} values its shape allows")
+                raise BadRequest(f"'data' holds more elements than the {limit} values its shape allows")
             if isinstance(item, list):
                 if len(stack) >= depth:
-                    raise ProtocolError(400, f"'data' is nested deeper than its shape's {depth} dimensions")
+                    raise BadRequest(f"'data' is nested deeper than its shape's {depth} dimensions")
                 stack.append(iter(item))
                 break
             flat.append(item)
             if len(flat) > limit:
-                raise ProtocolError(400, f"'data' holds more than the {limit} values its shape allows")
+                raise BadRequest(f"'data' holds more than the {limit} values its shape allows")
         else:
             stack.pop()
     return flat
@@ -197,22 +186,22 @@ def parse_infer(body: bytes, header_length: str | None, manifest: Manifest, max_
     req, binary = _split(body, header_length, max_json)
     inputs = req["inputs"]
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise ProtocolError(400, f"model {manifest.name!r} takes exactly one input")
+        raise BadRequest(f"model {manifest.name!r} takes exactly one input")
     t = inputs[0]
     name, dtype, shape = t.get("name"), t.get("datatype"), _shape(t)
     params = t.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ProtocolError(400, f"input {name!r}: 'parameters' must be an object")
+        raise BadRequest(f"input {name!r}: 'parameters' must be an object")
     if any(k.startswith("shared_memory") for k in params):
-        raise ProtocolError(400, "shared-memory inputs are not supported")
+        raise BadRequest("shared-memory inputs are not supported")
     size = params.get("binary_data_size")
     raw = b""
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise ProtocolError(400, f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} binary bytes")
+            raise BadRequest(f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary)} binary bytes")
         raw = binary[:size]
     elif "data" not in t:
-        raise ProtocolError(400, f"input {name!r} has neither 'data' nor binary data")
+        raise BadRequest(f"input {name!r} has neither 'data' nor binary data")
     outputs = requested_outputs(req, manifest.onnx.output.name)
     tensors, images = decode_input(name, dtype, shape, raw if size is not None else None, t.get("data"),
                                    manifest, max_images)
@@ -231,29 +220,29 @@ def decode_input(name: Any, dtype: Any, shape: list[int], raw: bytes | None, dat
         return _fp32_rows(t, name, shape, size, raw or b"", manifest, max_images), None
     if dtype == "BYTES":
         return None, _images(t, name, shape, size, raw or b"", max_images)
-    raise ProtocolError(400, f"input {name!r}: datatype {dtype!r} is not supported; send FP32 tensors or BYTES images")
+    raise BadRequest(f"input {name!r}: datatype {dtype!r} is not supported; send FP32 tensors or BYTES images")
 
 
 def _fp32_rows(t, name, shape, size, raw, manifest: Manifest, max_images: int) -> list[np.ndarray]:
     crop = manifest.preprocess.crop
     if name != manifest.onnx.input.name:
-        raise ProtocolError(400, f"model {manifest.name!r} has no input {name!r}; its input is {manifest.onnx.input.name!r}")
+        raise BadRequest(f"model {manifest.name!r} has no input {name!r}; its input is {manifest.onnx.input.name!r}")
     if len(shape) != 4 or shape[1:] != [3, crop, crop] or shape[0] < 1:
-        raise ProtocolError(400, f"input {name!r}: shape {shape} is not [N, 3, {crop}, {crop}]")
+        raise BadRequest(f"input {name!r}: shape {shape} is not [N, 3, {crop}, {crop}]")
     if shape[0] > max_images:
-        raise ProtocolError(400, f"at most {max_images} images per request")
+        raise BadRequest(f"at most {max_images} images per request")
     count = int(np.prod(shape))
     if size is not None:
         if size != count * 4:
-            raise ProtocolError(400, f"input {name!r}: {size} bytes of binary data for {count} FP32 values")
+            raise BadRequest(f"input {name!r}: {size} bytes of binary data for {count} FP32 values")
         x = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     else:
         try:  # nested as the shape, or flat: numpy walks it in C
             x = np.asarray(t["data"], dtype=np.float32).reshape(-1)
         except (TypeError, ValueError):
-            raise ProtocolError(400, f"input {name!r}: 'data' must hold numbers, flat or nested as its shape") from None
+            raise BadRequest(f"input {name!r}: 'data' must hold numbers, flat or nested as its shape") from None
         if x.size != count:
-            raise ProtocolError(400, f"input {name!r}: {x.size} values in 'data' for shape {shape}")
+            raise BadRequest(f"input {name!r}: {x.size} values in 'data' for shape {shape}")
     # NaN and infinities are passed on, as Triton does: perf_analyzer's default random input is arbitrary
     # bytes, and a row's values never reach another row of the batch (eval-mode networks are per-sample).
     x = x.reshape(shape)
@@ -262,22 +251,22 @@ def _fp32_rows(t, name, shape, size, raw, manifest: Manifest, max_images: int) -
 
 def _images(t, name, shape, size, raw, max_images: int) -> list[bytes]:
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
-        raise ProtocolError(400, f"input {name!r}: BYTES input holds encoded images, shape [N] or [N, 1]; got {shape}")
+        raise BadRequest(f"input {name!r}: BYTES input holds encoded images, shape [N] or [N, 1]; got {shape}")
     if shape[0] > max_images:
-        raise ProtocolError(400, f"at most {max_images} images per request")
+        raise BadRequest(f"at most {max_images} images per request")
     if size is not None:
         images = bytes_elements(raw, f"input {name!r}", shape[0])
     else:
         images = []
         for v in _flatten(t["data"], shape[0], 2):  # [N] or [N, 1], flat or nested
             if not isinstance(v, str):
-                raise ProtocolError(400, f"input {name!r}: JSON BYTES elements must be base64 strings")
+                raise BadRequest(f"input {name!r}: JSON BYTES elements must be base64 strings")
             try:
                 images.append(base64.b64decode(v, validate=True))
             except (binascii.Error, ValueError):
-                raise ProtocolError(400, f"input {name!r}: JSON BYTES elements must be base64-encoded images") from None
+                raise BadRequest(f"input {name!r}: JSON BYTES elements must be base64-encoded images") from None
     if len(images) != shape[0]:
-        raise ProtocolError(400, f"input {name!r}: {len(images)} elements for shape {shape}")
+        raise BadRequest(f"input {name!r}: {len(images)} elements for shape {shape}")
     return images
 
 
@@ -288,22 +277,22 @@ def requested_outputs(req: dict[str, Any], output_name: str) -> list[Output]:
     if outs is None:
         return [Output(output_name, 0, default_binary)]
     if not isinstance(outs, list) or not outs:
-        raise ProtocolError(400, "'outputs' must be a non-empty list")
+        raise BadRequest("'outputs' must be a non-empty list")
     result: list[Output] = []
     for o in outs:
         if not isinstance(o, dict) or o.get("name") != output_name:
             got = o.get("name") if isinstance(o, dict) else o
-            raise ProtocolError(400, f"unknown output {got!r}; the model's output is {output_name!r}")
+            raise BadRequest(f"unknown output {got!r}; the model's output is {output_name!r}")
         if result:  # each entry is a copy of the answer: a 4 MB list of them would ask for gigabytes
-            raise ProtocolError(400, f"output {output_name!r} is requested more than once")
+            raise BadRequest(f"output {output_name!r} is requested more than once")
         p = o.get("parameters") or {}
         if not isinstance(p, dict):
-            raise ProtocolError(400, "output 'parameters' must be an object")
+            raise BadRequest("output 'parameters' must be an object")
         if any(k.startswith("shared_memory") for k in p):
-            raise ProtocolError(400, "shared-memory outputs are not supported")
+            raise BadRequest("shared-memory outputs are not supported")
         k = p.get("classification", p.get("class_count", 0))
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ProtocolError(400, "the classification parameter must be a non-negative integer")
+            raise BadRequest("the classification parameter must be a non-negative integer")
         result.append(Output(output_name, k, bool(p.get("binary_data", default_binary))))
     return result
 

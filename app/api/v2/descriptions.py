@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from app import __version__
-from app.api.v2.codec import VERSION, ProtocolError
+from app.api.v2.codec import VERSION
 from app.core.errors import UnknownModel
 from app.engine.facade import ModelView, Plane, index_state
 
@@ -22,15 +22,15 @@ def server_metadata() -> dict[str, Any]:
 
 
 def find_entry(plane: Plane, name: str, version: str | None) -> ModelView:
-    """The named model, or ProtocolError 404 (unknown model, or a version it does not serve)."""
+    """The named model, or UnknownModel (404): a model it does not have, or a version it does not serve."""
     try:
         entry = plane.find(name)
     except UnknownModel as exc:
         # The name came from the client: not echoed back.
-        raise ProtocolError(404, f"unknown model; available: {', '.join(exc.extra.get('available', []))}") from None
+        raise UnknownModel(f"unknown model; available: {', '.join(exc.extra.get('available', []))}") from None
     if version not in (None, "", VERSION, entry.version):
         # "1" stays accepted: before versions followed the ONNX file, every model was version 1.
-        raise ProtocolError(404, f"model {name!r} serves version {entry.version or VERSION} only")
+        raise UnknownModel(f"model {name!r} serves version {entry.version or VERSION} only")
     return entry
 
 

@@ -23,8 +23,8 @@ import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from app.api.v2.codec import InferInput, ProtocolError, parse_infer
-from app.core.errors import ApiError, Overloaded, Unavailable
+from app.api.v2.codec import InferInput, parse_infer
+from app.core.errors import ApiError, BadRequest, Overloaded, Unavailable
 from app.engine.manifest import Manifest
 
 log = logging.getLogger("effnet.v2")
@@ -57,7 +57,7 @@ def parse_checked(body: bytes, header_length: str | None, manifest: Manifest, ma
         raise
     except (RecursionError, MemoryError, TypeError, ValueError, KeyError, AttributeError) as exc:
         log.warning("unparseable inference request: %s", type(exc).__name__)
-        raise ProtocolError(400, "the inference request could not be parsed") from None
+        raise BadRequest("the inference request could not be parsed") from None
 
 
 def _slim(inp: InferInput) -> InferInput:

@@ -21,21 +21,18 @@ from fastapi.responses import JSONResponse
 
 from app.api.state import plane_of
 from app.api.v2.errors import V2_ERRORS
+from app.api.errors import v2_response
 from app.api.body import Upload, client_timeout_s
-from app.api.v2.codec import HEADER, InferInput, ProtocolError, decode_content, encode_infer
+from app.api.v2.codec import HEADER, InferInput, decode_content, encode_infer
 from app.api.v2.json_worker import parse_checked, wants_worker
 from app.api.v2.descriptions import find_entry, metadata, model_config, model_state
 from app.api.v2.descriptions import server_metadata as describe_server
 from app.core import tracing
-from app.core.errors import ApiError
+from app.core.errors import ApiError, NotFound
 from app.engine.facade import ModelView
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _entry(request: Request, name: str, version: str | None) -> ModelView:
@@ -63,8 +60,8 @@ async def health_ready(request: Request) -> JSONResponse:
 async def _model_metadata(request: Request, name: str, version: str | None) -> JSONResponse:
     try:
         entry = _entry(request, name, version)
-    except ProtocolError as exc:
-        return _error(exc.status, exc.message)
+    except ApiError as exc:
+        return v2_response(exc)
     # Beyond V2's fields, the index's state and reason: a model serving one version while its files on disk
     # failed to load says so here too (clients ignore fields they do not know).
     return JSONResponse({**metadata(entry), **model_state(entry)})
@@ -73,8 +70,8 @@ async def _model_metadata(request: Request, name: str, version: str | None) -> J
 async def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
     try:
         entry = _entry(request, name, version)
-    except ProtocolError as exc:
-        return _error(exc.status, exc.message)
+    except ApiError as exc:
+        return v2_response(exc)
     ready = entry.serving and not plane_of(request).draining
     return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
 
@@ -82,8 +79,8 @@ async def _model_ready(request: Request, name: str, version: str | None) -> JSON
 async def _model_config(request: Request, name: str, version: str | None) -> JSONResponse:
     try:
         return JSONResponse(model_config(_entry(request, name, version), plane_of(request)))
-    except ProtocolError as exc:
-        return _error(exc.status, exc.message)
+    except ApiError as exc:
+        return v2_response(exc)
 
 
 @router.get("/models/{name}/config", summary="Model configuration (Triton's extension)")
@@ -136,7 +133,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         async with Upload(request, plane) as upload:
             return await upload.guard(_run(plane, upload, request, entry, arrived, timeout_s))
     except ApiError as exc:
-        return _error(exc.status, exc.message, exc.headers)
+        return v2_response(exc)
 
 
 async def _run(plane, upload: Upload, request: Request, entry: ModelView, arrived: float,
@@ -180,4 +177,4 @@ def _decode_and_parse(body: bytes, headers, manifest, settings, upload: Upload) 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
 async def not_found(rest: str) -> JSONResponse:
-    return _error(404, f"no such endpoint: /v2/{rest}")
+    return v2_response(NotFound(f"no such endpoint: /v2/{rest}"))
