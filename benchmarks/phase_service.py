@@ -53,22 +53,19 @@ def stage_cpu(row: dict, threadmap: Path) -> dict[str, float]:
     return out
 
 
-class Ceiling:
-    """Default sessions kept in this process for the measurements next to the service's windows."""
+def ceiling(plan):
+    """raw ORT's default session, kept in this process, measured next to a window -> the LoadWindow fields."""
+    from app.core.config import Settings
 
-    def __init__(self, plan) -> None:
-        from app.core.config import Settings
+    threads, sessions = Settings().threads, {}
 
-        self.plan, self.threads, self.sessions = plan, Settings().threads, {}
-
-    def measure(self, name: str, batch: int) -> dict:
-        """The LoadWindow fields of a default-session measurement at `batch`."""
-        if name not in self.sessions:
-            path, iname, oname, crop = model_file(self.plan.repo / name)
-            self.sessions[name] = (default_session(path, iname, oname, self.threads), crop)
-        run, crop = self.sessions[name]
-        m = measure_one(run, crop, batch, self.plan.raw_s)
+    def measure(name: str, batch: int) -> dict:
+        if name not in sessions:
+            path, iname, oname, crop = model_file(plan.repo / name)
+            sessions[name] = (default_session(path, iname, oname, threads), crop)
+        m = measure_one(*sessions[name], batch, plan.raw_s)
         return {"raw_batch": batch, "raw_img_per_s": m["img_per_s"], "raw_ms_p50": m["batch_ms_p50"]}
+    return measure
 
 
 def _window(plan, srv: Process, name: str, body: Path, ctype: str, n: int, threadmap: Path) -> dict:
@@ -82,7 +79,8 @@ def _window(plan, srv: Process, name: str, body: Path, ctype: str, n: int, threa
     return r
 
 
-def _matrix(plan, srv: Process, inputs: dict[str, Path], ceiling: Ceiling, threadmap: Path) -> list[LoadWindow]:
+def _matrix(plan, srv: Process, inputs: dict[str, Path], threadmap: Path) -> list[LoadWindow]:
+    raw_next_to = ceiling(plan)
     rows = []
     top_n = max(plan.concurrency)
     cells = [(m, kind, "raw", n) for m in plan.full for kind in ("model-res", "photo") for n in plan.concurrency]
@@ -95,10 +93,10 @@ def _matrix(plan, srv: Process, inputs: dict[str, Path], ceiling: Ceiling, threa
         # measured right next to it (the server idles meanwhile).
         adjacent = {}
         if n == 1 and kind == "model-res" and body_kind == "raw":
-            adjacent = ceiling.measure(name, 1)
+            adjacent = raw_next_to(name, 1)
         r = _window(plan, srv, name, body, ctype, n, threadmap)
         if n == top_n and kind == "model-res" and body_kind == "raw":
-            adjacent = ceiling.measure(name, 8)
+            adjacent = raw_next_to(name, 8)
         rows.append(LoadWindow.of(r, server="service", model=name, kind=kind, body=body_kind, body_bytes=body.stat().st_size,
                                   mean_batch=r["mean_batch"], stage_cpu_ms=r["stage_cpu_ms"], **adjacent))
         log(f"  {name} {kind:9} {body_kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
@@ -157,7 +155,7 @@ def phase_service(plan, inputs: dict[str, Path]) -> list[Record]:
                 loadgen(f"{srv.base}/classify?model={m}", inputs["photo"], plan.burst_clients, plan.burst_s, 0.0, plan.grace_s)
             after_burst = rss_kib(srv.pid)["VmRSS"]
             log(f"  after a burst of photos on each model RSS {after_burst / 1024:.0f} MiB")
-            out += _matrix(plan, srv, inputs, Ceiling(plan), threadmap)
+            out += _matrix(plan, srv, inputs, threadmap)
             after = rss_kib(srv.pid)
             log(f"  after the load RSS {after['VmRSS'] / 1024:.0f} MiB (peak {after['VmHWM'] / 1024:.0f} MiB)")
             out.append(ServiceMemory(models=loaded, ready_s=ready_s, max_batch=max_batch, idle_kib=idle,
