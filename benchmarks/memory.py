@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.harness import ALL_B, DEFAULT_REPO, DOCS, Process, build_models, free_port, group_pids, log, python_env
-from benchmarks.report import machine_info, write_owned_block
+from benchmarks.blocks import machine_info, write_owned_block
 from benchmarks.scaling import cores
 
 GIB = 1 << 30

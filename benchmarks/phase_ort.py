@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.harness import ROOT, log
+from benchmarks.records import BatchTable, Model, OrtTiming, Record
 from app.engine.sessions import spin_mode
 from benchmarks.raw_ort import alternate, best_batch, default_session, measure_model, model_file, server_session
 
@@ -31,41 +32,50 @@ ARENA_SETTINGS = [
 ]
 
 
-def phase_raw(plan, results: dict) -> None:
-    raw: dict = {}
-    best: dict = {}
+def timing(phase: str, model: str, session: str, m: dict, note: str = "") -> OrtTiming:
+    """A raw_ort summary as a record."""
+    return OrtTiming(phase=phase, model=model, session=session, batch=m["batch"], img_per_s=m["img_per_s"],
+                     ms_p50=m["batch_ms_p50"], cpu_ms_per_img=m["cpu_ms_per_img"], runs=m["runs"], note=note)
+
+
+def phase_raw(plan, models: dict[str, Model]) -> list[Record]:
+    """Both sessions of every model; sets each Model's best batch and writes the batch tables."""
+    out: list[Record] = []
+    best: dict[str, int] = {}
+    device = "cpu"
     for name in plan.models:
         batches = plan.raw_batches(name)
         default_batches = CEILING_BATCHES if name in plan.full else [1]
         log(f"raw ORT {name}: server's session at {batches}, default session at {default_batches}")
-        raw[name] = r = measure_model(plan.repo / name, batches, plan.raw_s, default_batches=default_batches)
+        r = measure_model(plan.repo / name, batches, plan.raw_s, default_batches=default_batches)
+        device = r["device"]
         b = best_batch(r)
-        r["best_batch"] = b
         # Written only where the measurement brackets the optimum: the full sweep, or a short
         # sweep whose throughput already falls at its largest size.
-        r["best_batch_written"] = name in plan.full or b < max(batches)
-        if r["best_batch_written"]:
+        models[name].best_batch, models[name].best_batch_written = b, name in plan.full or b < max(batches)
+        if models[name].best_batch_written:
             best[name] = b
+        out += [timing("raw", name, "server", m) for m in r["batches"].values()]
+        out += [timing("raw", name, "default", m) for m in r["default"]["batches"].values()]
         log("  server's: " + ", ".join(f"b{k} {v['img_per_s']:.1f}" for k, v in r["batches"].items())
             + f" img/s (best {b}); default: " + ", ".join(f"b{k} {v['img_per_s']:.1f}" for k, v in r["default"]["batches"].items()))
         gc.collect()
-    results["raw"] = raw
-    results["batch_sizes"] = write_batch_sizes(plan.repo, raw, best)
+    out.append(write_batch_sizes(plan.repo, device, best))
     # `make serve` reads models/: the sizes measured here hold for any weights of the same variant.
     served = ROOT / "models"
     if not plan.quick and served.is_dir() and served.resolve() != plan.repo.resolve():
-        results["batch_sizes_served"] = write_batch_sizes(served, raw, best)
+        out.append(write_batch_sizes(served, device, best))
+    return out
 
 
-def write_batch_sizes(repo: Path, raw: dict, best: dict[str, int]) -> dict:
+def write_batch_sizes(repo: Path, device: str, best: dict[str, int]) -> BatchTable:
     from app.core.config import BATCH_SIZES_FILE, write_batch_table
 
-    device = next((r["device"] for r in raw.values()), "cpu")
-    table = write_batch_table(repo, device, best)
-    return {"path": str(repo / BATCH_SIZES_FILE), "device": device, "written": best, "table": table}
+    write_batch_table(repo, device, best)
+    return BatchTable(path=str(repo / BATCH_SIZES_FILE), device=device, written=best)
 
 
-def phase_arena(plan, results: dict) -> None:
+def phase_arena(plan) -> list[Record]:
     from app.core.config import Settings
 
     name, batch = plan.full[0], plan.arena_batch
@@ -80,31 +90,21 @@ def phase_arena(plan, results: dict) -> None:
     rows = []
     for key, what, arena, spinning in ARENA_SETTINGS:
         m = measured[key][str(batch)]
-        rows.append({"key": key, "what": what, "arena": arena, "spinning": spinning,
-                     "is_server_default": arena == s.ort_arena and spin_mode(spinning) == s.ort_spinning, **m})
+        mine = arena == s.ort_arena and spin_mode(spinning) == s.ort_spinning
+        rows.append(timing("arena", name, key, m, what + (" (the server's default)" if mine else "")))
         log(f"  {key:12} {m['img_per_s']:6.1f} img/s  {m['cpu_ms_per_img']:.1f} ms CPU/img")
-    results["arena"] = {"model": name, "batch": batch, "threads": s.threads, "rounds": plan.arena_rounds,
-                        "seconds_per_setting": plan.arena_s, "rows": rows}
     del runs
     gc.collect()
+    return rows
 
 
-def conv_pads(path: Path) -> dict:
+def conv_pads(path: Path) -> tuple[int, int]:
     """Conv nodes of a graph and how many have asymmetric pads (TF SAME on a stride-2 conv)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    convs = asym = pads_ops = 0
-    for node in model.graph.node:
-        if node.op_type == "Pad":
-            pads_ops += 1
-        if node.op_type != "Conv":
-            continue
-        convs += 1
-        pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), [])
-        half = len(pads) // 2
-        asym += bool(pads) and pads[:half] != pads[half:]
-    return {"conv": convs, "asymmetric_conv": asym, "pad_ops": pads_ops}
+    convs = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "Conv"]
+    pads = [next((list(a.ints) for a in n.attribute if a.name == "pads"), []) for n in convs]
+    return len(convs), sum(bool(p) and p[:len(p) // 2] != p[len(p) // 2:] for p in pads)
 
 
 def same_padded_copy(src: Path, dst: Path) -> Path:
@@ -128,7 +128,8 @@ def same_padded_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def phase_padding(plan, results: dict) -> None:
+def phase_padding(plan, models: dict[str, Model]) -> list[Record]:
+    """Both Lite0 graphs alternating; fills in their Model records' padding facts."""
     from app.core.config import Settings
 
     same_name, sym_name = plan.padding_models
@@ -136,18 +137,15 @@ def phase_padding(plan, results: dict) -> None:
     if plan.quick:
         folders["same"] = same_padded_copy(plan.repo / sym_name, plan.work / "padding" / f"{sym_name}-same")
     threads = Settings().threads
-    runs, info, crop = {}, {}, None
-    for key, folder in folders.items():
+    runs, crop = {}, None
+    for folder in folders.values():
         manifest = json.loads((folder / "manifest.json").read_text())
         onnx_path = folder / manifest["onnx"]["file"]
         crop = manifest["preprocess"]["crop"]
-        runs[key] = default_session(onnx_path, manifest["onnx"]["input"]["name"], manifest["onnx"]["output"]["name"], threads)
-        info[key] = {"model": folder.name, "padding": manifest.get("padding"),
-                     "pretrained": (manifest.get("weights") or {}).get("pretrained"), **conv_pads(onnx_path)}
-    log(f"padding: {info['same']['model']} ({info['same']['padding']}) vs {info['symmetric']['model']} "
-        f"({info['symmetric']['padding']}), default session, alternating")
+        runs[folder.name] = default_session(onnx_path, manifest["onnx"]["input"]["name"], manifest["onnx"]["output"]["name"], threads)
+        m = models.setdefault(folder.name, Model(name=folder.name, px=crop, macs=manifest["macs"], params=manifest.get("params")))
+        m.padding, m.pretrained = manifest.get("padding"), (manifest.get("weights") or {}).get("pretrained")
+        m.conv, m.asymmetric_conv = conv_pads(onnx_path)
+    log(f"padding: {' vs '.join(f'{n} ({models[n].padding})' for n in runs)}, default session, alternating")
     measured = alternate(runs, crop, {k: CEILING_BATCHES for k in runs}, plan.padding_s, rounds=plan.arena_rounds)
-    for b in CEILING_BATCHES:
-        a, s = measured["same"][str(b)], measured["symmetric"][str(b)]
-        log(f"  batch {b}: same {a['img_per_s']:.1f}, symmetric {s['img_per_s']:.1f} img/s = {a['img_per_s'] / s['img_per_s']:.2f}x")
-    results["padding"] = {"models": info, "batches": measured, "threads": threads, "rounds": plan.arena_rounds}
+    return [timing("padding", n, "default", t) for n in runs for t in measured[n].values()]

@@ -13,8 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, group_pids, group_rss_kib, loadgen, log, python_env
+from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, group_rss_kib, loadgen, log, python_env
 from benchmarks.peers.payloads import v2_binary_body
+from benchmarks.records import LoadWindow, Record, Server
 
 PEERS_DIR = ROOT / "benchmarks" / "peers"
 PEER_READY_S = 120  # each starts in seconds; a peer that hangs must not take the run past 10 minutes
@@ -51,63 +52,60 @@ def _start(plan, peer: str, model_dir: Path, python: str) -> Process:
                    python_env(), port, plan.work / f"{peer}.log", ready_path=ready, stop_signal=signal.SIGINT)
 
 
-def _bodies(plan, peer: str, inputs: dict[str, Path], name: str) -> dict[str, tuple[Path, str, list[str]]]:
-    """input kind -> (body file, Content-Type, extra headers) as this peer takes the same JPEG."""
+def _bodies(plan, peer: str, inputs: dict[str, Path], name: str) -> dict[str, tuple[str, Path, str, list[str]]]:
+    """input kind -> (body kind, body file, Content-Type, extra headers) as this peer takes the same JPEG."""
     out = {}
     for kind, key in (("model-res", name), ("photo", "photo")):
         if peer == "pytriton":
             body, ctype, headers = v2_binary_body(inputs[key].read_bytes(), "images", "predictions")
             path = plan.work / f"{key}.v2"
             path.write_bytes(body)
-            out[kind] = (path, ctype, [f"{k}:{v}" for k, v in headers.items()])
+            out[kind] = ("v2", path, ctype, [f"{k}:{v}" for k, v in headers.items()])
         elif peer == "naive":
-            out[kind] = (inputs[key], "image/jpeg", [])
+            out[kind] = ("raw", inputs[key], "image/jpeg", [])
         else:
-            out[kind] = (inputs[f"{key}:multipart"], MULTIPART_TYPE, [])
+            out[kind] = ("multipart", inputs[f"{key}:multipart"], MULTIPART_TYPE, [])
     return out
 
 
-def run_peer(plan, peer: str, inputs: dict[str, Path], python: str = sys.executable) -> dict:
+def run_peer(plan, peer: str, inputs: dict[str, Path], python: str = sys.executable) -> list[Record]:
+    """Its windows, then its Server record (ready time and memory, or why it failed)."""
     name = plan.full[0]
     n = max(plan.concurrency)
-    result: dict = {"peer": peer, "what": PEER_INFO[peer], "rows": []}
+    server = Server(name=peer, what=PEER_INFO[peer])
+    out: list[Record] = []
     srv = _start(plan, peer, plan.repo / name, python)
     try:
         log(f"peer {peer}: starting")
-        result["ready_s"] = srv.wait_ready(timeout=PEER_READY_S)
+        server.ready_s = srv.wait_ready(timeout=PEER_READY_S)
         path = "/v2/models/{}/infer".format(name) if peer == "pytriton" else ("/classify" if peer == "naive" else "/predict")
-        for kind, (body, ctype, headers) in _bodies(plan, peer, inputs, name).items():
+        for kind, (body_kind, body, ctype, headers) in _bodies(plan, peer, inputs, name).items():
             r = loadgen(srv.base + path, body, n, plan.load_s, plan.warmup_s, plan.grace_s, content_type=ctype,
                         headers=headers, server_pgid=srv.pid)
-            r.update(model=name, input=kind, peer=peer, body_bytes=body.stat().st_size)
+            out.append(LoadWindow.of(r, server=peer, model=name, kind=kind, body=body_kind, body_bytes=body.stat().st_size))
             log(f"  {peer} {kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
                 f"errors {r['errors']}  server CPU {r['server_cpu_pct'] or 0:.0f}%")
-            result["rows"].append(r)
-        result["rss_kib"] = group_rss_kib(srv.pid)
-        result["processes"] = len(group_pids(srv.pid))
+        server.rss_kib = group_rss_kib(srv.pid)
     except RuntimeError as exc:
-        result["error"] = str(exc).splitlines()[0][:300]
-        log(f"  {peer} failed: {result['error']}")
+        server.note = str(exc).splitlines()[0][:300]
+        log(f"  {peer} failed: {server.note}")
     finally:
         srv.stop()
-    return result
+    return out + [server]
 
 
-def phase_peers(plan, results: dict, inputs: dict[str, Path]) -> None:
-    peers = []
+def phase_peers(plan, inputs: dict[str, Path]) -> list[Record]:
+    out: list[Record] = []
     for peer in plan.peers:
-        if peer == "pytriton":
-            python, note = plan.pytriton_python, plan.pytriton_note
-            if python is None:
-                peers.append({"peer": peer, "what": PEER_INFO[peer], "rows": [], "skipped": note})
-                log(f"peer pytriton skipped: {note}")
-                continue
-            peers.append(run_peer(plan, peer, inputs, python))
+        if peer != "pytriton":
+            out += run_peer(plan, peer, inputs)
+        elif plan.pytriton_python is None:
+            out.append(Server(name=peer, what=PEER_INFO[peer], note=plan.pytriton_note))
+            log(f"peer pytriton skipped: {plan.pytriton_note}")
         else:
-            peers.append(run_peer(plan, peer, inputs))
-    results["peers"] = peers
+            out += run_peer(plan, peer, inputs, plan.pytriton_python)
+    return out
 
 
-def phase_naive(plan, results: dict, inputs: dict[str, Path]) -> None:
-    r = run_peer(plan, "naive", inputs)
-    results["naive"] = r
+def phase_naive(plan, inputs: dict[str, Path]) -> list[Record]:
+    return run_peer(plan, "naive", inputs)

@@ -18,6 +18,7 @@ from benchmarks import perf_analyzer
 from benchmarks.harness import (MULTIPART_TYPE, ROOT, Process, batch_metrics, free_port, has_model, http_get, loadgen, log,
                                 port_open, python_env, rss_kib)
 from benchmarks.raw_ort import default_session, measure_one, model_file
+from benchmarks.records import LoadWindow, PerfRow, Record, ServiceMemory
 
 STAGES = ("event loop", "decode pool", "inference threads", "ORT workers", "other")
 
@@ -36,12 +37,12 @@ def stage_of(tid: str, comm: str, names: dict[str, str]) -> str:
     return "other"
 
 
-def stage_cpu(row: dict, threadmap: Path) -> dict[str, float] | None:
+def stage_cpu(row: dict, threadmap: Path) -> dict[str, float]:
     """CPU ms per answered image, per stage, over the window."""
-    threads = row.pop("server_threads", None)
+    threads = row.get("server_threads")
     images = (row.get("img_per_s") or 0) * row["window_s"]
     if not threads or not images:
-        return None
+        return {}
     try:
         names = json.loads(threadmap.read_text())
     except (OSError, ValueError):
@@ -52,20 +53,19 @@ def stage_cpu(row: dict, threadmap: Path) -> dict[str, float] | None:
     return out
 
 
-class Ceiling:
-    """Default sessions kept in this process for the measurements next to the service's windows."""
+def ceiling(plan):
+    """raw ORT's default session, kept in this process, measured next to a window -> the LoadWindow fields."""
+    from app.core.config import Settings
 
-    def __init__(self, plan) -> None:
-        from app.core.config import Settings
+    threads, sessions = Settings().threads, {}
 
-        self.plan, self.threads, self.sessions = plan, Settings().threads, {}
-
-    def measure(self, name: str, batch: int) -> dict:
-        if name not in self.sessions:
-            path, iname, oname, crop = model_file(self.plan.repo / name)
-            self.sessions[name] = (default_session(path, iname, oname, self.threads), crop)
-        run, crop = self.sessions[name]
-        return measure_one(run, crop, batch, self.plan.raw_s)
+    def measure(name: str, batch: int) -> dict:
+        if name not in sessions:
+            path, iname, oname, crop = model_file(plan.repo / name)
+            sessions[name] = (default_session(path, iname, oname, threads), crop)
+        m = measure_one(*sessions[name], batch, plan.raw_s)
+        return {"raw_batch": batch, "raw_img_per_s": m["img_per_s"], "raw_ms_p50": m["batch_ms_p50"]}
+    return measure
 
 
 def _window(plan, srv: Process, name: str, body: Path, ctype: str, n: int, threadmap: Path) -> dict:
@@ -75,11 +75,12 @@ def _window(plan, srv: Process, name: str, body: Path, ctype: str, n: int, threa
     after = batch_metrics(srv.base)
     (s0, c0), (s1, c1) = before.get(name, (0.0, 0.0)), after.get(name, (0.0, 0.0))
     r["mean_batch"] = (s1 - s0) / (c1 - c0) if c1 > c0 else None  # includes the warm-up
-    r["stage_cpu_ms_per_img"] = stage_cpu(r, threadmap)
+    r["stage_cpu_ms"] = stage_cpu(r, threadmap)
     return r
 
 
-def _matrix(plan, srv: Process, inputs: dict[str, Path], ceiling: Ceiling, threadmap: Path) -> list[dict]:
+def _matrix(plan, srv: Process, inputs: dict[str, Path], threadmap: Path) -> list[LoadWindow]:
+    raw_next_to = ceiling(plan)
     rows = []
     top_n = max(plan.concurrency)
     cells = [(m, kind, "raw", n) for m in plan.full for kind in ("model-res", "photo") for n in plan.concurrency]
@@ -92,41 +93,42 @@ def _matrix(plan, srv: Process, inputs: dict[str, Path], ceiling: Ceiling, threa
         # measured right next to it (the server idles meanwhile).
         adjacent = {}
         if n == 1 and kind == "model-res" and body_kind == "raw":
-            adjacent["raw_b1_adjacent"] = ceiling.measure(name, 1)
+            adjacent = raw_next_to(name, 1)
         r = _window(plan, srv, name, body, ctype, n, threadmap)
         if n == top_n and kind == "model-res" and body_kind == "raw":
-            adjacent["raw_b8_adjacent"] = ceiling.measure(name, 8)
-        r.update(model=name, input=kind, body=body_kind, body_bytes=body.stat().st_size, **adjacent)
+            adjacent = raw_next_to(name, 8)
+        rows.append(LoadWindow.of(r, server="service", model=name, kind=kind, body=body_kind, body_bytes=body.stat().st_size,
+                                  mean_batch=r["mean_batch"], stage_cpu_ms=r["stage_cpu_ms"], **adjacent))
         log(f"  {name} {kind:9} {body_kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
             f"p99 {r['p99_ms'] or 0:7.1f} ms  errors {r['errors']}  server CPU {r['server_cpu_pct'] or 0:.0f}%")
-        rows.append(r)
     return rows
 
 
-def _perf(plan, srv: Process, grpc_port: int, max_batch: int | None) -> dict:
+def _perf(plan, srv: Process, grpc_port: int, max_batch: int | None) -> list[Record]:
     name = plan.full[0]
     batch = min(plan.perf_batch, max_batch or plan.perf_batch)
     crop = model_file(plan.repo / name)[3]
-    out: dict = {"model": name, "batch": batch, "requested_batch": plan.perf_batch, "runs": [],
-                 "request_mb": batch * 3 * crop * crop * 4 / 1e6}
     kw = dict(batch=batch, concurrency=plan.perf_concurrency, interval_ms=plan.perf_interval_ms,
               max_trials=plan.perf_trials, timeout=plan.perf_interval_ms / 1000 * plan.perf_trials * 3 + 60)
     log(f"perf_analyzer: {name}, batch {batch}, concurrency {plan.perf_concurrency}, HTTP binary tensors")
-    out["runs"].append(perf_analyzer.run_stable(f"127.0.0.1:{srv.port}", name, "http", csv_path=plan.work / "pa-http.csv", **kw))
+    runs = [perf_analyzer.run_stable(f"127.0.0.1:{srv.port}", name, "http", csv_path=plan.work / "pa-http.csv", **kw)]
     if not (ROOT / "app" / "api" / "grpc").is_dir():
-        out["runs"].append({"protocol": "grpc", "status": "not run: no gRPC front end (app/api/grpc does not exist)"})
+        runs.append({"protocol": "grpc", "status": "not run: no gRPC front end (app/api/grpc does not exist)"})
     elif not port_open(grpc_port):
-        out["runs"].append({"protocol": "grpc", "status": f"not run: nothing listens on EFFNET_GRPC_PORT={grpc_port}"})
+        runs.append({"protocol": "grpc", "status": f"not run: nothing listens on EFFNET_GRPC_PORT={grpc_port}"})
     else:
         log("perf_analyzer: gRPC")
-        out["runs"].append(perf_analyzer.run_stable(f"127.0.0.1:{grpc_port}", name, "grpc", csv_path=plan.work / "pa-grpc.csv", **kw))
-    for r in out["runs"]:
+        runs.append(perf_analyzer.run_stable(f"127.0.0.1:{grpc_port}", name, "grpc", csv_path=plan.work / "pa-grpc.csv", **kw))
+    for r in runs:
         log(f"  {r['protocol']}: {r['status']}" + (f", {r['img_per_s']:.1f} img/s, p50 {r.get('p50_ms', 0):.1f} ms"
                                                     if r.get("img_per_s") else ""))
-    return out
+    return [PerfRow(protocol=r["protocol"], model=name, batch=batch, requested_batch=plan.perf_batch, concurrency=plan.perf_concurrency,
+                    request_mb=batch * 3 * crop * crop * 4 / 1e6, status=r["status"], img_per_s=r.get("img_per_s"),
+                    p50_ms=r.get("p50_ms"), p99_ms=r.get("p99_ms"), stable=r.get("stable"), stability_pct=r.get("stability_pct"),
+                    command=r.get("command", ""), rc=r.get("rc", 0)) for r in runs]
 
 
-def phase_service(plan, results: dict, inputs: dict[str, Path]) -> None:
+def phase_service(plan, inputs: dict[str, Path]) -> list[Record]:
     loaded = [m for m in plan.memory if has_model(plan.repo, m)]
     port, grpc_port = free_port(), free_port()
     threadmap = plan.work / "threads.json"
@@ -135,30 +137,31 @@ def phase_service(plan, results: dict, inputs: dict[str, Path]) -> None:
                EFFNET_GRPC_PORT=str(grpc_port), EFFNET_BENCH_THREADMAP=str(threadmap))
     srv = Process("effnet serve", [sys.executable, "-m", "benchmarks.service_probe", "--host", "127.0.0.1", "--port", str(port)],
                   env, port, plan.work / "server.log")
-    memory: dict = {"models": loaded}
+    out: list[Record] = []
     try:
         log(f"service: loading {','.join(loaded)}")
-        memory["ready_s"] = srv.wait_ready(timeout=900)
+        ready_s = srv.wait_ready(timeout=900)
         _, models_json = http_get(srv.base + "/models")
         try:
             listing = json.loads(models_json)
             listing = listing.get("models", listing) if isinstance(listing, dict) else listing
-            memory["max_batch"] = {m["name"]: m.get("max_batch") for m in listing}
+            max_batch = {m["name"]: m.get("max_batch") for m in listing}
         except (ValueError, TypeError, KeyError):
-            memory["max_batch"] = {}
-        memory["idle"] = rss_kib(srv.pid)
-        log(f"  ready in {memory['ready_s']:.1f} s, RSS {memory['idle']['VmRSS'] / 1024:.0f} MiB")
+            max_batch = {}
+        idle = rss_kib(srv.pid)["VmRSS"]
+        log(f"  ready in {ready_s:.1f} s, RSS {idle / 1024:.0f} MiB")
         if "service" in plan.phases:
             for m in loaded:  # a burst of photos on every loaded model
                 loadgen(f"{srv.base}/classify?model={m}", inputs["photo"], plan.burst_clients, plan.burst_s, 0.0, plan.grace_s)
-            memory["after_burst"] = rss_kib(srv.pid)
-            log(f"  after a burst of photos on each model RSS {memory['after_burst']['VmRSS'] / 1024:.0f} MiB")
-            results["service"] = _matrix(plan, srv, inputs, Ceiling(plan), threadmap)
-            memory["after_load"] = rss_kib(srv.pid)
-            log(f"  after the load RSS {memory['after_load']['VmRSS'] / 1024:.0f} MiB "
-                f"(peak {memory['after_load']['VmHWM'] / 1024:.0f} MiB)")
-            results["memory"] = memory
+            after_burst = rss_kib(srv.pid)["VmRSS"]
+            log(f"  after a burst of photos on each model RSS {after_burst / 1024:.0f} MiB")
+            out += _matrix(plan, srv, inputs, threadmap)
+            after = rss_kib(srv.pid)
+            log(f"  after the load RSS {after['VmRSS'] / 1024:.0f} MiB (peak {after['VmHWM'] / 1024:.0f} MiB)")
+            out.append(ServiceMemory(models=loaded, ready_s=ready_s, max_batch=max_batch, idle_kib=idle,
+                                     after_burst_kib=after_burst, after_load_kib=after["VmRSS"], hwm_kib=after["VmHWM"]))
         if "perf" in plan.phases:
-            results["perf_analyzer"] = _perf(plan, srv, grpc_port, memory["max_batch"].get(plan.full[0]))
+            out += _perf(plan, srv, grpc_port, max_batch.get(plan.full[0]))
     finally:
         srv.stop(timeout=30)
+    return out

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime
 
-    from benchmarks.report import machine_info, write_owned_block
+    from benchmarks.blocks import machine_info, write_owned_block
     from build.precision import INT8_SETTINGS
 
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from PIL import Image
 
 from app.engine.manifest import Preprocess
 from app.engine.preprocess import prepare
+from benchmarks.records import Prep
 
 MAX_PIXELS = 50_000_000
 
@@ -50,36 +51,27 @@ def _time(fn, reps: int) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def measure(data: bytes, pp: Preprocess, reps: int) -> dict:
+def measure(data: bytes, name: str, pp: Preprocess, reps: int) -> Prep:
     ref = reference(data, pp)
     ours = prepare(data, pp, MAX_PIXELS, draft=True)
     full = prepare(data, pp, MAX_PIXELS, draft=False)
-    plain_ms = _time(lambda: reference(data, pp), reps)
-    ours_ms = _time(lambda: prepare(data, pp, MAX_PIXELS, draft=True), reps)
-    nodraft_ms = _time(lambda: prepare(data, pp, MAX_PIXELS, draft=False), reps)
-    decode_ms = _time(lambda: Image.open(io.BytesIO(data)).convert("RGB"), reps)
-    return {
-        "resize": pp.resize, "crop": pp.crop, "interpolation": pp.interpolation, "reps": reps,
-        "plain_decode_ms": decode_ms,
-        "plain_ms": plain_ms,
-        "ours_ms": ours_ms,
-        "ours_nodraft_ms": nodraft_ms,
-        "speedup": plain_ms / ours_ms if ours_ms else None,
-        "ours_decoded_size": list(ours.size),
-        "mean_abs_diff": float(np.abs(ours.tensor - ref).mean()),
-        "mean_abs_diff_nodraft": float(np.abs(full.tensor - ref).mean()),
-        "max_abs_diff": float(np.abs(ours.tensor - ref).max()),
-    }
+    return Prep(model=name, resize=pp.resize, crop=pp.crop, reps=reps, photo_bytes=len(data),
+                plain_decode_ms=_time(lambda: Image.open(io.BytesIO(data)).convert("RGB"), reps),
+                plain_ms=_time(lambda: reference(data, pp), reps),
+                ours_ms=_time(lambda: prepare(data, pp, MAX_PIXELS, draft=True), reps),
+                ours_nodraft_ms=_time(lambda: prepare(data, pp, MAX_PIXELS, draft=False), reps),
+                decoded_size=list(ours.size), diff=float(np.abs(ours.tensor - ref).mean()),
+                diff_nodraft=float(np.abs(full.tensor - ref).mean()))
 
 
-def measure_all(plan, results: dict, photo: Path) -> None:
+def measure_all(plan, photo: Path) -> list[Prep]:
     """The prep phase: every matrix model's preprocessing of the 1920x1080 photo."""
     from app.engine.manifest import load_manifest
-    from benchmarks.harness import PHOTO_SIZE, log
+    from benchmarks.harness import log
 
     data = photo.read_bytes()
-    prep = {}
+    out = []
     for name in plan.full:
         log(f"preprocessing {name}")
-        prep[name] = measure(data, load_manifest(plan.repo / name).preprocess, plan.prep_reps)
-    results["prep"] = {"photo_bytes": len(data), "size": list(PHOTO_SIZE), "models": prep}
+        out.append(measure(data, name, load_manifest(plan.repo / name).preprocess, plan.prep_reps))
+    return out

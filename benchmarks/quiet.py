@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks import perf_analyzer as pa
 from benchmarks.harness import DEFAULT_REPO, MULTIPART_TYPE, QUICK_CACHE, ROOT, build_models, loadgen, python_env
-from benchmarks.report import block_main, machine_info
+from benchmarks.blocks import block_main, machine_info
 from benchmarks.scaling import Contender, alternating, cores, jpeg_and_multipart, start_litserve, start_service
 
 SERVICE, SPINNING, ONE = "service", "service, spinning", "service, 1 process"

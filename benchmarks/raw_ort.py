@@ -117,26 +117,15 @@ def measure_model(folder: Path, batches: list[int], seconds: float, *, default_b
                   rounds: int = 2) -> dict:
     """img/s and latency of the server's session at each batch size; with `default_batches`, the
     default session too, at those sizes, alternating with the server's session."""
-    settings = Settings()
     path, iname, oname, crop = model_file(folder)
-    manifest = load_manifest(folder)
-    t0 = time.perf_counter()
     session = server_session(path, iname, oname)
-    load_s = time.perf_counter() - t0
     runs: dict[str, Run] = {"server": session.run}
     want = {"server": list(batches)}
     if default_batches:
-        runs["default"] = default_session(path, iname, oname, settings.threads)
+        runs["default"] = default_session(path, iname, oname, Settings().threads)
         want["default"] = list(default_batches)
     measured = alternate(runs, crop, want, seconds, rounds=rounds if default_batches else 1)
-    out = {
-        "provider": session.provider, "device": session.device, "threads": settings.threads,
-        "spinning": settings.ort_spinning, "arena": settings.ort_arena, "session_load_s": load_s,
-        "macs": manifest.macs, "params": manifest.params, "resolution": crop, "batches": measured["server"],
-    }
-    if default_batches:
-        out["default"] = {"threads": settings.threads, "batches": measured["default"]}
-    return out
+    return {"device": session.device, "batches": measured["server"], "default": {"batches": measured.get("default", {})}}
 
 
 def best_batch(result: dict) -> int:

@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or DOCS
     plan = make_plan(args)
 
-    from benchmarks.report import machine_info, write_owned_block
+    from benchmarks.blocks import machine_info, write_owned_block
 
     build_models(QUICK_CACHE, ["tiny"], allow_build=True)
     if not args.quick:

@@ -1,7 +1,7 @@
 """`python -m benchmarks.run`: ONNX Runtime's default session (the ceiling), the server's session, the
 service, its peers and Triton's perf_analyzer, one run, one machine.
 
-    python -m benchmarks.run                  # full run (make bench) -> docs/benchmarks.{md,json,png}
+    python -m benchmarks.run                  # full run (make bench) -> docs/benchmarks.{jsonl,md,png}
     python -m benchmarks.run --quick          # smoke mode: tiny models, ~1 s per measurement, temp output
     python -m benchmarks.run --phases raw,arena --models b0   # a partial run while developing
 
@@ -18,7 +18,8 @@ Phases, in order (each writes its own section; one left out by --phases reads "n
   naive    benchmarks/naive_server.py (PyTorch eager, per request) under the same load
 
 Phase modules: benchmarks.phase_ort (raw, arena, padding), benchmarks.phase_service (service, perf),
-benchmarks.phase_peers (peers, naive); the report: benchmarks.report. Estimated at 7-9 minutes on a quiet
+benchmarks.phase_peers (peers, naive); the records: benchmarks.records (appended to <out>/benchmarks.jsonl); the
+report: benchmarks.report, its targets: benchmarks.targets. Estimated at 7-9 minutes on a quiet
 2-core machine (each doc's header has its measured length). Models are built into a persistent repository (.cache/bench-repo) the first time; building
 (and setting up PyTriton's venv) is not part of the measured run.
 """
@@ -26,17 +27,19 @@ benchmarks.phase_peers (peers, naive); the report: benchmarks.report. Estimated 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.harness import (ALL_B, DEFAULT_REPO, DOCS, QUICK_CACHE, QUICK_MODELS, ROOT, build_models, cpu_busy_s, own_cpu_s,
                                 has_model, log, make_inputs)
 from benchmarks.phase_ort import BATCH_SWEEP
+from benchmarks.records import Model, Record, Run
 
 PHASES = ("raw", "arena", "padding", "prep", "service", "perf", "peers", "naive")
 PEERS = ("litserve", "fastapi", "pytriton")
@@ -73,7 +76,6 @@ class Plan:
     perf_trials: int
     pytriton_python: str | None = None
     pytriton_note: str = ""
-    argv: list[str] = field(default_factory=list)
 
     def raw_batches(self, model: str) -> list[int]:
         # The full sweep for the matrix models; 1 and 2 for the rest, enough to see whether
@@ -90,7 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                          "--models among b0,b4; quick: all)")
     p.add_argument("--memory-models", help="models loaded into the service (default b0..b7; quick: the quick models)")
     p.add_argument("--repo", type=Path, help=f"model repository (default {DEFAULT_REPO.relative_to(ROOT)}; quick: a temp copy)")
-    p.add_argument("--out", type=Path, help="where benchmarks.{md,json,png} go (default docs/; quick: a temp dir)")
+    p.add_argument("--out", type=Path, help="where benchmarks.{jsonl,md,png} go (default docs/; quick: a temp dir)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {','.join(PHASES)}")
     p.add_argument("--peers", help=f"comma list of {','.join(PEERS)} (default all; quick: litserve,fastapi)")
     p.add_argument("--concurrency", default="1,32")
@@ -101,7 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
+def make_plan(args: argparse.Namespace) -> Plan:
     def split(s: str) -> list[str]:
         return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -144,14 +146,11 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
         padding_models=("tiny-same", full[0]) if quick else ("lite0", "lite0-symmetric"),
         padding_s=0.3 if quick else 2.0,
         perf_batch=8, perf_concurrency=4, perf_interval_ms=500 if quick else 3000, perf_trials=3 if quick else 5,
-        argv=argv,
     )
 
 
 def prepare_repo(plan: Plan, allow_build: bool, temp_repo: bool) -> tuple[dict[str, dict], float]:
     """Build what is missing; returns each model's manifest and the seconds spent building."""
-    import json
-
     needed = list(dict.fromkeys(plan.models + plan.memory))
     if "padding" in plan.phases and not plan.quick:
         needed += list(plan.padding_models)
@@ -169,23 +168,35 @@ def prepare_repo(plan: Plan, allow_build: bool, temp_repo: bool) -> tuple[dict[s
     return manifests, build_s
 
 
+def run_record(plan: Plan, argv: list[str]) -> Run:
+    from app.core.config import Settings
+    from app.engine.sessions import spin_mode
+    from benchmarks.blocks import machine_info
+
+    s = Settings()
+    return Run(command=" ".join(["python -m benchmarks.run", *argv]), quick=plan.quick, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               machine=machine_info(), models=plan.models, full=plan.full, loaded=plan.memory, phases=plan.phases,
+               concurrency=plan.concurrency, window_s=plan.load_s, warmup_s=plan.warmup_s, raw_s=plan.raw_s, repo=str(plan.repo),
+               threads=s.threads, ort_arena=s.ort_arena, ort_spinning=spin_mode(s.ort_spinning), burst_clients=plan.burst_clients,
+               burst_s=plan.burst_s, arena_rounds=plan.arena_rounds, arena_s=plan.arena_s, perf_interval_ms=plan.perf_interval_ms,
+               perf_trials=plan.perf_trials, loadavg=[os.getloadavg()[0]])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    plan = make_plan(args, argv)
+    plan = make_plan(args)
     from benchmarks import phase_ort, phase_peers, phase_service, report
     from benchmarks.preprocessing import measure_all
 
-    meta = report.machine_info()
-    meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    meta["loadavg_start"] = os.getloadavg()
-    manifests, meta["build_s"] = prepare_repo(plan, allow_build=not args.no_build, temp_repo=plan.quick and args.repo is None)
+    run = run_record(plan, argv)
+    manifests, run.build_s = prepare_repo(plan, allow_build=not args.no_build, temp_repo=plan.quick and args.repo is None)
     if missing := [m for m in plan.models if m not in manifests]:
         raise SystemExit(f"models not in {plan.repo}: {', '.join(missing)}")
     if "peers" in plan.phases and "pytriton" in plan.peers:
         t0 = time.perf_counter()
         plan.pytriton_python, plan.pytriton_note = phase_peers.setup_pytriton()
-        meta["pytriton_setup_s"] = time.perf_counter() - t0
+        run.pytriton_setup_s = time.perf_counter() - t0
 
     # The server tunes malloc at start-up; do the same here so that raw ORT and the preprocessing
     # timings run under the allocator settings the service runs under.
@@ -194,27 +205,27 @@ def main(argv: list[str] | None = None) -> int:
     tune_malloc()
     t_run, busy0, own0 = time.perf_counter(), cpu_busy_s(), own_cpu_s()
     inputs = make_inputs(plan.work, plan.full, manifests)
-    results: dict = {"phases": plan.phases, "timings_s": {}}
-    steps = [("raw", lambda: phase_ort.phase_raw(plan, results)),
-             ("arena", lambda: phase_ort.phase_arena(plan, results)),
-             ("padding", lambda: phase_ort.phase_padding(plan, results)),
-             ("prep", lambda: measure_all(plan, results, inputs["photo"])),
-             ("service", lambda: phase_service.phase_service(plan, results, inputs)),
-             ("peers", lambda: phase_peers.phase_peers(plan, results, inputs)),
-             ("naive", lambda: phase_peers.phase_naive(plan, results, inputs))]
+    models = {n: Model(name=n, px=m["preprocess"]["crop"], macs=m["macs"], params=m.get("params"), padding=m.get("padding"))
+              for n, m in manifests.items() if n in plan.models or n in plan.memory}
+    records: list[Record] = []
+    steps = [("raw", lambda: phase_ort.phase_raw(plan, models)),
+             ("arena", lambda: phase_ort.phase_arena(plan)),
+             ("padding", lambda: phase_ort.phase_padding(plan, models)),
+             ("prep", lambda: measure_all(plan, inputs["photo"])),
+             ("service", lambda: phase_service.phase_service(plan, inputs)),
+             ("peers", lambda: phase_peers.phase_peers(plan, inputs)),
+             ("naive", lambda: phase_peers.phase_naive(plan, inputs))]
     for phase, fn in steps:
         if phase in plan.phases or (phase == "service" and "perf" in plan.phases):
-            t0 = time.perf_counter()
-            fn()
-            results["timings_s"][phase] = time.perf_counter() - t0
-    meta["run_s"] = time.perf_counter() - t_run
+            records += fn()
+    run.run_s = time.perf_counter() - t_run
     # What else used the cores meanwhile: the machine's busy time less ours (this process and its children).
-    meta["others_cpu_pct"] = max(0.0, 100.0 * ((cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / meta["run_s"])
-    meta["loadavg_end"] = os.getloadavg()
-    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    run.others_cpu_pct = max(0.0, 100.0 * ((cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / run.run_s)
+    run.loadavg.append(os.getloadavg()[0])
+    run.finished = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     plan.out.mkdir(parents=True, exist_ok=True)
-    paths = report.write(plan, meta, manifests, results)
-    log(f"run took {meta['run_s']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    paths = report.write(plan.out, run.started, [run, *models.values(), *records])
+    log(f"run took {run.run_s:.0f} s; wrote {', '.join(str(p) for p in paths)}")
     shutil.rmtree(plan.work, ignore_errors=True)  # inputs, logs and the quick repo; kept when the run fails
     return 0
 

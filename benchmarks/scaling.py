@@ -37,7 +37,7 @@ from benchmarks import perf_analyzer as pa
 from benchmarks.harness import (DEFAULT_REPO, MULTIPART_TYPE, QUICK_CACHE, ROOT, Process, build_models, free_port,
                                 loadgen, log, python_env, write_photo)
 from benchmarks.peers.payloads import multipart_body
-from benchmarks.report import block_main, machine_info
+from benchmarks.blocks import block_main, machine_info
 
 PEERS_DIR = ROOT / "benchmarks" / "peers"
 

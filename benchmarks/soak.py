@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"{args.repo} lacks {', '.join(sorted(missing))}: run make bench first (it builds them)")
 
-    from benchmarks.report import machine_info, write_owned_block
+    from benchmarks.blocks import machine_info, write_owned_block
 
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         body = write_photo(Path(tmp) / "photo.jpg")

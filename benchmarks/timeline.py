@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from benchmarks.harness import DEFAULT_REPO, DOCS, QUICK_CACHE, ROOT, Process, build_models, free_port, log, python_env
-from benchmarks.report import machine_info
+from benchmarks.blocks import machine_info
 from benchmarks.scaling import Contender, alternating, cores, jpeg
 
 HOPS = ["to the app", "body", "open", "admission", "decode", "queue", "inference", "wake-ups and trips", "answer",

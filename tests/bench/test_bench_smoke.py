@@ -1,5 +1,5 @@
 """Smoke test of the benchmark (`python -m benchmarks.run --quick`): the real pipeline (raw ORT, the
-service, its peers, perf_analyzer, the report) end to end on tiny models with ~1 s windows. No timing is
+service, its peers, perf_analyzer, the records and the report) end to end on tiny models with ~1 s windows. No timing is
 asserted: the benchmark is not a test of speed."""
 
 from __future__ import annotations
@@ -9,6 +9,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.records import KINDS, LoadWindow, Results, Server, latest
+from benchmarks.report import models_json
+from benchmarks.targets import targets
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +28,6 @@ SECTIONS = [
     "## 7. Preprocessing alone",
     "## 8. Memory",
     "## 9. Throughput and p95 latency vs MACs",
-    "## What each change bought (this run)",
     "## GPU: unmeasured",
 ]
 MANUAL = "<!-- manual -->\n## Build time\n\nkept by hand\n<!-- /manual -->"
@@ -51,22 +54,27 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert "![throughput and p95 latency vs MACs](benchmarks.png)" in md
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    data = json.loads((out / "benchmarks.json").read_text())
-    for key in ("meta", "command", "raw", "arena", "padding", "batch_sizes", "prep", "service", "memory", "perf_analyzer",
-                "peers", "naive", "targets", "bought", "models"):
-        assert key in data, f"missing {key!r} in benchmarks.json"
+    assert "[benchmarks-history.md](benchmarks-history.md)" in md
+
+    res = Results(latest(out / "benchmarks.jsonl"))
+    assert {type(r).__name__ for r in res.records} == set(KINDS), "a kind of record is missing"
     # The ceiling: raw ORT's default session at batch 1 and 8 for every matrix model.
-    for name in data["plan"]["full_matrix"]:
-        assert {"1", "8"} <= set(data["raw"][name]["default"]["batches"]), name
-    assert {t["status"] for t in data["targets"]} <= {"met", "missed", "unmeasured", "reported"}
-    measured = {t["target"][:3] for t in data["targets"] if t["status"] != "unmeasured"}
-    assert {"(1)", "(2)", "(3)", "(4)", "(5)"} <= measured, data["targets"]
-    for name, entry in data["models"].items():
-        assert {"p50_ms", "p95_ms", "img_per_s"} <= set(entry), name
-    assert all(r["ok"] > 0 for r in data["service"]), "the service answered nothing in some cell"
-    assert all(r.get("stage_cpu_ms_per_img") for r in data["service"]), "a window without its per-stage CPU"
-    for p in data["peers"] + [data["naive"]]:
-        assert "error" not in p and all(r["ok"] > 0 for r in p["rows"]), p
+    for name in res.run.full:
+        assert res.ort("raw", name, "default", 1) and res.ort("raw", name, "default", 8), name
+    checks = targets(res)
+    assert {c.status for c in checks} <= {"met", "missed", "unmeasured", "reported"}
+    measured = {c.goal[:3] for c in checks if c.status != "unmeasured"}
+    assert {"(1)", "(2)", "(3)", "(4)", "(5)"} <= measured, checks
+    windows = res.of(LoadWindow)
+    assert {w.server for w in windows} == {"service", "litserve", "fastapi", "naive"}
+    assert all(w.ok > 0 for w in windows), "a server answered nothing in some window"
+    assert all(w.stage_cpu_ms for w in windows if w.server == "service"), "a window without its per-stage CPU"
+    assert all(not s.note and s.ready_s for s in res.of(Server)), res.of(Server)
+    # The per-model summary `effnet report --bench` reads.
+    from app.tools.report import read_bench
+
+    (tmp_path / "models.json").write_text(json.dumps(models_json(res)))
+    assert set(read_bench(tmp_path / "models.json")["models"]) == set(res.run.models)
     # The quick run never touches docs/.
     assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")} == docs_before
 
@@ -75,8 +83,7 @@ def test_batch_table_merges(tmp_path: Path) -> None:
     from benchmarks.phase_ort import write_batch_sizes
 
     (tmp_path / "batch_sizes.json").write_text(json.dumps({"b4": 1, "cuda": {"b0": 32}}))
-    raw = {"b0": {"device": "cpu"}}
-    write_batch_sizes(tmp_path, raw, {"b0": 4})
+    assert write_batch_sizes(tmp_path, "cpu", {"b0": 4}).written == {"b0": 4}
     assert json.loads((tmp_path / "batch_sizes.json").read_text()) == {"cpu": {"b4": 1, "b0": 4}, "cuda": {"b0": 32}}
 
     from app.core.config import read_batch_table

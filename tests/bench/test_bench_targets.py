@@ -1,0 +1,100 @@
+"""The targets' checks over hand-made records: each goal marked met, missed or unmeasured from the numbers given,
+on both sides of its limit; and the records' round trip through JSON lines. No timing is measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.records import LoadWindow, OrtTiming, Results, Run, ServiceMemory, append, latest
+from benchmarks.targets import GIB, int8, memory, outside_ort, p50_one_client, vs_ceiling, vs_litserve
+
+
+def run(**kw) -> Run:
+    base = dict(command="python -m benchmarks.run", quick=False, started="2026-12-05 08:00:00 UTC", machine={"cores": 2},
+                models=["b0", "b4"], full=["b0", "b4"], loaded=[f"b{i}" for i in range(8)], phases=["raw", "service"],
+                concurrency=[1, 32], window_s=6.0, warmup_s=1.0, raw_s=2.5, repo="/repo", threads=2, ort_arena="shared",
+                ort_spinning="off", burst_clients=4, burst_s=1.0, arena_rounds=3, arena_s=3.0, perf_interval_ms=3000, perf_trials=5)
+    return Run(**{**base, **kw})
+
+
+def window(model: str, kind: str, clients: int, img_per_s: float, body: str = "raw", server: str = "service", **kw) -> LoadWindow:
+    return LoadWindow(server=server, model=model, input=kind, body=body, clients=clients, body_bytes=1000, ok=100, errors=0,
+                      unfinished=0, img_per_s=img_per_s, p50_ms=kw.pop("p50_ms", 10.0), p95_ms=12.0, p99_ms=15.0,
+                      server_cpu_pct=150.0, server_cpu_ms_per_img=kw.pop("cpu", 16.0), **kw)
+
+
+def status(checks) -> list[str]:
+    return [c.status for c in checks]
+
+
+def test_ceiling_is_the_default_session_next_to_the_window_else_the_raw_phase() -> None:
+    res = Results([run(), window("b0", "model-res", 32, 90.0, raw_batch=8, raw_img_per_s=100.0),
+                   window("b4", "model-res", 32, 9.4),
+                   OrtTiming("raw", "b4", "default", 8, img_per_s=10.0, ms_p50=800.0, cpu_ms_per_img=200.0, runs=3)])
+    checks = vs_ceiling(res)
+    assert status(checks) == ["met", "missed"]  # 0.90 ≥ 0.90; 0.94 < 0.95
+    assert "**0.90**" in checks[0].numbers and "measured right after the window" in checks[0].numbers
+    assert "**0.94**" in checks[1].numbers and "raw phase" in checks[1].numbers
+    assert status(vs_ceiling(Results([run(), window("b0", "model-res", 32, 90.0)]))) == ["unmeasured", "unmeasured"]
+
+
+def test_litserve_ratio_on_the_same_multipart_body() -> None:
+    res = Results([run(), window("b0", "model-res", 32, 120.0, "multipart"), window("b0", "photo", 32, 199.0, "multipart"),
+                   window("b0", "model-res", 32, 999.0),  # the raw body does not count: the peer gets multipart
+                   window("b0", "model-res", 32, 100.0, "multipart", "litserve"),
+                   window("b0", "photo", 32, 100.0, "multipart", "litserve")])
+    checks = vs_litserve(res)
+    assert status(checks) == ["met", "missed"]  # 1.20× ≥ 1.2; 1.99× < 2
+    assert "**1.20×**" in checks[0].numbers and "**1.99×**" in checks[1].numbers
+
+
+def test_memory_takes_the_highest_reading_and_needs_every_model() -> None:
+    def mem(peak_gib: float, models: list[str]) -> ServiceMemory:
+        kib = int(peak_gib * GIB)
+        return ServiceMemory(models=models, ready_s=10.0, max_batch={}, idle_kib=GIB, after_burst_kib=kib,
+                             after_load_kib=GIB * 2, hwm_kib=kib)
+
+    all_b = [f"b{i}" for i in range(8)]
+    assert status(memory(Results([run(), mem(2.5, all_b)]))) == ["met"]
+    assert status(memory(Results([run(), mem(2.6, all_b)]))) == ["missed"]
+    assert status(memory(Results([run(), mem(1.0, all_b[:7])]))) == ["unmeasured"]
+    assert status(memory(Results([run()]))) == ["unmeasured"]
+
+
+def test_p50_at_one_client_against_raw_batch_one_plus_slack() -> None:
+    res = Results([run(), window("b0", "model-res", 1, 90.0, p50_ms=7.0, raw_batch=1, raw_ms_p50=5.0),
+                   window("b4", "model-res", 1, 20.0, p50_ms=52.1, raw_batch=1, raw_ms_p50=50.0)])
+    assert status(p50_one_client(res)) == ["met", "missed"]  # 7.0 ≤ 5 + 2; 52.1 > 50 + 2
+    assert status(p50_one_client(Results([run(), window("b0", "model-res", 1, 90.0)]))) == ["unmeasured", "unmeasured"]
+
+
+def test_cpu_outside_ort_is_reported_by_stage() -> None:
+    stages = {"event loop": 2.0, "decode pool": 4.0, "inference threads": 8.0, "ORT workers": 2.0, "other": 0.0}
+    res = Results([run(), window("b0", "photo", 32, 50.0, timing_ms={"decode": 1.0, "preprocess": 3.0}, stage_cpu_ms=stages)])
+    (check,) = outside_ort(res)
+    assert check.status == "reported"
+    assert "ORT 10.0, outside ORT **6.0**" in check.numbers and "decode 1.0, preprocess 3.0" in check.numbers
+    assert "largest: **preprocess**" in check.numbers
+    assert status(outside_ort(Results([run()]))) == ["unmeasured"]
+
+
+def test_int8_reads_the_precision_run() -> None:
+    def precision(ships: bool) -> dict:
+        return {"date": "2026-12-02", "models": {"lite0": {"fp32": {"img_per_s": {"1": 100.0}},
+                                                           "int8": {"ships": ships, "gate": {"agreement": 0.958},
+                                                                    "img_per_s": {"1": 150.0}}}}}
+
+    assert status(int8(precision(True))) == ["met"]
+    (missed,) = int8(precision(False))
+    assert missed.status == "missed" and "95.8%" in missed.numbers and "1.50× fp32 at batch 1" in missed.numbers
+    assert status(int8(None)) == ["unmeasured"]
+
+
+def test_records_round_trip_and_the_latest_run_wins(tmp_path: Path) -> None:
+    path = tmp_path / "benchmarks.jsonl"
+    first = [run(), window("b0", "photo", 32, 50.0)]
+    second = [run(started="later"), window("b0", "photo", 32, 60.0, stage_cpu_ms={"other": 1.0}),
+              OrtTiming("arena", "b0", "shared", 8, 160.0, 45.0, 11.0, 20, note="the server's session")]
+    append(path, "first", first)
+    append(path, "second", second)
+    assert latest(path) == second
