@@ -1,7 +1,7 @@
 """`effnet eval` and `effnet report`.
 
     effnet eval --model lite0 --data DIR [--repo models] [--limit N] [--batch B] [--json]
-    effnet report --repo models [--bench docs/benchmarks.json] --out docs/
+    effnet report --repo models [--bench FILE] --out docs/   # FILE: python -m benchmarks.report --models-json FILE
 
 `eval` is torch-free (it runs in the runtime image); `report` needs matplotlib (the
 `report` extra), imported only when it runs.
