@@ -69,11 +69,12 @@ ARG MODELS=b0,lite0
 ARG WEIGHTS=auto
 ARG BUILD_FLAGS=
 ENV PYTHONPATH=/src
-COPY app/__init__.py app/__main__.py app/cli.py /src/app/
-COPY build/ /src/build/
+# Under their installed names (pyproject.toml [tool.setuptools] package-dir), as the CLI imports them.
+COPY app/__init__.py app/__main__.py app/cli.py /src/effnet_serve/
+COPY build/ /src/effnet_build/
 # BUILD_FLAGS is split into words on purpose (several flags in one argument).
 # hadolint ignore=SC2086
-RUN python3 -m app build ${MODELS:+--models "$MODELS"} --weights "$WEIGHTS" --repo /models $BUILD_FLAGS \
+RUN python3 -m effnet_serve build ${MODELS:+--models "$MODELS"} --weights "$WEIGHTS" --repo /models $BUILD_FLAGS \
  && chmod -R u=rwX,go=rX /models \
  && ls -l /models
 
@@ -109,8 +110,9 @@ RUN useradd --system --uid 10001 --user-group --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin effnet
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /dist/ /tmp/dist/
+# The image serves and never builds: the build step's package (effnet_build) is left out.
 RUN pip install --no-deps --no-index /tmp/dist/*.whl \
- && rm -rf /tmp/dist
+ && rm -rf /tmp/dist "$(python3 -c 'import effnet_build, pathlib; print(pathlib.Path(effnet_build.__file__).parent)')"
 COPY deploy/docker/healthcheck.py /usr/local/lib/effnet/healthcheck.py
 # Owned by root, read-only for the server's user.
 COPY --from=models /models /models
@@ -164,7 +166,7 @@ RUN python3 -m venv /opt/venv \
  && rm /tmp/requirements.txt
 COPY --from=wheel /dist/ /tmp/dist/
 RUN pip install --no-deps --no-index /tmp/dist/*.whl \
- && rm -rf /tmp/dist /src/requirements.py
+ && rm -rf /tmp/dist /src/requirements.py "$(python3 -c 'import effnet_build, pathlib; print(pathlib.Path(effnet_build.__file__).parent)')"
 COPY deploy/docker/healthcheck.py /usr/local/lib/effnet/healthcheck.py
 COPY --from=models /models /models
 WORKDIR /srv

@@ -1,6 +1,6 @@
 import sys
 
-from app.cli import main
+from .cli import main
 
 # Guarded: a spawned worker process (app/api/v2/json_worker.py) imports this module again as __mp_main__.
 if __name__ == "__main__":

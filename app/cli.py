@@ -22,15 +22,19 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in BUILD_COMMANDS:
-        from build.cli import main as build_main
-
+        try:
+            from effnet_build.cli import main as build_main
+        except ImportError as exc:  # the serving image ships without the build step (and without torch)
+            print(f"effnet {argv[0]}: the build step is not installed here ({exc}); "
+                  "install effnet-serve[build] where models are built", file=sys.stderr)
+            return 2
         return build_main(argv)
     if argv and argv[0] in EVAL_COMMANDS:
-        from app.tools.eval_cli import main as eval_main
+        from .tools.eval_cli import main as eval_main
 
         return eval_main(argv)
     if argv and argv[0] == "tune":
-        from app.tools.tune import main as tune_main
+        from .tools.tune import main as tune_main
 
         return tune_main(argv[1:])
 
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        from app.supervisor import serve
+        from .supervisor import serve
 
         return serve(host=args.host, port=args.port)
     parser.error(f"unknown command {args.command}")

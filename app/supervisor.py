@@ -32,12 +32,12 @@ import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from app.api.server import serve as serve_one_process
-from app.api.server import reuseport_socket, serve_worker
-from app.core.config import Settings
-from app.engine.link import shm
-from app.engine.link.process import run_engine
-from app.engine.memory import SharedBudget, SharedUploadCount
+from .api.server import serve as serve_one_process
+from .api.server import reuseport_socket, serve_worker
+from .core.config import Settings
+from .engine.link import shm
+from .engine.link.process import run_engine
+from .engine.memory import SharedBudget, SharedUploadCount
 
 log = logging.getLogger("effnet.supervisor")
 

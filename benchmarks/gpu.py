@@ -5,7 +5,7 @@
 
 1. pip installs what is missing (EFFNET_GPU_WHEELS=DIR: that wheelhouse first, then PyPI), onnxruntime-gpu too when
    there is a GPU but no CUDA EP; then the script restarts itself, so that the new packages import.
-2. The models are built (`python -m app build ... --weights random`, side by side) unless --repo has them.
+2. The models are built (`python -m effnet_serve build ... --weights random`, side by side) unless --repo has them.
 3. Raw ORT: a default CUDA session (what ORT gives without us) at each batch; TensorRT fp16 when ORT has it.
 4. The service with 1 and N (= cores) workers, both started at once, measured in turns with the other one frozen
    (SIGSTOP): gRPC tensors at the same batches (perf_analyzer, else a Python client) and HTTP JPEGs (loadgen).
@@ -48,7 +48,7 @@ NEEDS = {"numpy": "numpy", "PIL": "pillow", "onnxruntime": "onnxruntime", "fasta
          "pydantic_settings": "pydantic-settings", "multipart": "python-multipart", "orjson": "orjson",
          "prometheus_client": "prometheus-client", "grpc": "grpcio", "tritonclient.grpc": "tritonclient grpcio protobuf",
          "torch": "torch", "onnx": "onnx", "onnxscript": "onnxscript", "tqdm": "tqdm"}
-BUILD = {"torch", "onnx", "onnxscript", "tqdm"}  # only `python -m app build`, a child process, imports these
+BUILD = {"torch", "onnx", "onnxscript", "tqdm"}  # only `python -m effnet_serve build`, a child process, imports these
 
 
 @dataclass
@@ -153,7 +153,7 @@ def build(repo: Path, models: list[str], work: Path) -> dict[str, str]:
     missing = [m for m in models if not has_model(repo, m)]
     env = {**python_env(), "OMP_NUM_THREADS": str(max(1, cores() // max(1, len(missing))))}
     logs = {m: work / f"build-{m}.log" for m in missing}
-    cmd = [sys.executable, "-m", "app", "build", "--repo", str(repo), "--quiet"]  # the checkout's `effnet build`
+    cmd = [sys.executable, "-m", "effnet_serve", "build", "--repo", str(repo), "--quiet"]  # the checkout's `effnet build`
     procs = {m: subprocess.Popen([*cmd, *build_args(m)], env=env, cwd=ROOT, stdout=logs[m].open("w"),
                                  stderr=subprocess.STDOUT) for m in missing}
     failed = {m: "n/a: build failed: " + short(logs[m].read_text()) for m, p in procs.items() if p.wait()}
@@ -236,7 +236,7 @@ def start_service(args: argparse.Namespace, workers: int, device: str, crops: di
     if workers > 1 and need > 256 and shm.f_bavail * shm.f_frsize * 0.8 > workers * need << 20:
         env["EFFNET_SHM_MB"] = str(need)  # else the supervisor's default, and such requests get 503 (the note says)
     port = free_port()
-    proc = Process(f"service, {workers} worker(s)", [sys.executable, "-m", "app", "serve", "--port", str(port)],
+    proc = Process(f"service, {workers} worker(s)", [sys.executable, "-m", "effnet_serve", "serve", "--port", str(port)],
                    env, port, args.out / f"service-w{workers}.log")
     return Contender(str(workers), proc, int(env["EFFNET_GRPC_PORT"]))
 

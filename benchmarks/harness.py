@@ -224,7 +224,7 @@ def build_models(repo: Path, names: list[str], allow_build: bool) -> float:
     log(f"building {','.join(missing)} into {repo} (one-time; not part of the measured run)")
     t0 = time.perf_counter()
     for n in missing:
-        subprocess.run([sys.executable, "-m", "app", "build", *build_args(n), "--repo", str(repo), "--quiet"],
+        subprocess.run([sys.executable, "-m", "effnet_serve", "build", *build_args(n), "--repo", str(repo), "--quiet"],
                        env=python_env(), cwd=ROOT, check=True)
     return time.perf_counter() - t0
 

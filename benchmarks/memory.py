@@ -75,7 +75,7 @@ def measure(work: Path, repo: Path, workers: int, photo: bytes) -> dict:
     env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
     env.update(EFFNET_REPOSITORY=str(repo), EFFNET_MODELS=",".join(ALL_B), EFFNET_WORKERS=str(workers),
                EFFNET_GRPC_PORT="0")
-    proc = Process(f"service, {workers} workers", [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1",
+    proc = Process(f"service, {workers} workers", [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1",
                                                    "--port", str(port)], env, port, work / f"memory-{workers}.log")
     try:
         proc.wait_ready(900)

@@ -27,8 +27,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from PIL import Image
 
-from build.efficientnet import EfficientNet
-from build.scaling import KNOWN_VARIANTS, custom_variant, named_variant
+from effnet_build.efficientnet import EfficientNet
+from effnet_build.scaling import KNOWN_VARIANTS, custom_variant, named_variant
 
 
 def load_model(folder: Path) -> tuple[torch.nn.Module, dict, list[str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT, log
 from benchmarks.records import BatchTable, Model, OrtTiming, Record
-from app.engine.sessions import spin_mode
+from effnet_serve.engine.sessions import spin_mode
 from benchmarks.raw_ort import alternate, best_batch, default_session, measure_model, model_file, server_session
 
 CEILING_BATCHES = [1, 8]
@@ -69,14 +69,14 @@ def phase_raw(plan, models: dict[str, Model]) -> list[Record]:
 
 
 def write_batch_sizes(repo: Path, device: str, best: dict[str, int]) -> BatchTable:
-    from app.core.config import BATCH_SIZES_FILE, write_batch_table
+    from effnet_serve.core.config import BATCH_SIZES_FILE, write_batch_table
 
     write_batch_table(repo, device, best)
     return BatchTable(path=str(repo / BATCH_SIZES_FILE), device=device, written=best)
 
 
 def phase_arena(plan) -> list[Record]:
-    from app.core.config import Settings
+    from effnet_serve.core.config import Settings
 
     name, batch = plan.full[0], plan.arena_batch
     path, iname, oname, crop = model_file(plan.repo / name)
@@ -130,7 +130,7 @@ def same_padded_copy(src: Path, dst: Path) -> Path:
 
 def phase_padding(plan, models: dict[str, Model]) -> list[Record]:
     """Both Lite0 graphs alternating; fills in their Model records' padding facts."""
-    from app.core.config import Settings
+    from effnet_serve.core.config import Settings
 
     same_name, sym_name = plan.padding_models
     folders = {"same": plan.repo / same_name, "symmetric": plan.repo / sym_name}

@@ -55,7 +55,7 @@ def stage_cpu(row: dict, threadmap: Path) -> dict[str, float]:
 
 def ceiling(plan):
     """raw ORT's default session, kept in this process, measured next to a window -> the LoadWindow fields."""
-    from app.core.config import Settings
+    from effnet_serve.core.config import Settings
 
     threads, sessions = Settings().threads, {}
 

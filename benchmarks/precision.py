@@ -42,8 +42,8 @@ def photo_sets(tmp: Path) -> tuple[Path, Path]:
 
 def measure(repo: Path, model: str, check: Path, calibration: Path, seconds: float) -> dict:
     from benchmarks.raw_ort import measure_model
-    from build.cli import main as build_main
-    from build.precision import MIN_AGREEMENT, derive, derived_name
+    from effnet_build.cli import main as build_main
+    from effnet_build.precision import MIN_AGREEMENT, derive, derived_name
 
     if build_main(["build", "--repo", str(repo), "--models", model, "--weights", "pretrained", "--quiet"]) != 0:
         raise SystemExit(f"could not build {model} with its pretrained weights")
@@ -80,8 +80,8 @@ SWEEP = (
 
 def calibration_sweep(repo: Path, model: str, check: Path, calibration: Path) -> list[dict]:
     """Agreement with fp32 of each calibration choice, on the same inputs the gate uses."""
-    from app.engine.manifest import load_manifest, verify_onnx
-    from build.precision import AGREEMENT_INPUTS, CALIBRATION_INPUTS, _run, _session, image_files, quantize_int8, views
+    from effnet_serve.engine.manifest import load_manifest, verify_onnx
+    from effnet_build.precision import AGREEMENT_INPUTS, CALIBRATION_INPUTS, _run, _session, image_files, quantize_int8, views
 
     folder = repo / model
     manifest = load_manifest(folder)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from benchmarks.blocks import machine_info, write_owned_block
-    from build.precision import INT8_SETTINGS
+    from effnet_build.precision import INT8_SETTINGS
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from app.engine.manifest import Preprocess
-from app.engine.preprocess import prepare
+from effnet_serve.engine.manifest import Preprocess
+from effnet_serve.engine.preprocess import prepare
 from benchmarks.records import Prep
 
 MAX_PIXELS = 50_000_000
@@ -66,7 +66,7 @@ def measure(data: bytes, name: str, pp: Preprocess, reps: int) -> Prep:
 
 def measure_all(plan, photo: Path) -> list[Prep]:
     """The prep phase: every matrix model's preprocessing of the 1920x1080 photo."""
-    from app.engine.manifest import load_manifest
+    from effnet_serve.engine.manifest import load_manifest
     from benchmarks.harness import log
 
     data = photo.read_bytes()

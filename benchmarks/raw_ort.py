@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.core.config import Settings
-from app.engine.manifest import load_manifest, verify_onnx
-from app.engine.sessions import create_session, resolve_device
+from effnet_serve.core.config import Settings
+from effnet_serve.engine.manifest import load_manifest, verify_onnx
+from effnet_serve.engine.sessions import create_session, resolve_device
 
 # A smaller batch wins the tie: within this fraction of the best throughput, lower latency is worth more.
 BEST_BATCH_TOLERANCE = 0.03

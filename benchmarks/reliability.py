@@ -74,7 +74,7 @@ class Server(Process):
         env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
         env.update({"EFFNET_THREADS": "1", "EFFNET_DECODE_WORKERS": "1", "EFFNET_GRPC_PORT": str(grpc_port), **settings})
         port = free_port()
-        super().__init__(name, [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        super().__init__(name, [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(port)],
                          env, port, work / f"{name}.log")
         self.wait_ready(300)
 

@@ -169,8 +169,8 @@ def prepare_repo(plan: Plan, allow_build: bool, temp_repo: bool) -> tuple[dict[s
 
 
 def run_record(plan: Plan, argv: list[str]) -> Run:
-    from app.core.config import Settings
-    from app.engine.sessions import spin_mode
+    from effnet_serve.core.config import Settings
+    from effnet_serve.engine.sessions import spin_mode
     from benchmarks.blocks import machine_info
 
     s = Settings()
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The server tunes malloc at start-up; do the same here so that raw ORT and the preprocessing
     # timings run under the allocator settings the service runs under.
-    from app.api.server import tune_malloc
+    from effnet_serve.api.server import tune_malloc
 
     tune_malloc()
     t_run, busy0, own0 = time.perf_counter(), cpu_busy_s(), own_cpu_s()

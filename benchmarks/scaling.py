@@ -98,7 +98,7 @@ def start_service(work: Path, repo: Path, model: str, workers: int, extra: dict[
                EFFNET_GRPC_PORT=str(grpc), **(extra or {}))
     port = free_port()
     name = f"service, {workers} worker" + ("s" if workers > 1 else "")
-    proc = Process(name, [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
+    proc = Process(name, [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
                    work / f"service-{model}-{workers}.log")
     proc.wait_ready(300)
     return Contender(name, proc, grpc)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     target = os.environ.get("EFFNET_BENCH_THREADMAP")
     if target:
         threading.Thread(target=_write_map, args=(Path(target),), name="bench-threadmap", daemon=True).start()
-    from app.cli import main as effnet
+    from effnet_serve.cli import main as effnet
 
     return effnet(["serve", *(sys.argv[1:] if argv is None else argv)])
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         env = {**python_env(), "EFFNET_REPOSITORY": str(args.repo), "EFFNET_MODELS": ",".join(loaded),
                "EFFNET_DEFAULT_MODEL": burst[0], "EFFNET_GRPC_PORT": "0"}
-        server = Process("effnet serve", [sys.executable, "-m", "app", "serve", "--port", str(port)], env, port,
+        server = Process("effnet serve", [sys.executable, "-m", "effnet_serve", "serve", "--port", str(port)], env, port,
                          Path(tmp) / "server.log")
         try:
             server.wait_ready(600)

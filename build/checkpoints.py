@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from build.efficientnet import Padding
-from build.scaling import Variant
+from .efficientnet import Padding
+from .scaling import Variant
 
 
 class CheckpointError(RuntimeError):

@@ -10,8 +10,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from build.recipes import LITE_PACKAGES, TORCHVISION_V1
-from build.scaling import (
+from .recipes import LITE_PACKAGES, TORCHVISION_V1
+from .scaling import (
     DEFAULT_MODEL_SET,
     KNOWN_VARIANTS,
     PAPER_PARAMS_MACS,
@@ -51,7 +51,7 @@ def _variants_from_args(args: argparse.Namespace) -> list[Variant]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from build.repository import BuildAnnouncement
+    from .repository import BuildAnnouncement
 
     _quiet_exporter_logs()
     variants = _variants_from_args(args)
@@ -73,7 +73,7 @@ def _build_one(args: argparse.Namespace, repo: Path, v: Variant, precisions: lis
     """One variant, then its derived precisions; returns how many of those derivations were refused."""
     from tqdm import tqdm
 
-    from build.pipeline import PHASES, build_model
+    from .pipeline import PHASES, build_model
 
     bar = tqdm(total=len(PHASES), desc=f"{v.name:>8}", unit="phase", leave=True, file=sys.stderr,
                bar_format="{desc} {bar:20} {n_fmt}/{total_fmt} {postfix}", disable=args.quiet)
@@ -103,7 +103,7 @@ def _precisions(args: argparse.Namespace) -> list[str]:
     if all(p == "fp32" for p in wanted):
         return []  # the plain build: no import of the derivation code, which needs app/ beside build/
     try:
-        from build.precision import PRECISIONS
+        from .precision import PRECISIONS
     except ImportError as exc:
         raise ValueError(f"--precision needs the whole effnet package (the served preprocessing and eval): {exc}") from exc
     unknown = [p for p in wanted if p not in ("fp32", *PRECISIONS)]
@@ -118,7 +118,7 @@ def _precisions(args: argparse.Namespace) -> list[str]:
 
 def _derive_one(args: argparse.Namespace, repo: Path, base: str, precision: str) -> bool:
     """Make base-<precision>; False (and a reason on stderr) when its gates refused it."""
-    from build.precision import PrecisionError, derive, derived_name, remove_stale
+    from .precision import PrecisionError, derive, derived_name, remove_stale
 
     name = derived_name(base, precision)
     if not args.quiet:

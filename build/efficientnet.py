@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from build.scaling import BlockSpec, Variant
+from .scaling import BlockSpec, Variant
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu6": nn.ReLU6}
 Padding = Literal["symmetric", "same"]

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from build.efficientnet import EfficientNet
+from .efficientnet import EfficientNet
 
 log = logging.getLogger(__name__)
 

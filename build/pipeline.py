@@ -7,10 +7,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from build.counting import count_macs, count_params
-from build.efficientnet import EfficientNet
-from build.export import check_parity, export_onnx
-from build.repository import (
+from .counting import count_macs, count_params
+from .efficientnet import EfficientNet
+from .export import check_parity, export_onnx
+from .repository import (
     ONNX_FILE,
     StagedModel,
     inputs_digest,
@@ -18,8 +18,8 @@ from build.repository import (
     make_manifest,
     preprocess_for,
 )
-from build.scaling import Variant
-from build.weights import LoadedWeights, WeightsError, randomize, resolve
+from .scaling import Variant
+from .weights import LoadedWeights, WeightsError, randomize, resolve
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from app.core.errors import ImageError
-from app.tools.eval import LabelResolver, evaluate, open_dataset
-from app.engine.manifest import Manifest, Preprocess, load_manifest, verify_onnx
-from app.engine.preprocess import normalise, open_image, prepare, resize_crop
-from app.engine.sessions import create_session
-from build.repository import ONNX_FILE, StagedModel, is_up_to_date, read_manifest, sha256_of
+from effnet_serve.core.errors import ImageError
+from effnet_serve.tools.eval import LabelResolver, evaluate, open_dataset
+from effnet_serve.engine.manifest import Manifest, Preprocess, load_manifest, verify_onnx
+from effnet_serve.engine.preprocess import normalise, open_image, prepare, resize_crop
+from effnet_serve.engine.sessions import create_session
+from .repository import ONNX_FILE, StagedModel, is_up_to_date, read_manifest, sha256_of
 
 PRECISIONS = ("fp16", "int8")
 MIN_AGREEMENT = 0.99

@@ -14,10 +14,10 @@ import onnx
 import onnxruntime
 import torch
 
-from build import __version__
-from build.export import INPUT_NAME, OPSET, OUTPUT_NAME, Parity
-from build.scaling import Variant, default_preprocess
-from build.weights import LoadedWeights
+from . import __version__
+from .export import INPUT_NAME, OPSET, OUTPUT_NAME, Parity
+from .scaling import Variant, default_preprocess
+from .weights import LoadedWeights
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

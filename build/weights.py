@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from build.checkpoints import (
+from .checkpoints import (
     EFFICIENTNET_LITE,
     SEEDED,
     TORCHVISION,
@@ -30,8 +30,8 @@ from build.checkpoints import (
     detect,
     to_our_names,
 )
-from build.efficientnet import EfficientNet
-from build.recipes import (
+from .efficientnet import EfficientNet
+from .recipes import (
     EFFICIENTNET_PYTORCH as EFFICIENTNET_PYTORCH_RECIPES,
     EFFICIENTNET_PYTORCH_ADVPROP,
     LITE_PACKAGES,
@@ -39,7 +39,7 @@ from build.recipes import (
     PretrainedRecipe,
     published_file,
 )
-from build.scaling import Variant
+from .scaling import Variant
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_names_of_this_checkout() -> None:
+    """The folders app/ and build/ install as effnet_serve and effnet_build (pyproject.toml). The tests import
+    those names and must test the code beside them, whatever an install points at (another worktree, a
+    mutation run's scratch copy): links under .cache/import-names, first on the path of this process and,
+    through PYTHONPATH, of every subprocess it starts (`python -m effnet_serve serve`)."""
+    names = ROOT / ".cache" / "import-names"
+    names.mkdir(parents=True, exist_ok=True)
+    for name, folder in (("effnet_serve", "app"), ("effnet_build", "build")):
+        link = names / name
+        if link.is_symlink() and link.resolve() == (ROOT / folder).resolve():
+            continue
+        tmp = names / f".{name}.{os.getpid()}"
+        tmp.symlink_to(ROOT / folder, target_is_directory=True)
+        os.replace(tmp, link)  # atomic: a test run beside this one sees the old link or the new one
+    sys.path.insert(0, str(names))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(names), os.environ.get("PYTHONPATH")) if p)
+
+
+_import_names_of_this_checkout()
 # Helper modules other folders' tests share (prerequisites: skips for missing tools; serving_helpers:
 # fake models, the in-process live server; eval_photos: the labelled package photos; reliability_helpers:
 # real servers and raw HTTP). pytest puts only a test's own folder on the path.
@@ -45,7 +66,7 @@ TINY_MODELS = {
 
 
 def build(repo: Path, *args: str) -> None:
-    from build.cli import main as build_main
+    from effnet_build.cli import main as build_main
 
     rc = build_main(["build", "--repo", str(repo), "--quiet", *args])
     assert rc == 0, f"effnet build {' '.join(args)} failed"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from app.engine.dataplane import ImageResult
-from app.policies.cascade import CascadeOutcome
-from app.policies.routing import Decision
+from ..engine.dataplane import ImageResult
+from ..policies.cascade import CascadeOutcome
+from ..policies.routing import Decision
 
 
 def _ms(seconds: float) -> float:

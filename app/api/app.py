@@ -15,21 +15,21 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app import __version__
-from app.api import classify, health, models
-from app.api.abandon import AbandonedRequests
-from app.api.errors import install_handlers
-from app.api.classify import ClassifyFastPath
-from app.api.gate import AdmissionGate
-from app.api.security import ApiKeyMiddleware
-from app.api.tracing import RequestTracing
-from app.api.v2 import repository as v2_repository
-from app.api.v2 import routes as v2_routes
-from app.api.v2.json_worker import JsonWorker
-from app.core.config import Settings
-from app.engine.facade import Plane
-from app.engine.link.client import remote_plane
-from app.engine.runtime import running_plane
+from .. import __version__
+from . import classify, health, models
+from .abandon import AbandonedRequests
+from .errors import install_handlers
+from .classify import ClassifyFastPath
+from .gate import AdmissionGate
+from .security import ApiKeyMiddleware
+from .tracing import RequestTracing
+from .v2 import repository as v2_repository
+from .v2 import routes as v2_routes
+from .v2.json_worker import JsonWorker
+from ..core.config import Settings
+from ..engine.facade import Plane
+from ..engine.link.client import remote_plane
+from ..engine.runtime import running_plane
 
 
 def create_app(settings: Settings | None = None, *, tracer_provider: Any = None) -> FastAPI:
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
             stack.callback(app.state.json_worker.close)
             grpc_server = None
             if settings.grpc_port:  # the V2 protocol over gRPC, on EFFNET_GRPC_HOST or HTTP's interface (app/api/grpc)
-                from app.api.grpc.server import start_grpc
+                from .grpc.server import start_grpc
 
                 grpc_server = app.state.grpc = await start_grpc(
                     plane, getattr(app.state, "host", "127.0.0.1"), shared_port=link is not None)

@@ -22,10 +22,10 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from app.api.uploads import check_media_type, media_type, parse_multipart
-from app.core import tracing
-from app.core.errors import BadRequest, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout
-from app.engine.facade import Plane
+from .uploads import check_media_type, media_type, parse_multipart
+from ..core import tracing
+from ..core.errors import BadRequest, ClientGone, Overloaded, PayloadTooLarge, RequestTimeout
+from ..engine.facade import Plane
 
 T = TypeVar("T")
 GRACE_S = 1.0  # the minimum rate applies after this much time

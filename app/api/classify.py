@@ -15,19 +15,19 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.answers import auto_body, cascade_body, cascade_headers, classify_body
-from app.api.fastjson import FastJSONResponse
-from app.api.docs import CLASSIFY_BODY, error_responses
-from app.api.state import plane_of
-from app.api.body import Upload, client_timeout_s
-from app.api.errors import error_response
-from app.core.errors import ApiError, ClientGone
-from app.core import tracing
-from app.engine.dataplane import ImageResult
-from app.engine.facade import Plane
-from app.policies.cascade import parse_cascade, run_cascade
-from app.policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
-from app.api.schemas import ClassifyResponse
+from .answers import auto_body, cascade_body, cascade_headers, classify_body
+from .fastjson import FastJSONResponse
+from .docs import CLASSIFY_BODY, error_responses
+from .state import plane_of
+from .body import Upload, client_timeout_s
+from .errors import error_response
+from ..core.errors import ApiError, ClientGone
+from ..core import tracing
+from ..engine.dataplane import ImageResult
+from ..engine.facade import Plane
+from ..policies.cascade import parse_cascade, run_cascade
+from ..policies.routing import MAX_BUDGET_MS, classify_auto, is_family_name
+from .schemas import ClassifyResponse
 
 MAX_TOP_K = 1000
 PLAIN_TOP_K = re.compile(r"^[1-9][0-9]{0,3}$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.api.errors import ErrorResponse
+from .errors import ErrorResponse
 
 _DESCRIPTIONS = {
     400: "not an image, corrupt, truncated, a decompression bomb, or a malformed multipart body",

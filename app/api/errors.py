@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from app.core.errors import ApiError, ClientGone
+from ..core.errors import ApiError, ClientGone
 
 log = logging.getLogger("effnet.errors")
 

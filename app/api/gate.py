@@ -16,8 +16,8 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import Style, send_error
-from app.core.errors import UnknownModel
+from .errors import Style, send_error
+from ..core.errors import UnknownModel
 
 V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]*)?/infer$")
 

@@ -6,12 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from app.api.errors import ErrorResponse, error_response
-from app.api.schemas import Health
-from app.api.state import plane_of
-from app.core.errors import NotReady, ShuttingDown
-from app.engine.building import pending
-from app.engine.metrics import CONTENT_TYPE
+from .errors import ErrorResponse, error_response
+from .schemas import Health
+from .state import plane_of
+from ..core.errors import NotReady, ShuttingDown
+from ..engine.building import pending
+from ..engine.metrics import CONTENT_TYPE
 
 router = APIRouter()
 

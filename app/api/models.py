@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from app.api.docs import error_responses
-from app.api.schemas import ModelInfo, ModelList
-from app.api.state import plane_of
-from app.engine.facade import ModelView
+from .docs import error_responses
+from .schemas import ModelInfo, ModelList
+from .state import plane_of
+from ..engine.facade import ModelView
 
 router = APIRouter()
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from app import __version__
+from .. import __version__
 
 log = logging.getLogger("effnet.tracing")
 

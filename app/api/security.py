@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import send_error
-from app.core.errors import Unauthenticated
+from .errors import send_error
+from ..core.errors import Unauthenticated
 
 
 def exempt_prefixes(exempt: list[str]) -> tuple[str, ...]:

@@ -13,10 +13,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from app.api.app import create_app
-from app.api.http_protocol import bounded_http
-from app.core.config import Settings
-from app.core.malloc import tune_malloc
+from .app import create_app
+from .http_protocol import bounded_http
+from ..core.config import Settings
+from ..core.malloc import tune_malloc
 
 log = logging.getLogger("effnet.server")
 
@@ -41,8 +41,8 @@ def serve_worker(host: str, port: int, socket_path: str, arena_name: str, arena_
     """Front-end worker `index` (app/supervisor.py): HTTP and gRPC on ports shared with the other workers
     (each its own SO_REUSEPORT socket), over the engine process at `socket_path`; `budget_slots` holds the
     workers' shares of the in-flight memory budget, `upload_slots` their uploads in progress."""
-    from app.engine.link.shm import Arena
-    from app.engine.memory import SharedBudget, SharedUploadCount
+    from ..engine.link.shm import Arena
+    from ..engine.memory import SharedBudget, SharedUploadCount
 
     # The supervisor may stop the service while this worker is still starting: a SIGTERM that arrives
     # before uvicorn listens for it must still stop it (uvicorn then exits right after its startup).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
-from app.engine.facade import Plane
+from ..engine.facade import Plane
 
 
 def plane_of(conn: HTTPConnection) -> Plane:

@@ -29,9 +29,9 @@ from urllib.parse import parse_qsl, quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.otel import OtelSpans, provider_from_env
-from app.core import tracing
-from app.policies.routing import is_family_name
+from .otel import OtelSpans, provider_from_env
+from ..core import tracing
+from ..policies.routing import is_family_name
 
 log = logging.getLogger("effnet.access")
 

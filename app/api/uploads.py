@@ -13,7 +13,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.core.errors import BadRequest, UnsupportedMediaType
+from ..core.errors import BadRequest, UnsupportedMediaType
 
 RAW_TYPES = ("application/octet-stream",)
 FILE_FIELD = "file"

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
-from app.engine.observe import BatchObserver
-from app.engine.queue_room import QueueRoom, Reservation
+from ..core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
+from .observe import BatchObserver
+from .queue_room import QueueRoom, Reservation
 
 log = logging.getLogger("effnet.batcher")
 

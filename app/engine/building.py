@@ -12,7 +12,7 @@ import json
 import socket
 from pathlib import Path
 
-from app.core.limits import pid_alive
+from ..core.limits import pid_alive
 
 FILE = ".building.json"  # build/repository.py writes it under the same name
 

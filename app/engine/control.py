@@ -23,10 +23,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.errors import ControlError, ControlRefused
-from app.engine.manifest import sha256_file
-from app.engine.observe import Observer
-from app.engine.registry import UNLOADED, NoSuchModel, Registry, model_folders
+from ..core.errors import ControlError, ControlRefused
+from .manifest import sha256_file
+from .observe import Observer
+from .registry import UNLOADED, NoSuchModel, Registry, model_folders
 
 log = logging.getLogger("effnet.control")
 

@@ -36,17 +36,17 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from app.core import tracing
-from app.core.config import Settings
-from app.core.errors import ApiError, BadRequest, ClientGone, Overloaded, ShuttingDown, Unavailable, UnknownModel
-from app.engine.batcher import Result
-from app.engine.control import ModelControl
-from app.engine.facade import ImageResult, ModelView, Prediction, Readiness, RouteInfo  # noqa: F401 - re-exported
-from app.engine.memory import MemoryBudget, UploadCount
-from app.engine.metrics import Metrics
-from app.engine.preprocess import PixelAllowance, Prepared, prepare
-from app.engine.registry import ModelEntry, Registry
-from app.engine.stats import ServiceStats
+from ..core import tracing
+from ..core.config import Settings
+from ..core.errors import ApiError, BadRequest, ClientGone, Overloaded, ShuttingDown, Unavailable, UnknownModel
+from .batcher import Result
+from .control import ModelControl
+from .facade import ImageResult, ModelView, Prediction, Readiness, RouteInfo  # noqa: F401 - re-exported
+from .memory import MemoryBudget, UploadCount
+from .metrics import Metrics
+from .preprocess import PixelAllowance, Prepared, prepare
+from .registry import ModelEntry, Registry
+from .stats import ServiceStats
 
 
 class DataPlane:

@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from app.core.config import Settings
-from app.core.errors import Unavailable
-from app.engine.manifest import Manifest
-from app.engine.memory import MemoryBudget, UploadCount
+from ..core.config import Settings
+from ..core.errors import Unavailable
+from .manifest import Manifest
+from .memory import MemoryBudget, UploadCount
 
 @dataclass(frozen=True)
 class Prediction:

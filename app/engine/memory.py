@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 
-from app.core.errors import OverBudget
+from ..core.errors import OverBudget
 
 
 class MemoryBudget:

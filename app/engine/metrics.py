@@ -10,8 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 - re-exported
 
-from app.engine.manifest import Manifest
-from app.engine.observe import BatchObserver, Observer
+from .manifest import Manifest
+from .observe import BatchObserver, Observer
 
 # ~1 ms (a B0 batch on a GPU) to ~10 s (a queued B7 on a CPU), roughly x2 per step.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.engine.manifest import Manifest
+from .manifest import Manifest
 
 
 def _ignore(*_: object) -> None:

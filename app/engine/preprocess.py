@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from app.core.errors import ImageError, OverBudget, PayloadTooLarge
-from app.engine.manifest import Preprocess
-from app.engine.memory import MemoryBudget
+from ..core.errors import ImageError, OverBudget, PayloadTooLarge
+from .manifest import Preprocess
+from .memory import MemoryBudget
 
 # Decode what browsers and cameras send; nothing that shells out (EPS -> Ghostscript) or
 # parses documents (PDF). MPO is how Pillow names many phone JPEGs.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.core.errors import Overloaded, ShuttingDown
+from ..core.errors import Overloaded, ShuttingDown
 
 # The batcher this room belongs to (its name, its queue, enqueue_reserved, wake); not imported: batcher imports us.
 Batcher = Any

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from app.engine.batcher import Batcher
-from app.engine.queue_room import QueueRoom
-from app.core.config import Settings, read_batch_table
-from app.core.errors import ControlError, Unavailable
-from app.engine.facade import index_state
-from app.engine.manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
-from app.engine.observe import Observer
-from app.engine.sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device
+from .batcher import Batcher
+from .queue_room import QueueRoom
+from ..core.config import Settings, read_batch_table
+from ..core.errors import ControlError, Unavailable
+from .facade import index_state
+from .manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
+from .observe import Observer
+from .sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device
 
 log = logging.getLogger("effnet.registry")
 

@@ -9,11 +9,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from app.core.config import Settings
-from app.engine.dataplane import DataPlane
-from app.engine.metrics import Metrics
-from app.engine.preprocess import set_max_pixels
-from app.engine.registry import Registry
+from ..core.config import Settings
+from .dataplane import DataPlane
+from .metrics import Metrics
+from .preprocess import set_max_pixels
+from .registry import Registry
 
 
 @contextlib.asynccontextmanager

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.core.errors import BadRequest, Unavailable
-from app.engine.dataplane import ImageResult
-from app.engine.facade import Plane
+from ..core.errors import BadRequest, Unavailable
+from ..engine.dataplane import ImageResult
+from ..engine.facade import Plane
 
 MAX_STAGES = 4
 

@@ -28,10 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.errors import Overloaded, Unavailable
-from app.engine.dataplane import ImageResult
-from app.engine.facade import ModelView, Plane, RouteInfo
-from app.engine.stats import ServiceStats
+from ..core.errors import Overloaded, Unavailable
+from ..engine.dataplane import ImageResult
+from ..engine.facade import ModelView, Plane, RouteInfo
+from ..engine.stats import ServiceStats
 
 OVERHEAD_MS = 2.0
 DEFAULT_MS_PER_GMAC = 150.0

@@ -92,7 +92,7 @@ def run_eval(argv: list[str]) -> int:
         return EXIT_USAGE
     if args.cascade is not None:
         return run_cascade_eval(args)
-    from app.tools.eval import (
+    from .eval import (
         DatasetError,
         EvalError,
         LabelResolver,
@@ -100,7 +100,7 @@ def run_eval(argv: list[str]) -> int:
         open_dataset,
         write_measured,
     )
-    from app.engine.manifest import ManifestError, load_manifest
+    from ..engine.manifest import ManifestError, load_manifest
 
     folder = args.repo / args.model
     if not (folder / "manifest.json").is_file():
@@ -143,9 +143,9 @@ def run_eval(argv: list[str]) -> int:
 
 
 def run_cascade_eval(args: argparse.Namespace) -> int:
-    from app.tools.eval import DatasetError, EvalError, LabelResolver, open_dataset
-    from app.tools.eval.cascade import evaluate_cascade, write_cascade
-    from app.engine.manifest import ManifestError, load_manifest
+    from .eval import DatasetError, EvalError, LabelResolver, open_dataset
+    from .eval.cascade import evaluate_cascade, write_cascade
+    from ..engine.manifest import ManifestError, load_manifest
 
     names = [n.strip() for n in args.cascade.split(",") if n.strip()]
     for name in names:
@@ -198,7 +198,7 @@ def report_parser() -> argparse.ArgumentParser:
 def run_report(argv: list[str]) -> int:
     args = report_parser().parse_args(argv)
     try:
-        from app.tools.report import ReportError, write_report
+        from .report import ReportError, write_report
     except ImportError as exc:
         print(f"effnet report: needs matplotlib (pip install 'effnet-serve[report]'): {exc}", file=sys.stderr)
         return EXIT_FAIL

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.engine.manifest import MANIFEST_FILE, ManifestError, load_manifest
+from ..engine.manifest import MANIFEST_FILE, ManifestError, load_manifest
 
 MACS_PNG = "accuracy_vs_macs.png"
 LATENCY_PNG = "accuracy_vs_latency.png"
@@ -306,7 +306,7 @@ def markdown(rows: list[Row], skipped: list[str], bench: dict | None, notes: str
     )
     if sizes:
         n = sizes[0]
-        from app.tools.eval.metrics import wilson
+        from .eval.metrics import wilson
 
         lo, hi = wilson(n - 1, n) if n > 1 else wilson(n, n)  # type: ignore[misc]  # n >= 1: never None
         out += ["", (f"The smallest set here has n={n} images: even {n - 1 if n > 1 else n} of {n} correct only bounds the "

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.config import BATCH_SIZES_FILE, Settings, write_batch_table
-from app.engine.manifest import ManifestError, load_manifest, verify_onnx
-from app.engine.sessions import create_session, resolve_device
+from ..core.config import BATCH_SIZES_FILE, Settings, write_batch_table
+from ..engine.manifest import ManifestError, load_manifest, verify_onnx
+from ..engine.sessions import create_session, resolve_device
 
 TOLERANCE = 0.03  # within this fraction of the best throughput, the smaller batch wins
 DEFAULT_BATCHES = {"cpu": [1, 2, 4, 8], "cuda": [1, 2, 4, 8, 16, 32, 64, 128]}

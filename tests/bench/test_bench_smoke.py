@@ -71,7 +71,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert all(w.stage_cpu_ms for w in windows if w.server == "service"), "a window without its per-stage CPU"
     assert all(not s.note and s.ready_s for s in res.of(Server)), res.of(Server)
     # The per-model summary `effnet report --bench` reads.
-    from app.tools.report import read_bench
+    from effnet_serve.tools.report import read_bench
 
     (tmp_path / "models.json").write_text(json.dumps(models_json(res)))
     assert set(read_bench(tmp_path / "models.json")["models"]) == set(res.run.models)
@@ -86,7 +86,7 @@ def test_batch_table_merges(tmp_path: Path) -> None:
     assert write_batch_sizes(tmp_path, "cpu", {"b0": 4}).written == {"b0": 4}
     assert json.loads((tmp_path / "batch_sizes.json").read_text()) == {"cpu": {"b4": 1, "b0": 4}, "cuda": {"b0": 32}}
 
-    from app.core.config import read_batch_table
+    from effnet_serve.core.config import read_batch_table
 
     assert read_batch_table(tmp_path, "cpu") == {"b0": 4, "b4": 1}
     assert read_batch_table(tmp_path, "cuda") == {"b0": 32}

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from build import recipes
-from build.checkpoints import EFFICIENTNET_LITE, EFFICIENTNET_PYTORCH, TORCHVISION, CheckpointError, detect
-from build.repository import preprocess_for
-from build.scaling import named_variant
-from build.weights import WeightsError, resolve, sha256_file
+from effnet_build import recipes
+from effnet_build.checkpoints import EFFICIENTNET_LITE, EFFICIENTNET_PYTORCH, TORCHVISION, CheckpointError, detect
+from effnet_build.repository import preprocess_for
+from effnet_build.scaling import named_variant
+from effnet_build.weights import WeightsError, resolve, sha256_file
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TORCHVISION_KEYS = json.loads((DATA / "torchvision_keys.json").read_text())["models"]
@@ -84,7 +84,7 @@ def test_effnet_build_refuses_an_unknown_layout_in_one_line(tmp_path):
     path = tmp_path / "mystery.pth"
     torch.save({"backbone.stem.weight": torch.zeros(8, 3, 3, 3), "head.fc.weight": torch.zeros(10, 8)}, path)
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "build", "--models", "b0", "--weights", str(path),
+        [sys.executable, "-m", "effnet_serve.cli", "build", "--models", "b0", "--weights", str(path),
          "--repo", str(tmp_path / "repo"), "--quiet"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import skimage
 
-from app.engine.manifest import Preprocess
-from app.engine.preprocess import prepare
+from effnet_serve.engine.manifest import Preprocess
+from effnet_serve.engine.preprocess import prepare
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
 # The Lite release's eval transform, written here rather than read from the manifest under test:

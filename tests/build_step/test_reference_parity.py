@@ -20,10 +20,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from build.efficientnet import EfficientNet
-from build.pipeline import network_for
-from build.scaling import named_variant
-from build.weights import from_checkpoint, lite_package_checkpoint, resolve, sha256_file
+from effnet_build.efficientnet import EfficientNet
+from effnet_build.pipeline import network_for
+from effnet_build.scaling import named_variant
+from effnet_build.weights import from_checkpoint, lite_package_checkpoint, resolve, sha256_file
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 sys.path.insert(0, str(DATA))

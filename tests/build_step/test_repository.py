@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from build import pipeline
-from build.repository import sha256_of
-from build.scaling import custom_variant
+from effnet_build import pipeline
+from effnet_build.repository import sha256_of
+from effnet_build.scaling import custom_variant
 
 MANIFEST_KEYS = {
     "schema_version", "name", "family", "variant", "phi", "width_mult", "depth_mult", "resolution", "dropout",
@@ -46,9 +46,9 @@ def test_the_written_onnx_file_computes_what_pytorch_computes_on_real_photos(tmp
     import torch
     from skimage import data
 
-    from app.engine.manifest import Preprocess
-    from app.engine.preprocess import prepare
-    from build.weights import resolve
+    from effnet_serve.engine.manifest import Preprocess
+    from effnet_serve.engine.preprocess import prepare
+    from effnet_build.weights import resolve
 
     variant = custom_variant("tiny", 0.25, 0.25, 64)
     built = pipeline.build_model(variant, tmp_path, "random")
@@ -74,7 +74,7 @@ def _png(im: Image.Image) -> bytes:
 
 def test_rebuild_is_skipped_unless_forced(tiny_repo, copy_repo):
     repo = copy_repo(tiny_repo, "tiny")  # built by the fixture with exactly these inputs
-    args = [sys.executable, "-m", "app", "build", "--width", "0.25", "--depth", "0.25", "--resolution", "64",
+    args = [sys.executable, "-m", "effnet_serve", "build", "--width", "0.25", "--depth", "0.25", "--resolution", "64",
             "--name", "tiny", "--weights", "random", "--quiet", "--repo", str(repo)]
     first = (repo / "tiny" / "model.onnx").stat().st_mtime_ns
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
@@ -107,7 +107,7 @@ def test_a_crashed_build_leaves_no_half_model_and_keeps_the_old_one(tmp_path, mo
 
 
 def test_cli_failure_is_one_line_and_nonzero(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "app", "build", "--models", "b9", "--repo", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "effnet_serve", "build", "--models", "b9", "--repo", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().count("\n") == 0 and "unknown variant 'b9'" in proc.stderr

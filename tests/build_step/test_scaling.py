@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from build.recipes import LITE_PACKAGES, TORCHVISION_V1
-from build.scaling import (
+from effnet_build.recipes import LITE_PACKAGES, TORCHVISION_V1
+from effnet_build.scaling import (
     B_TABLE,
     LITE_MEAN,
     LITE_STD,
@@ -79,7 +79,7 @@ def test_family_constants_are_the_papers():
 
 
 def test_effnet_variants_json_matches_the_paper_and_torchvision():
-    out = subprocess.run([sys.executable, "-m", "app", "variants", "--json"], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "effnet_serve", "variants", "--json"], check=True, capture_output=True, text=True)
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert set(B_NAMES) <= set(rows)
     for name in B_NAMES:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from build.scaling import count_params_macs, custom_variant, default_preprocess, named_variant, phi_variant, round_channels
+from effnet_build.scaling import count_params_macs, custom_variant, default_preprocess, named_variant, phi_variant, round_channels
 
 DATA = Path(__file__).parents[1] / "data"
 LAYOUTS = json.loads(gzip.open(DATA / "lukemelas_keys.json.gz", "rt").read())["models"]

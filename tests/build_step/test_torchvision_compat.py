@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from build.counting import count_macs, count_params
-from build.efficientnet import EfficientNet
-from build.scaling import count_params_macs, custom_variant, named_variant, phi_variant
-from build.weights import resolve
+from effnet_build.counting import count_macs, count_params
+from effnet_build.efficientnet import EfficientNet
+from effnet_build.scaling import count_params_macs, custom_variant, named_variant, phi_variant
+from effnet_build.weights import resolve
 
 DATA = Path(__file__).parent.parent / "data"
 TORCHVISION_KEYS = json.loads((DATA / "torchvision_keys.json").read_text())["models"]

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from build.efficientnet import EfficientNet
-from build.scaling import custom_variant
-from build.weights import WeightsError, fetch_checkpoint, resolve
+from effnet_build.efficientnet import EfficientNet
+from effnet_build.scaling import custom_variant
+from effnet_build.weights import WeightsError, fetch_checkpoint, resolve
 
 TINY = custom_variant("tiny", 0.25, 0.25, 64)
 
@@ -103,7 +103,7 @@ def test_auto_falls_back_to_random_loudly_and_pretrained_refuses():
 def test_lite_weights_name_their_package_when_missing(monkeypatch):
     import importlib
 
-    from build.scaling import named_variant
+    from effnet_build.scaling import named_variant
 
     real_import = importlib.import_module
 

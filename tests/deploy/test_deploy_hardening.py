@@ -71,7 +71,7 @@ def test_every_compose_service_is_bounded_and_locked_down(files, tmp_path):
 
 
 def test_the_limits_size_the_server_and_shm_holds_its_default_workers():
-    from app.core.config import Settings
+    from effnet_serve.core.config import Settings
 
     app = config(BASE)["services"]["app"]
     limits = app["deploy"]["resources"]["limits"]
@@ -121,7 +121,7 @@ def test_the_tls_override_hands_the_server_its_pem_files_and_prometheus_scrapes_
     assert cfg["secrets"][[k for k, v in mounted.items() if v == app["environment"]["EFFNET_TLS_KEY"]][0]]["file"] \
         == env["EFFNET_TLS_KEY_FILE"]
     # The server accepts the pair (both or neither).
-    from app.core.config import Settings
+    from effnet_serve.core.config import Settings
 
     s = Settings(tls_cert=app["environment"]["EFFNET_TLS_CERT"], tls_key=app["environment"]["EFFNET_TLS_KEY"])
     assert s.tls_cert and s.tls_key
@@ -306,7 +306,7 @@ def test_the_kserve_network_policy_covers_the_example_inference_service():
 
 
 def test_the_tls_overlay_mounts_the_secret_and_the_server_reads_its_pem_files():
-    from app.core.config import Settings
+    from effnet_serve.core.config import Settings
 
     docs = render(K8S / "overlays" / "tls")
     pod = one(docs, "Deployment")["spec"]["template"]

@@ -107,9 +107,9 @@ def _rendered_env(name: str) -> dict[str, str]:
 
 def _settings_cls():
     try:  # the configuration module may move during the current restructuring
-        from app.core.config import Settings
+        from effnet_serve.core.config import Settings
     except ImportError:
-        from app.core.config import Settings
+        from effnet_serve.core.config import Settings
     return Settings
 
 
@@ -277,9 +277,9 @@ def test_runtime_follows_kserve_conventions():
 def test_the_server_serves_the_paths_the_runtime_probes():
     Settings = _settings_cls()
     try:
-        from app.api.server import create_app
+        from effnet_serve.api.server import create_app
     except ImportError:
-        from app.api.app import create_app
+        from effnet_serve.api.app import create_app
     paths = create_app(Settings(repository=ROOT / "nonexistent")).openapi()["paths"]
     c = _container()
     used = [c[k]["httpGet"]["path"] for k in ("startupProbe", "livenessProbe", "readinessProbe")]

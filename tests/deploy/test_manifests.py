@@ -150,6 +150,8 @@ def test_dockerfile_contract():
     assert names.index("gpu") > names.index("runtime")
     runtime = text.split("AS runtime", 1)[1].split("AS gpu", 1)[0]
     assert "torch" not in runtime.lower().replace("no torch", "")
+    # It serves and never builds: the wheel's build-step package is removed once installed.
+    assert re.search(r"rm -rf[^\n]*import effnet_build", runtime), "the runtime image keeps effnet_build"
     for needle in ("HEALTHCHECK", "healthcheck.py", "EXPOSE 8000", "USER 10001", "MALLOC_MMAP_THRESHOLD_",
                    "MALLOC_TRIM_THRESHOLD_", "COPY --from=models /models /models"):
         assert needle in runtime, needle

@@ -166,7 +166,7 @@ def app_server(model_repo, tmp_path_factory):
                EFFNET_MAX_DELAY_MS="20", EFFNET_MAX_BODY_MB="1")
     env.pop("EFFNET_API_KEY", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -36,7 +36,7 @@ def photo_sets(tmp_path_factory, photos) -> dict[str, Path]:
 @pytest.fixture
 def run_eval(capsys):
     """`effnet eval ... --json --quiet`: (exit code, parsed JSON or None, stderr)."""
-    from app.tools.eval_cli import main
+    from effnet_serve.tools.eval_cli import main
 
     def _run(*args: str) -> tuple[int, dict | None, str]:
         capsys.readouterr()

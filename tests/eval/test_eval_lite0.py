@@ -12,7 +12,7 @@ from statistics import NormalDist
 import pytest
 from eval_photos import CORE
 
-from app.engine.manifest import load_manifest, verify_onnx
+from effnet_serve.engine.manifest import load_manifest, verify_onnx
 
 pytestmark = pytest.mark.timeout(300)
 

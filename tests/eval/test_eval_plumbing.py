@@ -12,8 +12,8 @@ import pytest
 from eval_photos import CLASSES, WNIDS, synthetic_synsets
 from prerequisites import require_module
 
-import app.engine.preprocess
-from app.tools.eval import (
+import effnet_serve.engine.preprocess
+from effnet_serve.tools.eval import (
     DatasetError,
     EvalError,
     LabelResolver,
@@ -23,9 +23,9 @@ from app.tools.eval import (
     wilson,
     write_measured,
 )
-from app.tools.eval.datasets import imagenet_wnids, read_synsets
-from app.tools.eval.runner import select
-from app.engine.manifest import load_manifest
+from effnet_serve.tools.eval.datasets import imagenet_wnids, read_synsets
+from effnet_serve.tools.eval.runner import select
+from effnet_serve.engine.manifest import load_manifest
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def tiny(tiny_repo, copy_repo) -> Path:
 
 
 def test_eval_uses_the_servers_preprocessing():
-    assert runner.prepare is app.engine.preprocess.prepare
+    assert runner.prepare is effnet_serve.engine.preprocess.prepare
 
 
 def test_tiny_random_weights_exercise_the_plumbing(tiny, photo_sets, photos, run_eval):
@@ -81,7 +81,7 @@ def test_a_set_of_only_broken_images_fails_without_writing(tiny, run_eval, tmp_p
 
 
 def test_text_output_and_unknown_model(tiny, photo_sets, capsys):
-    from app.tools.eval_cli import main
+    from effnet_serve.tools.eval_cli import main
 
     assert main(["eval", "--model", "tiny", "--repo", str(tiny), "--data", str(photo_sets["csv"]), "--quiet", "--no-write"]) == 0
     out = capsys.readouterr().out
@@ -146,7 +146,7 @@ def test_devkit_meta_mat_is_read(tmp_path):
 
 
 def test_limit_picks_a_spread_not_the_first_n():
-    from app.tools.eval.datasets import Sample
+    from effnet_serve.tools.eval.datasets import Sample
 
     samples = [Sample(Path(f"{i}.jpg"), i // 10, str(i // 10)) for i in range(100)]
     picked = select(samples, 10, seed=0)

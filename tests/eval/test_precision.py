@@ -29,8 +29,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from app.core.config import Settings
-from build.cli import main as build_main
+from effnet_serve.core.config import Settings
+from effnet_build.cli import main as build_main
 from eval_photos import write_calibration_set
 from prerequisites import missing
 from serving_helpers import live_server
@@ -95,9 +95,9 @@ def agreement_here(repo: Path, derived: str, photos: Path) -> tuple[float, int]:
     gate's inputs. Those are the photos plus seeded views of them, made by the build's own generator with
     the gate's seed (a different set would give a different figure); the first view of each photo must
     be exactly what the server feeds the model for it."""
-    from app.engine.manifest import Preprocess
-    from app.engine.preprocess import prepare
-    from build.precision import AGREEMENT_INPUTS, MAX_PIXELS, image_files, views
+    from effnet_serve.engine.manifest import Preprocess
+    from effnet_serve.engine.preprocess import prepare
+    from effnet_build.precision import AGREEMENT_INPUTS, MAX_PIXELS, image_files, views
 
     base = manifest(repo, "lite0")
     pp = Preprocess(**base["preprocess"])
@@ -245,7 +245,7 @@ def test_precision_flags_are_checked_before_anything_is_built(repo):
 
 def test_7_bit_weights_only_where_int8_kernels_saturate():
     """reduce_range follows the CPU: VNNI/AMX accumulate in 32 bits, older x86 int8 kernels in 16."""
-    from build.precision import cpu_has_vnni
+    from effnet_build.precision import cpu_has_vnni
 
     assert cpu_has_vnni("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
     assert cpu_has_vnni("flags\t\t: fpu avx2 avx_vnni\n") and cpu_has_vnni("flags\t\t: amx_int8 amx_tile\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.tools.eval_cli import main
+from effnet_serve.tools.eval_cli import main
 
 
 @pytest.fixture

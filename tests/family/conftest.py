@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import LiveServer, live_server
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 
 def link_repo(dest: Path, *folders: Path) -> Path:

@@ -10,8 +10,8 @@ import pytest
 from prerequisites import missing
 from serving_helpers import encode, photo, queue_held
 
-from app.policies.cascade import escalate, parse_cascade
-from app.core.errors import BadRequest
+from effnet_serve.policies.cascade import escalate, parse_cascade
+from effnet_serve.core.errors import BadRequest
 
 JPEG_HEADERS = {"Content-Type": "image/jpeg"}
 
@@ -32,8 +32,8 @@ def _probs_direct(folder, images: list[bytes]) -> np.ndarray:
     """Softmax probabilities [n, 1000] by ONNX Runtime on the model file, on the served preprocessing."""
     import onnxruntime as ort
 
-    from app.engine.manifest import load_manifest
-    from app.engine.preprocess import prepare
+    from effnet_serve.engine.manifest import load_manifest
+    from effnet_serve.engine.preprocess import prepare
 
     manifest = load_manifest(folder)
     session = ort.InferenceSession(str(folder / manifest.onnx.file), providers=["CPUExecutionProvider"])
@@ -129,7 +129,7 @@ def photo_dir(tmp_path_factory):
 
 
 def _eval(capsys, *args):
-    from app.tools.eval_cli import main
+    from effnet_serve.tools.eval_cli import main
 
     capsys.readouterr()
     rc = main(["eval", *map(str, args), "--json", "--quiet"])
@@ -215,7 +215,7 @@ def test_eval_cascade_lite0_lite2_real_weights(capsys, lite_cascade_repo, photo_
     recorded = json.loads((repo / "cascades.json").read_text())
     assert list(recorded) == ["lite0,lite2@0.6"] and recorded["lite0,lite2@0.6"]["dataset"] == photo_dir.name
     # effnet report puts the point beside the single models.
-    from app.tools.report import write_report
+    from effnet_serve.tools.report import write_report
 
     out = tmp_path / "docs"
     md = write_report(repo, out).read_text()

@@ -29,9 +29,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from app.core.config import Settings
-from app.engine.manifest import load_manifest
-from app.engine.preprocess import prepare
+from effnet_serve.core.config import Settings
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.preprocess import prepare
 
 
 def free_port() -> int:
@@ -444,7 +444,7 @@ def test_repository_index_load_unload_in_explicit_mode_and_shutdown(tmp_path):
 
 def test_a_taken_port_fails_the_start(tmp_path):
     """The port is bound exclusively (no SO_REUSEPORT): a port someone holds fails the app's start, loudly."""
-    from app.api.server import create_app
+    from effnet_serve.api.server import create_app
 
     write_model(tmp_path, "fake")
 

@@ -26,7 +26,7 @@ from serving_helpers import LiveServer, live_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 KEY = "s3cret-k3y"
 GOOD = [(("authorization", f"Bearer {KEY}"),), (("x-api-key", KEY),), (("authorization", f"bearer {KEY}"),)]
@@ -84,7 +84,7 @@ HEALTH = {"ServerLive", "ServerReady"}
 
 def test_the_table_covers_every_rpc_the_servicer_implements():
     """A new RPC added to the servicer must be added here too, or this test says so."""
-    from app.api.grpc.servicer import InferenceServicer
+    from effnet_serve.api.grpc.servicer import InferenceServicer
 
     implemented = {name for name in vars(InferenceServicer) if re.match(r"^[A-Z]", name)}
     assert implemented == {t.rpc for t in TWINS}

@@ -30,7 +30,7 @@ from serving_helpers import LiveServer, live_server, queue_held
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 KEY = "k3y-for-hostile-tests"
 INFER = "/inference.GRPCInferenceService/ModelInfer"

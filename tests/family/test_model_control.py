@@ -18,8 +18,8 @@ import tritonclient.http as triton_http
 from serving_helpers import encode, live_server, photo, write_model
 from tritonclient.utils import InferenceServerException
 
-from app.core.config import Settings
-from app.engine.control import changed, fingerprint
+from effnet_serve.core.config import Settings
+from effnet_serve.engine.control import changed, fingerprint
 
 JPEG = {"Content-Type": "image/jpeg"}
 PHOTO = encode(photo())

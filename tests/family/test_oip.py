@@ -15,8 +15,8 @@ import tritonclient.http as httpclient
 from serving_helpers import encode, photo
 from tritonclient.utils import InferenceServerException
 
-from app.engine.manifest import load_manifest
-from app.engine.preprocess import prepare
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.preprocess import prepare
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import httpx
 from prerequisites import require_tool
 from serving_helpers import live_server
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PA_DIR = ROOT / ".cache" / "perf-analyzer"

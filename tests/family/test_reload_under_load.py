@@ -41,7 +41,7 @@ from serving_helpers import live_server
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 SEEDS = {"old": 11, "new": 12}
 TINY = ["--width", "0.25", "--depth", "0.25", "--resolution", "64"]

@@ -7,12 +7,12 @@ import httpx
 import pytest
 from serving_helpers import encode, live_server, photo, queue_held
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
-from app.engine import stats as service_stats
-from app.engine.stats import ServiceStats
-from app.policies import routing
-from app.policies.routing import Candidate, choose
+from effnet_serve.engine import stats as service_stats
+from effnet_serve.engine.stats import ServiceStats
+from effnet_serve.policies import routing
+from effnet_serve.policies.routing import Candidate, choose
 
 LITE0 = Candidate("lite0", 385_000_000, 75.1, "reference")
 LITE2 = Candidate("lite2", 860_000_000, 77.6, "reference")
@@ -122,8 +122,8 @@ def test_random_weights_rank_by_macs_below_pretrained():
 
 
 def test_measured_accuracy_needs_a_real_set(tiny_family_repo):
-    from app.engine.facade import ModelView
-    from app.engine.manifest import load_manifest
+    from effnet_serve.engine.facade import ModelView
+    from effnet_serve.engine.manifest import load_manifest
 
     manifest = load_manifest(tiny_family_repo / "tiny")
 

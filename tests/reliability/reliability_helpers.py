@@ -158,7 +158,7 @@ def rss_kb(pid: int) -> int:
 
 
 class ServerProcess:
-    """`python -m app serve` on a free port, configured by EFFNET_* variables, log to a file."""
+    """`python -m effnet_serve serve` on a free port, configured by EFFNET_* variables, log to a file."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
@@ -182,7 +182,7 @@ class ServerProcess:
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout

@@ -45,9 +45,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.core.failures import Failure, FailureGroup
 
-from app.core.errors import ImageError
-from app.engine.manifest import Preprocess
-from app.engine.preprocess import prepare
+from effnet_serve.core.errors import ImageError
+from effnet_serve.engine.manifest import Preprocess
+from effnet_serve.engine.preprocess import prepare
 
 SCALE = float(os.environ.get("EFFNET_FUZZ_SCALE", "1"))
 DERANDOMIZE = os.environ.get("EFFNET_FUZZ_RANDOM") != "1"

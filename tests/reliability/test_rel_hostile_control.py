@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from reliability_helpers import request_bytes
 from serving_helpers import encode, live_server, photo, queue_held, write_model
 
-from app.core.config import Settings
-from app.engine.registry import valid_name
+from effnet_serve.core.config import Settings
+from effnet_serve.engine.registry import valid_name
 
 ROOT = Path(__file__).resolve().parents[2]
 JPEG = {"Content-Type": "image/jpeg"}
@@ -85,7 +85,7 @@ def test_explicit_model_control_without_a_key_refuses_to_start_and_says_how_to_f
     env = {k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")}
     env.update(EFFNET_REPOSITORY=str(tmp_path), EFFNET_MODEL_CONTROL="explicit", EFFNET_GRPC_PORT="0",
                PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "app", "serve", "--port", "0"], env=env, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "effnet_serve", "serve", "--port", "0"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "EFFNET_MODEL_CONTROL=explicit lets any client load and unload models" in done.stderr, done.stderr[-2000:]

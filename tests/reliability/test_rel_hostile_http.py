@@ -34,7 +34,7 @@ from raw_http import HeldUpload, close_all, until
 from reliability_helpers import ServerProcess, check_error, read_response, record, server_process
 from serving_helpers import TEST_WORKERS, make_live_server
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
 LIVE = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"

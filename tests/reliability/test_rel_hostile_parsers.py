@@ -40,21 +40,21 @@ from raw_http import error_of, flat_png, multipart, png, until
 from reliability_helpers import encode, real_photo
 from serving_helpers import live_server, write_model
 
-from app.api.uploads import MAX_PARTS, parse_multipart
-from app.api.v2.codec import decode_content, parse_infer
-from app.core.errors import ApiError
-from app.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker
-from app.core.config import Settings
-from app.core.errors import (
+from effnet_serve.api.uploads import MAX_PARTS, parse_multipart
+from effnet_serve.api.v2.codec import decode_content, parse_infer
+from effnet_serve.core.errors import ApiError
+from effnet_serve.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker
+from effnet_serve.core.config import Settings
+from effnet_serve.core.errors import (
     BadRequest,
     OverBudget,
     Overloaded,
     PayloadTooLarge,
     Unavailable,
 )
-from app.engine.manifest import load_manifest
-from app.engine.memory import MemoryBudget
-from app.engine.preprocess import PixelAllowance, prepare
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.memory import MemoryBudget
+from effnet_serve.engine.preprocess import PixelAllowance, prepare
 
 CROP = 64  # the tiny model's input: [N, 3, 64, 64]
 INFER = "/v2/models/tiny/infer"

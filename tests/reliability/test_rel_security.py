@@ -31,7 +31,7 @@ from reliability_helpers import (
 )
 from serving_helpers import live_server, write_model
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 PHOTO = encode(real_photo((200, 133)), "JPEG")
 
@@ -106,8 +106,8 @@ SERVE_ONE = textwrap.dedent('''
 
     sys.addaudithook(hook)
     import httpx, uvicorn
-    from app.core.config import Settings
-    from app.api.server import create_app
+    from effnet_serve.core.config import Settings
+    from effnet_serve.api.server import create_app
 
     app = create_app(Settings(repository=repo, models=["tiny"], threads=1))
     sock = socket.socket(); sock.bind(("127.0.0.1", 0))
@@ -146,7 +146,7 @@ def test_serving_path_imports_no_torch_loads_no_pickle_and_writes_nothing_to_the
 
 
 def test_api_key_is_compared_in_constant_time_and_exemptions_are_configurable(tmp_path: Path):
-    from app.api.security import ApiKeyMiddleware
+    from effnet_serve.api.security import ApiKeyMiddleware
 
     source = inspect.getsource(ApiKeyMiddleware._authorised)
     assert "hmac.compare_digest" in source and "== self.key" not in source
@@ -198,7 +198,7 @@ def test_cors_is_off_by_default_and_only_for_configured_origins(tmp_path: Path):
 
 def test_a_bug_in_the_handler_answers_a_plain_500_without_internals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """No path is expected to reach the catch-all; this forces one to show what it would say."""
-    from app.engine.dataplane import ImageResult
+    from effnet_serve.engine.dataplane import ImageResult
 
     def broken(*_a, **_k):
         raise KeyError("/work/secret/model.onnx in InferenceSession.run")

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 from serving_helpers import LiveServer, encode, live_server, photo, write_model
 
 

@@ -12,8 +12,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from app.engine.manifest import Preprocess
-from app.engine.preprocess import normalise, open_image, resize_crop
+from effnet_serve.engine.manifest import Preprocess
+from effnet_serve.engine.preprocess import normalise, open_image, resize_crop
 
 
 def _geometry(size: tuple[int, int], pp: Preprocess) -> tuple[int, int, int, int]:

@@ -27,8 +27,8 @@ import uvicorn
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from app.core.config import Settings
-from app.api.server import create_app
+from effnet_serve.core.config import Settings
+from effnet_serve.api.server import create_app
 
 LABELS = [f"class {i}" for i in range(1000)]
 MEAN = [0.485, 0.456, 0.406]
@@ -159,8 +159,8 @@ class EngineThread:
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="engine", daemon=True)
 
     async def _main(self) -> None:
-        from app.engine.link.server import EngineServer
-        from app.engine.runtime import running_plane
+        from effnet_serve.engine.link.server import EngineServer
+        from effnet_serve.engine.runtime import running_plane
 
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         async with running_plane(self.settings, decode_workers=1) as plane:
@@ -270,9 +270,9 @@ class WorkersLiveServer:
         import multiprocessing
         import tempfile
 
-        from app.api.server import reuseport_socket
-        from app.engine.link import shm
-        from app.engine.memory import SharedBudget, SharedUploadCount
+        from effnet_serve.api.server import reuseport_socket
+        from effnet_serve.engine.link import shm
+        from effnet_serve.engine.memory import SharedBudget, SharedUploadCount
 
         self.rundir = tempfile.mkdtemp(prefix="effnet-test-")
         self.engine = EngineThread(settings, os.path.join(self.rundir, "engine.sock"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 from serving_helpers import GOOD, encode, live_server, photo
 from test_serve_preprocess import REFUSED
 
@@ -108,8 +108,8 @@ def _top1_direct(fake_repo, name: str, images: list[bytes]) -> list[tuple[int, f
     """(class, probability) the model file gives each image, by ONNX Runtime on the served preprocessing."""
     import onnxruntime as ort
 
-    from app.engine.manifest import load_manifest
-    from app.engine.preprocess import prepare
+    from effnet_serve.engine.manifest import load_manifest
+    from effnet_serve.engine.preprocess import prepare
 
     m = load_manifest(fake_repo / name)
     session = ort.InferenceSession(str(fake_repo / name / m.onnx.file), providers=["CPUExecutionProvider"])
@@ -484,8 +484,8 @@ def test_256_concurrent_requests_to_b0_all_succeed_in_real_batches(b0_repo):
 def test_softmax_scores_match_a_direct_onnxruntime_run(tiny_repo, jpeg_bytes):
     import onnxruntime as ort
 
-    from app.engine.manifest import load_manifest
-    from app.engine.preprocess import prepare
+    from effnet_serve.engine.manifest import load_manifest
+    from effnet_serve.engine.preprocess import prepare
 
     m = load_manifest(tiny_repo / "tiny")
     sess = ort.InferenceSession(str(tiny_repo / "tiny" / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from app.engine.batcher import Batcher, batch_sizes, softmax
-from app.engine.observe import BatchObserver
-from app.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
+from effnet_serve.engine.batcher import Batcher, batch_sizes, softmax
+from effnet_serve.engine.observe import BatchObserver
+from effnet_serve.core.errors import DeadlineExceeded, InferenceFailed, Overloaded, ShuttingDown
 
 SHAPE = (3, 2, 2)
 

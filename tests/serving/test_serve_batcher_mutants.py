@@ -13,9 +13,9 @@ import threading
 import numpy as np
 import pytest
 
-from app.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
-from app.engine.batcher import Batcher
-from app.engine.observe import BatchObserver
+from effnet_serve.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
+from effnet_serve.engine.batcher import Batcher
+from effnet_serve.engine.observe import BatchObserver
 from test_serve_batcher import Recorder, img, run
 
 
@@ -368,8 +368,7 @@ def test_the_cost_per_image_is_a_smoothed_average_of_the_batches(monkeypatch):
     it reports is then exact, whatever the machine's load."""
     import types
 
-    import app.engine.batcher as batcher_module
-
+    import effnet_serve.engine.batcher as batcher_module
     clock = [1000.0]
     real = batcher_module.time
     monkeypatch.setattr(batcher_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=real.monotonic))

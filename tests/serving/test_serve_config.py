@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from app.core.config import Settings, read_batch_table
-from app.engine.manifest import ManifestError, load_manifest, verify_onnx
+from effnet_serve.core.config import Settings, read_batch_table
+from effnet_serve.engine.manifest import ManifestError, load_manifest, verify_onnx
 from serving_helpers import write_model
 
 
@@ -84,7 +84,7 @@ def test_manifest_validation_and_checksum(tmp_path):
 
 @pytest.mark.parametrize("value, mode", [("false", "off"), ("true", "on"), ("off", "off"), ("run", "run"), ("on", "on")])
 def test_ort_spinning_takes_a_mode_or_the_old_booleans(monkeypatch, value, mode):
-    from app.engine.sessions import session_options
+    from effnet_serve.engine.sessions import session_options
 
     monkeypatch.setenv("EFFNET_ORT_SPINNING", value)
     s = Settings()

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core import tracing
-from app.core.config import Settings
-from app.core.errors import BadRequest, ClientGone, DeadlineExceeded, Overloaded, ShuttingDown, Unavailable, UnknownModel
-from app.engine.batcher import Batcher
-from app.engine.dataplane import DataPlane, ImageResult, Prediction
-from app.engine.manifest import load_manifest
-from app.engine.metrics import Metrics
-from app.engine.registry import Registry
+from effnet_serve.core import tracing
+from effnet_serve.core.config import Settings
+from effnet_serve.core.errors import BadRequest, ClientGone, DeadlineExceeded, Overloaded, ShuttingDown, Unavailable, UnknownModel
+from effnet_serve.engine.batcher import Batcher
+from effnet_serve.engine.dataplane import DataPlane, ImageResult, Prediction
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.metrics import Metrics
+from effnet_serve.engine.registry import Registry
 from serving_helpers import encode, photo, write_model
 
 
@@ -381,8 +381,7 @@ def test_a_request_at_a_full_queue_waits_for_room_within_the_admission_wait(setu
 
 
 def test_decoding_runs_in_the_decode_pool_and_is_charged_to_the_memory_budget(setup, monkeypatch):
-    import app.engine.dataplane as dataplane
-
+    import effnet_serve.engine.dataplane as dataplane
     plane, entry, _, _ = setup()
     plane.decode_pool.shutdown()
     plane.decode_pool = ThreadPoolExecutor(2, thread_name_prefix="decode-test")
@@ -407,8 +406,7 @@ def test_decoding_runs_in_the_decode_pool_and_is_charged_to_the_memory_budget(se
 
 
 def test_images_given_up_while_decoding_are_counted_as_skipped(setup, monkeypatch):
-    import app.engine.dataplane as dataplane
-
+    import effnet_serve.engine.dataplane as dataplane
     plane, entry, model, metric = setup()
     started = threading.Event()
     real = dataplane.prepare
@@ -495,8 +493,7 @@ def test_a_model_unloaded_while_the_body_was_read_is_a_503_not_a_crash(setup):
 def test_decoded_images_keep_the_requests_deadline(setup, monkeypatch):
     """Time spent decoding counts against the deadline: a slow decode past the client's timeout is
     refused before the model, not run."""
-    import app.engine.dataplane as dataplane
-
+    import effnet_serve.engine.dataplane as dataplane
     plane, entry, model, _ = setup()
     real = dataplane.prepare
 
@@ -626,7 +623,7 @@ def test_a_request_let_in_by_the_gate_does_not_queue_again_while_there_is_room(s
 def test_new_work_follows_a_reload_to_the_successor(setup, tmp_path):
     """A reload replaces the entry: once the old batcher closes (or is gone), new work goes to its
     successor, through any number of reloads; an entry still open keeps its work."""
-    from app.engine.registry import ModelEntry
+    from effnet_serve.engine.registry import ModelEntry
 
     plane, old, _, _ = setup()
     new = ModelEntry("fake", old.folder, status="ready", manifest=old.manifest,

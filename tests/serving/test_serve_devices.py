@@ -15,13 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-import app.engine.sessions as sessions
-from app.engine.batcher import Batcher, softmax
-from app.core.config import Settings
-from app.engine.manifest import load_manifest
-from app.engine.preprocess import prepare
-from app.engine.registry import Registry
-from app.engine.sessions import CPU, CUDA, SessionError, create_session, resolve_device
+import effnet_serve.engine.sessions as sessions
+from effnet_serve.engine.batcher import Batcher, softmax
+from effnet_serve.core.config import Settings
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.preprocess import prepare
+from effnet_serve.engine.registry import Registry
+from effnet_serve.engine.sessions import CPU, CUDA, SessionError, create_session, resolve_device
 from serving_helpers import encode, photo
 
 REAL_ORT_SESSION = ort.InferenceSession

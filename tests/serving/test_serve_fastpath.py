@@ -8,8 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.api.classify import ClassifyFastPath
-from app.core.config import Settings
+from effnet_serve.api.classify import ClassifyFastPath
+from effnet_serve.core.config import Settings
 from serving_helpers import encode, live_server, photo
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from serving_helpers import write_model
 
-from app.api.v2.codec import parse_infer
-from app.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker, json_bytes
-from app.core.errors import ApiError, Unavailable
-from app.engine.manifest import load_manifest
+from effnet_serve.api.v2.codec import parse_infer
+from effnet_serve.api.v2.json_worker import IN_PROCESS_BYTES, JsonWorker, json_bytes
+from effnet_serve.core.errors import ApiError, Unavailable
+from effnet_serve.engine.manifest import load_manifest
 
 
 def _body(n: int, seed: int = 0) -> tuple[bytes, np.ndarray]:

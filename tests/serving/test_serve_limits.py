@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from serving_helpers import encode
 
-from app.core import limits
-from app.core.config import Settings
-from app.core.errors import OverBudget
-from app.engine import preprocess
-from app.engine.batcher import Batcher
-from app.engine.memory import MemoryBudget
-from app.engine.registry import ModelEntry, Registry
+from effnet_serve.core import limits
+from effnet_serve.core.config import Settings
+from effnet_serve.core.errors import OverBudget
+from effnet_serve.engine import preprocess
+from effnet_serve.engine.batcher import Batcher
+from effnet_serve.engine.memory import MemoryBudget
+from effnet_serve.engine.registry import ModelEntry, Registry
 
 
 @pytest.mark.parametrize("files, quota, memory", [

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from app.core.config import Settings
-from app.engine.manifest import load_manifest
-from app.engine.preprocess import prepare
+from effnet_serve.core.config import Settings
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.preprocess import prepare
 from serving_helpers import encode, live_server
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat

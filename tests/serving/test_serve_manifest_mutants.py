@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-import app
-from app.engine.manifest import ManifestError, load_manifest, sha256_file, verify_onnx
+import effnet_serve
+from effnet_serve.engine.manifest import ManifestError, load_manifest, sha256_file, verify_onnx
 from serving_helpers import write_model
 
 
@@ -129,7 +129,7 @@ def test_non_ascii_labels_are_read_as_utf8(tmp_path):
 READ_IN_LOCALE = """
 import json, locale, sys
 from pathlib import Path
-from app.engine.manifest import load_manifest
+from effnet_serve.engine.manifest import load_manifest
 print(json.dumps({"encoding": locale.getencoding(), "labels": load_manifest(Path(sys.argv[1])).labels[:3]}))
 """
 
@@ -146,7 +146,7 @@ def test_non_ascii_labels_are_read_as_utf8_under_a_locale_that_is_not(tmp_path):
     assert load_manifest(folder).labels[:3] == ["café", "naïve", "日本"]  # and in this process too
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8", "PYTHONIOENCODING"))}
     env.update(LC_ALL="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
-    root = Path(app.__file__).resolve().parents[1]  # the app/ these tests import (a mutation run's copy too)
+    root = Path(effnet_serve.__file__).resolve().parents[1]  # the app/ these tests import (a mutation run's copy too)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, "-c", READ_IN_LOCALE, str(folder)], cwd=root, env=env,
                          capture_output=True, text=True, encoding="utf-8", timeout=120)

@@ -31,7 +31,7 @@ from serving_helpers import LiveServer, live_server, queue_held
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.core.config import Settings
+from effnet_serve.core.config import Settings
 
 IMAGE = png()  # 73x73: decodes to ~75 kB of budget
 BIG_PIXELS = flat_png(300)  # a few hundred bytes that decode to 300x300 (~1.3 MB of budget)

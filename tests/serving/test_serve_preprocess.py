@@ -48,9 +48,9 @@ from PIL import Image
 
 import planted_bugs
 import torchvision_oracle as oracle
-from app.core.errors import ImageError
-from app.engine.manifest import Preprocess
-from app.engine.preprocess import open_image, prepare, to_rgb
+from effnet_serve.core.errors import ImageError
+from effnet_serve.engine.manifest import Preprocess
+from effnet_serve.engine.preprocess import open_image, prepare, to_rgb
 from serving_helpers import MEAN, STD, encode, photo
 
 # tests/data/odd_inputs.py (the oracle loads it): the small real picture and the odd-mode uploads made of it.
@@ -181,8 +181,8 @@ def test_draft_keeps_lite0s_top1_on_real_photos(lite0_repo):
     import onnxruntime as ort
     from eval_photos import PHOTOS
 
-    from app.engine.batcher import softmax
-    from app.engine.manifest import load_manifest
+    from effnet_serve.engine.batcher import softmax
+    from effnet_serve.engine.manifest import load_manifest
 
     manifest = load_manifest(lite0_repo / "lite0")
     pp = manifest.preprocess

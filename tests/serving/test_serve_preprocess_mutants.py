@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-import app.engine.preprocess as preprocess
-from app.core.errors import ImageError
-from app.engine.manifest import Preprocess
-from app.engine.preprocess import open_image, prepare, resize_crop
+import effnet_serve.engine.preprocess as preprocess
+from effnet_serve.core.errors import ImageError
+from effnet_serve.engine.manifest import Preprocess
+from effnet_serve.engine.preprocess import open_image, prepare, resize_crop
 from serving_helpers import MEAN, STD, encode
 
 MAX_PIXELS = 50_000_000
@@ -117,8 +117,8 @@ def test_prepare_drafts_big_jpegs_by_default():
 
 
 def test_a_decode_over_the_memory_budget_says_what_it_was_refused():
-    from app.core.errors import OverBudget
-    from app.engine.memory import MemoryBudget
+    from effnet_serve.core.errors import OverBudget
+    from effnet_serve.engine.memory import MemoryBudget
 
     pp = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=MEAN, std=STD)
     with pytest.raises(OverBudget) as exc:

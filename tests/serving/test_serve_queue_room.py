@@ -8,8 +8,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from app.core.errors import Overloaded, ShuttingDown
-from app.engine.batcher import Batcher
+from effnet_serve.core.errors import Overloaded, ShuttingDown
+from effnet_serve.engine.batcher import Batcher
 
 
 def model(x: np.ndarray) -> np.ndarray:

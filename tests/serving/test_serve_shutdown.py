@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.core.config import Settings
-from app.core.errors import ShuttingDown
-from app.engine.metrics import Metrics
-from app.engine.registry import ModelEntry, Registry
-from app.engine.dataplane import DataPlane
+from effnet_serve.core.config import Settings
+from effnet_serve.core.errors import ShuttingDown
+from effnet_serve.engine.metrics import Metrics
+from effnet_serve.engine.registry import ModelEntry, Registry
+from effnet_serve.engine.dataplane import DataPlane
 from serving_helpers import encode, photo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_sigterm_mid_burst_finishes_queued_requests_and_exits_0(fake_repo):
         "PYTHONPATH": str(ROOT),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"

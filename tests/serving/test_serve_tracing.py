@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app.api.tracing import RequestTracing, client_request_id
-from app.core import tracing
-from app.core.config import Settings
+from effnet_serve.api.tracing import RequestTracing, client_request_id
+from effnet_serve.core import tracing
+from effnet_serve.core.config import Settings
 from prerequisites import require_module
 from serving_helpers import TEST_WORKERS, LiveServer, encode, live_server, make_live_server, photo
 
@@ -214,7 +214,7 @@ def test_tracing_off_costs_a_no_op(monkeypatch):
 
 def test_the_otlp_endpoint_turns_tracing_on(monkeypatch):
     require_module("opentelemetry.exporter.otlp.proto.http", "pip install -e '.[test]'")
-    from app.api.otel import provider_from_env
+    from effnet_serve.api.otel import provider_from_env
 
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
@@ -235,7 +235,7 @@ def test_the_otlp_endpoint_turns_tracing_on(monkeypatch):
 
 
 def test_without_the_sdk_the_server_runs_untraced(monkeypatch, caplog):
-    from app.api.otel import provider_from_env
+    from effnet_serve.api.otel import provider_from_env
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if the otel extra were not installed

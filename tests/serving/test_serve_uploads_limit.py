@@ -22,8 +22,8 @@ import pytest
 from raw_http import ChunkedUpload, HeldUpload, close_all, error_of, png, read_response, until
 from serving_helpers import LiveServer, live_server
 
-from app.api.body import GRACE_S
-from app.core.config import Settings
+from effnet_serve.api.body import GRACE_S
+from effnet_serve.core.config import Settings
 
 N = 3
 IMAGE = png()

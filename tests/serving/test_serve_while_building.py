@@ -13,9 +13,9 @@ import time
 
 import httpx
 
-from app.core.config import Settings
-from app.engine import building
-from build.repository import BUILDING_FILE, BuildAnnouncement
+from effnet_serve.core.config import Settings
+from effnet_serve.engine import building
+from effnet_build.repository import BUILDING_FILE, BuildAnnouncement
 from serving_helpers import encode, live_server, photo
 
 
@@ -64,7 +64,7 @@ def test_a_polling_server_serves_what_a_build_writes_behind_it(tmp_path, tiny_re
         assert status == 200 and body["models"] == ["tiny"] and "building" not in body
         # The build of tiny2 (a real one, a few seconds of PyTorch) runs beside the server, as `make serve` does.
         build = subprocess.Popen(
-            [sys.executable, "-m", "app", "build", "--repo", str(repo), "--quiet", "--width", "0.35", "--depth", "0.25",
+            [sys.executable, "-m", "effnet_serve", "build", "--repo", str(repo), "--quiet", "--width", "0.35", "--depth", "0.25",
              "--resolution", "96", "--name", "tiny2", "--weights", "random"],
             env={k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")},
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.core.config import Settings
-from app.core.errors import BadRequest, Overloaded, Unavailable, UnknownModel
-from app.engine.link import shm
-from app.engine.link.client import RemotePlane
-from app.engine.link.server import EngineServer
-from app.engine.memory import MemoryBudget, SharedBudget, SharedUploadCount, UploadCount
-from app.engine.runtime import running_plane
+from effnet_serve.core.config import Settings
+from effnet_serve.core.errors import BadRequest, Overloaded, Unavailable, UnknownModel
+from effnet_serve.engine.link import shm
+from effnet_serve.engine.link.client import RemotePlane
+from effnet_serve.engine.link.server import EngineServer
+from effnet_serve.engine.memory import MemoryBudget, SharedBudget, SharedUploadCount, UploadCount
+from effnet_serve.engine.runtime import running_plane
 from serving_helpers import encode, photo, write_model
 
 
@@ -246,7 +246,7 @@ def test_a_request_abandoned_while_queued_is_dropped_before_inference(repo, tmp_
 def test_every_verb_of_the_facade_answers_through_the_link(repo, tmp_path):
     """Model control, the repository index, routing figures and metrics, asked by a worker: the same answers
     the engine's own plane gives, and a load is visible to the asking worker as soon as it is answered."""
-    from app.policies.routing import classify_auto
+    from effnet_serve.policies.routing import classify_auto
 
     write_model(repo, "fake2", crop=48, resize=52, seed=1)
     s = settings_for(repo, model_control="explicit", allow_open_control=True)
@@ -283,7 +283,7 @@ def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared():
     process would take is not refused for being over a worker's slice), and clearing a slot frees it."""
     import multiprocessing as mp
 
-    from app.core.errors import OverBudget
+    from effnet_serve.core.errors import OverBudget
 
     slots = mp.get_context("spawn").Array("q", 2)
     a, b = SharedBudget(100, slots, 0), SharedBudget(100, slots, 1)

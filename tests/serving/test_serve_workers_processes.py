@@ -41,7 +41,7 @@ class Service:
             "PYTHONPATH": str(ROOT), **env,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
@@ -242,8 +242,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_arenas_shrink_to_a_small_dev_shm_unless_their_size_was_set():
-    from app.core.config import Settings
-    from app.supervisor import arena_bytes
+    from effnet_serve.core.config import Settings
+    from effnet_serve.supervisor import arena_bytes
 
     mb = 1 << 20
     assert arena_bytes(Settings(workers=2), 10_000 * mb) == 256 * mb  # room enough: the default

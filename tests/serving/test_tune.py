@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from app.core.config import Settings, read_batch_table
-from app.tools.tune import best_batch
+from effnet_serve.core.config import Settings, read_batch_table
+from effnet_serve.tools.tune import best_batch
 
 
 def test_the_smallest_batch_within_three_percent_of_the_best_wins():
@@ -20,7 +20,7 @@ def test_tune_writes_a_table_the_service_reads(copy_repo, tiny_repo):
     repo = copy_repo(tiny_repo)
     # Another device's entries and this device's other models survive a tune.
     (repo / "batch_sizes.json").write_text(json.dumps({"cuda": {"tiny": 64}, "cpu": {"gone": 3}}))
-    r = subprocess.run([sys.executable, "-m", "app", "tune", "--repo", str(repo), "--models", "tiny",
+    r = subprocess.run([sys.executable, "-m", "effnet_serve", "tune", "--repo", str(repo), "--models", "tiny",
                         "--batches", "1,2", "--seconds", "0.3"], capture_output=True, text=True, timeout=300,
                        env={**_env(), "EFFNET_DEVICE": "cpu", "EFFNET_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -34,7 +34,7 @@ def test_tune_writes_a_table_the_service_reads(copy_repo, tiny_repo):
 
 def test_a_dry_run_writes_nothing_and_a_bad_request_says_why(copy_repo, tiny_repo):
     repo = copy_repo(tiny_repo)
-    cmd = [sys.executable, "-m", "app", "tune", "--repo", str(repo), "--models", "tiny", "--seconds", "0.2"]
+    cmd = [sys.executable, "-m", "effnet_serve", "tune", "--repo", str(repo), "--models", "tiny", "--seconds", "0.2"]
     r = subprocess.run(cmd + ["--batches", "1", "--dry-run"], capture_output=True, text=True, timeout=300,
                        env={**_env(), "EFFNET_DEVICE": "cpu", "EFFNET_THREADS": "1"})
     assert r.returncode == 0, r.stderr
@@ -42,7 +42,7 @@ def test_a_dry_run_writes_nothing_and_a_bad_request_says_why(copy_repo, tiny_rep
     assert not (repo / "batch_sizes.json").exists()
     r = subprocess.run(cmd + ["--batches", "0,2"], capture_output=True, text=True, timeout=60, env=_env())
     assert r.returncode == 2 and "batch sizes start at 1" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "app", "tune", "--repo", str(repo / "nope")], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "effnet_serve", "tune", "--repo", str(repo / "nope")], capture_output=True,
                        text=True, timeout=60, env=_env())
     assert r.returncode == 2 and "no model repository" in r.stderr
 

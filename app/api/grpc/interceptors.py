@@ -24,9 +24,9 @@ from typing import Any
 
 import grpc
 
-from app.api.grpc.status import KeyCheck, abort_with
-from app.core.errors import ApiError, BadRequest, Overloaded, RequestTimeout
-from app.engine.facade import Plane
+from .status import KeyCheck, abort_with
+from ...core.errors import ApiError, BadRequest, Overloaded, RequestTimeout
+from ...engine.facade import Plane
 
 HEALTH_READ_S = 5.0  # a probe's message is empty: a client that cannot send it in this long is not probing
 

@@ -16,10 +16,10 @@ import logging
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from app.api.grpc.interceptors import Guard
-from app.api.grpc.servicer import InferenceServicer
-from app.core.config import Settings
-from app.engine.facade import Plane
+from .interceptors import Guard
+from .servicer import InferenceServicer
+from ...core.config import Settings
+from ...engine.facade import Plane
 
 log = logging.getLogger("effnet.grpc")
 

@@ -23,12 +23,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from app.api.grpc.status import rpc
-from app.api.grpc.tensors import encode_response, parse_request
-from app.core.errors import ApiError, BadRequest
-from app.api.v2.descriptions import find_entry, metadata, model_config, server_metadata
-from app.engine.facade import Plane
-from app.engine.registry import valid_name
+from .status import rpc
+from .tensors import encode_response, parse_request
+from ...core.errors import ApiError, BadRequest
+from ..v2.descriptions import find_entry, metadata, model_config, server_metadata
+from ...engine.facade import Plane
+from ...engine.registry import valid_name
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -15,9 +15,9 @@ from typing import Any
 
 import grpc
 
-from app.api.security import exempt_prefixes, is_exempt, presented_key
-from app.core.config import Settings
-from app.core.errors import ApiError, ShuttingDown, Unauthenticated
+from ..security import exempt_prefixes, is_exempt, presented_key
+from ...core.config import Settings
+from ...core.errors import ApiError, ShuttingDown, Unauthenticated
 
 log = logging.getLogger("effnet.grpc")
 

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from app.api.v2.codec import (
+from ..v2.codec import (
     VERSION, Output, classification_strings, decode_input, pack_bytes_elements, requested_outputs,
 )
-from app.core.errors import BadRequest
-from app.engine.manifest import Manifest
+from ...core.errors import BadRequest
+from ...engine.manifest import Manifest
 
 
 @dataclass

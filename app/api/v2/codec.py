@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from app.core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from app.engine.manifest import Manifest
+from ...core.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from ...engine.manifest import Manifest
 
 VERSION = "1"
 HEADER = "Inference-Header-Content-Length"

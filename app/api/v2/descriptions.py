@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import __version__
-from app.api.v2.codec import VERSION
-from app.core.errors import UnknownModel
-from app.engine.facade import ModelView, Plane, index_state
+from ... import __version__
+from .codec import VERSION
+from ...core.errors import UnknownModel
+from ...engine.facade import ModelView, Plane, index_state
 
 SERVER_NAME = "effnet-serve"
 PLATFORM = "onnxruntime_onnx"

@@ -23,9 +23,9 @@ import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from app.api.v2.codec import InferInput, parse_infer
-from app.core.errors import ApiError, BadRequest, Overloaded, Unavailable
-from app.engine.manifest import Manifest
+from .codec import InferInput, parse_infer
+from ...core.errors import ApiError, BadRequest, Overloaded, Unavailable
+from ...engine.manifest import Manifest
 
 log = logging.getLogger("effnet.v2")
 

@@ -17,12 +17,12 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.api.body import Upload
-from app.api.state import plane_of
-from app.api.errors import v2_response
-from app.api.v2.errors import V2_ERRORS
-from app.core.errors import ApiError, BadRequest, PayloadTooLarge
-from app.engine.registry import valid_name
+from ..body import Upload
+from ..state import plane_of
+from ..errors import v2_response
+from .errors import V2_ERRORS
+from ...core.errors import ApiError, BadRequest, PayloadTooLarge
+from ...engine.registry import valid_name
 
 MAX_BODY_BYTES = 64 * 1024  # {"ready": true} or {}: anything near this is not a request of this API
 

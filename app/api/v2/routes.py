@@ -19,17 +19,17 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from app.api.state import plane_of
-from app.api.v2.errors import V2_ERRORS
-from app.api.errors import v2_response
-from app.api.body import Upload, client_timeout_s
-from app.api.v2.codec import HEADER, InferInput, decode_content, encode_infer
-from app.api.v2.json_worker import parse_checked, wants_worker
-from app.api.v2.descriptions import find_entry, metadata, model_config, model_state
-from app.api.v2.descriptions import server_metadata as describe_server
-from app.core import tracing
-from app.core.errors import ApiError, NotFound
-from app.engine.facade import ModelView
+from ..state import plane_of
+from .errors import V2_ERRORS
+from ..errors import v2_response
+from ..body import Upload, client_timeout_s
+from .codec import HEADER, InferInput, decode_content, encode_infer
+from .json_worker import parse_checked, wants_worker
+from .descriptions import find_entry, metadata, model_config, model_state
+from .descriptions import server_metadata as describe_server
+from ...core import tracing
+from ...core.errors import ApiError, NotFound
+from ...engine.facade import ModelView
 
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"], responses=V2_ERRORS)

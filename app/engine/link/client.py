@@ -23,18 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from app.core import tracing
-from app.core.config import Settings
-from app.core.limits import cores
-from app.core.errors import ApiError, ClientGone, OverBudget, Unavailable, UnknownModel
-from app.engine.batcher import softmax
-from app.engine.facade import ImageResult, ModelView, Readiness, RouteInfo
-from app.engine.link.server import State
-from app.engine.link.shm import Arena, ArenaFull
-from app.engine.link.wire import Link, LinkClosed
-from app.engine.memory import MemoryBudget, UploadCount
-from app.engine.dataplane import decode_all
-from app.engine.preprocess import set_max_pixels
+from ...core import tracing
+from ...core.config import Settings
+from ...core.limits import cores
+from ...core.errors import ApiError, ClientGone, OverBudget, Unavailable, UnknownModel
+from ..batcher import softmax
+from ..facade import ImageResult, ModelView, Readiness, RouteInfo
+from .server import State
+from .shm import Arena, ArenaFull
+from .wire import Link, LinkClosed
+from ..memory import MemoryBudget, UploadCount
+from ..dataplane import decode_all
+from ..preprocess import set_max_pixels
 
 log = logging.getLogger("effnet.worker")
 

@@ -14,10 +14,10 @@ import logging
 import signal
 from multiprocessing.connection import Connection
 
-from app.core.config import Settings
-from app.core.malloc import tune_malloc
-from app.engine.link.server import EngineServer
-from app.engine.runtime import running_plane
+from ...core.config import Settings
+from ...core.malloc import tune_malloc
+from .server import EngineServer
+from ..runtime import running_plane
 
 log = logging.getLogger("effnet.engine")
 

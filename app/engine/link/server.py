@@ -27,11 +27,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.errors import ClientGone, ShuttingDown
-from app.engine.dataplane import Call, DataPlane, view_of
-from app.engine.facade import ModelView, Readiness
-from app.engine.link.shm import Regions
-from app.engine.link.wire import Link, LinkClosed, safe_exception
+from ...core.errors import ClientGone, ShuttingDown
+from ..dataplane import Call, DataPlane, view_of
+from ..facade import ModelView, Readiness
+from .shm import Regions
+from .wire import Link, LinkClosed, safe_exception
 
 log = logging.getLogger("effnet.engine")
 

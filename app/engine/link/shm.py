@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.limits import pid_alive
+from ...core.limits import pid_alive
 
 PREFIX = "effnet-shm"
 ALIGN = 64  # bytes: each tensor starts on a cache line

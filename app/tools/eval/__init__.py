@@ -4,9 +4,9 @@ Torch-free: it runs in the runtime image, through the same manifest, session and
 preprocessing code as `effnet serve`.
 """
 
-from app.tools.eval.datasets import Dataset, DatasetError, LabelResolver, Sample, open_dataset
-from app.tools.eval.metrics import Tally, topk, wilson
-from app.tools.eval.runner import EvalError, EvalResult, evaluate, write_measured
+from .datasets import Dataset, DatasetError, LabelResolver, Sample, open_dataset
+from .metrics import Tally, topk, wilson
+from .runner import EvalError, EvalResult, evaluate, write_measured
 
 __all__ = [
     "Dataset", "DatasetError", "EvalError", "EvalResult", "LabelResolver", "Sample", "Tally",

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.engine.batcher import softmax
-from app.policies.cascade import escalate
-from app.tools.eval.datasets import Dataset
-from app.tools.eval.metrics import wilson
-from app.tools.eval.runner import (
+from ...engine.batcher import softmax
+from ...policies.cascade import escalate
+from .datasets import Dataset
+from .metrics import wilson
+from .runner import (
     EvalError,
     Progress,
     _cores,
@@ -35,9 +35,9 @@ from app.tools.eval.runner import (
     default_max_pixels,
     select,
 )
-from app.engine.manifest import Manifest, ManifestError, load_manifest, verify_onnx
-from app.engine.preprocess import set_max_pixels
-from app.engine.sessions import SessionError, create_session, resolve_device
+from ...engine.manifest import Manifest, ManifestError, load_manifest, verify_onnx
+from ...engine.preprocess import set_max_pixels
+from ...engine.sessions import SessionError, create_session, resolve_device
 
 CASCADES_FILE = "cascades.json"
 SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

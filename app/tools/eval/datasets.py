@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import app
+from importlib import resources
 
 FORMATS = ("auto", "folder", "csv", "valtxt", "loc", "ilsvrc")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -45,10 +45,10 @@ class DatasetError(Exception):
 
 def imagenet_wnids() -> list[str]:
     """The 1000 WordNet ids in logit order (sorted), shipped with the build step's data."""
-    path = Path(app.__file__).resolve().parent.parent / "build" / "data" / "imagenet_wnids.txt"
     try:
+        path = resources.files("effnet_build") / "data" / "imagenet_wnids.txt"
         wnids = path.read_text(encoding="utf-8").split()
-    except OSError:
+    except (ModuleNotFoundError, OSError):
         raise DatasetError(f"cannot read the WordNet id table {path}") from None
     if len(wnids) != 1000:
         raise DatasetError(f"{path} must hold 1000 WordNet ids")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.errors import ImageError
-from app.tools.eval.datasets import Dataset, Sample
-from app.tools.eval.metrics import Tally
-from app.engine.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_onnx
-from app.engine.preprocess import prepare, set_max_pixels
-from app.engine.sessions import create_session, resolve_device
+from ...core.errors import ImageError
+from .datasets import Dataset, Sample
+from .metrics import Tally
+from ...engine.manifest import MANIFEST_FILE, Manifest, load_manifest, verify_onnx
+from ...engine.preprocess import prepare, set_max_pixels
+from ...engine.sessions import create_session, resolve_device
 
 
 class EvalError(Exception):
@@ -36,7 +36,7 @@ class EvalError(Exception):
 
 def default_max_pixels() -> int:
     """The server's default EFFNET_MAX_IMAGE_PIXELS, so eval refuses what the server refuses."""
-    from app.core.config import Settings
+    from ...core.config import Settings
 
     return int(Settings.model_fields["max_image_pixels"].default)
 
@@ -186,8 +186,8 @@ def evaluate(
 ) -> EvalResult:
     if batch < 1:
         raise EvalError("--batch must be at least 1")
-    from app.engine.manifest import ManifestError
-    from app.engine.sessions import SessionError
+    from ...engine.manifest import ManifestError
+    from ...engine.sessions import SessionError
 
     try:
         manifest = load_manifest(folder)
