@@ -30,6 +30,8 @@ def _import_names_of_this_checkout() -> None:
     names = ROOT / ".cache" / "import-names"
     names.mkdir(parents=True, exist_ok=True)
     for name, folder in (("effnet_serve", "app"), ("effnet_build", "build")):
+        if (ROOT / name / "__init__.py").is_file():  # a scratch copy laid out under the installed names
+            folder = name
         link = names / name
         if link.is_symlink() and link.resolve() == (ROOT / folder).resolve():
             continue

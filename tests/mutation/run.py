@@ -139,6 +139,15 @@ def mutmut_version() -> str:
     return version("mutmut")
 
 
+INSTALLED = {"app": "effnet_serve", "build": "effnet_build"}
+
+
+def installed_path(path: str) -> str:
+    """app/engine/batcher.py -> effnet_serve/engine/batcher.py: where the scratch copy holds it."""
+    top, _, rest = path.partition("/")
+    return f"{INSTALLED.get(top, top)}/{rest}"
+
+
 def toml_list(items) -> str:
     return "[" + ", ".join(json.dumps(str(i)) for i in items) + "]"
 
@@ -156,8 +165,8 @@ def mutmut_config(mod: Module) -> str:
 
 # Written by tests/mutation/run.py for this scratch copy only.
 [tool.mutmut]
-source_paths = ["app", "build"]
-only_mutate = {toml_list([mod.path])}
+source_paths = ["effnet_serve", "effnet_build"]
+only_mutate = {toml_list([installed_path(mod.path)])}
 pytest_add_cli_args_test_selection = {toml_list(tests_of(mod))}
 # No pytest cache in the snapshot. A mutant that hangs a test fails it after 15 s (pyproject's
 # timeout is 600; no listed test takes 3 s), and mutmut's own limit is 5x the tests' measured time
@@ -176,9 +185,11 @@ def config_digest(mod: Module, root: Path = ROOT) -> str:
 
 
 def fingerprint(mod: Module, root: Path = ROOT) -> dict:
-    """The digests a result is checked against: the module, each test file, the configuration."""
+    """The digests a result is checked against: the module, each test file, the configuration (of the checkout,
+    or of a scratch copy, which holds the module under its installed name)."""
+    source = root / mod.path if root == ROOT else root / installed_path(mod.path)
     return {
-        "source_sha256": digest(root / mod.path),
+        "source_sha256": digest(source),
         "tests_sha256": {t: digest(root / t) for t in test_files(mod.tests)},
         "config_sha256": config_digest(mod, root),
     }
@@ -214,8 +225,10 @@ def prepare(name: str, mod: Module) -> Path:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    # The code under its installed names (pyproject.toml: app/ is effnet_serve, build/ is effnet_build), as
+    # the tests import it: mutmut keys each mutant by the module name it is imported under.
     for d in ("app", "build", "tests"):
-        shutil.copytree(ROOT / d, work / d, ignore=IGNORE)
+        shutil.copytree(ROOT / d, work / INSTALLED.get(d, d), ignore=IGNORE)
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     (work / "pyproject.toml").write_text(text + mutmut_config(mod), encoding="utf-8")
     return work
