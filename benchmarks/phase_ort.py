@@ -17,7 +17,8 @@ from pathlib import Path
 
 from benchmarks.harness import ROOT, log
 from benchmarks.records import BatchTable, Model, OrtTiming, Record
-from effnet_serve.engine.sessions import spin_mode
+from effnet_serve.engine.manifest import load_manifest
+from effnet_serve.engine.sessions import spin_for, spin_mode
 from benchmarks.raw_ort import alternate, best_batch, default_session, measure_model, model_file, server_session
 
 CEILING_BATCHES = [1, 8]
@@ -90,7 +91,7 @@ def phase_arena(plan) -> list[Record]:
     rows = []
     for key, what, arena, spinning in ARENA_SETTINGS:
         m = measured[key][str(batch)]
-        mine = arena == s.ort_arena and spin_mode(spinning) == s.ort_spinning
+        mine = arena == s.ort_arena and spin_mode(spinning) == spin_for(s.ort_spinning, load_manifest(path.parent).macs)
         rows.append(timing("arena", name, key, m, what + (" (the server's default)" if mine else "")))
         log(f"  {key:12} {m['img_per_s']:6.1f} img/s  {m['cpu_ms_per_img']:.1f} ms CPU/img")
     del runs

@@ -9,10 +9,11 @@ saturation. For b0 and lite0 (256 px JPEG; gRPC: ready FP32 tensors):
   1 client     one request at a time over one keep-alive connection: median and p99
   4 clients    four at once: median, against the serverless time for 4 images (4 decodes side by side and
                one batch of 4)
-  32 clients   throughput, to show what spinning costs under load
+  32 clients   throughput, to show what spinning within runs costs under load
 Contenders, all started before a model is measured, each frozen (SIGSTOP) while another runs:
-  service                the default (EFFNET_WORKERS = cores, EFFNET_ORT_SPINNING off)
-  service, spinning      the same with EFFNET_ORT_SPINNING=true
+  service                the default (EFFNET_WORKERS = cores, EFFNET_ORT_SPINNING=auto: b0 and lite0 spin
+                         within their runs)
+  service, no spinning   the same with EFFNET_ORT_SPINNING=off (the default before)
   service, 1 process     EFFNET_WORKERS=1
   LitServe, 1 worker     benchmarks/peers/litserve_server.py (1 client only)
   serverless             benchmarks/serverless.py --latency N: Pillow + a default ORT session in one process
@@ -34,7 +35,7 @@ from benchmarks.harness import DEFAULT_REPO, MULTIPART_TYPE, QUICK_CACHE, ROOT, 
 from benchmarks.blocks import block_main, machine_info
 from benchmarks.scaling import Contender, alternating, cores, jpeg_and_multipart, start_litserve, start_service
 
-SERVICE, SPINNING, ONE = "service", "service, spinning", "service, 1 process"
+SERVICE, SPINNING, ONE = "service", "service, no spinning", "service, 1 process"
 LITSERVE, SERVERLESS = "LitServe, 1 worker", "serverless"
 
 
@@ -92,7 +93,7 @@ def start(name: str, work: Path, repo: Path, model: str) -> Contender:
     if name == LITSERVE:
         return start_litserve(work, repo, model, 1)
     workers = 1 if name == ONE else cores()
-    extra = {"EFFNET_ORT_SPINNING": "true"} if name == SPINNING else {}
+    extra = {"EFFNET_ORT_SPINNING": "off"} if name == SPINNING else {}
     c = start_service(work, repo, model, workers, extra)
     c.name = name
     return c
@@ -161,7 +162,7 @@ def render(result: dict) -> str:
              f"`make bench-quiet` (`python -m benchmarks.quiet`), {result['seconds']:.0f} s, on {m.get('cpu')} "
              f"({m.get('cores')} cores, {m.get('isa', '')}). Median of {result['rounds']} windows of "
              f"{result['window_s']:g} s per contender, in alternating blocks with every other contender frozen "
-             f"(SIGSTOP). `service` is the default ({result['workers']} workers, ORT spinning off); the serverless "
+             f"(SIGSTOP). `service` is the default ({result['workers']} workers, ORT spinning within runs: `EFFNET_ORT_SPINNING=auto`); the serverless "
              "pipeline decodes the same JPEG with Pillow and runs a default ONNX Runtime session in one process "
              "(gRPC rows: the tensor only), N images side by side then one batch of N.", "",
              "| model | case | " + " | ".join(f"{n} p50 / p99 ms" for n in names) + " | service / serverless (p50) |",
@@ -175,8 +176,8 @@ def render(result: dict) -> str:
     lines += ["", "Spinning under load (32 clients, images per second):", ""]
     for c in result["cases"]:
         if c["case"] == "http 32":
-            off, on = c["img_per_s"].get(SERVICE), c["img_per_s"].get(SPINNING)
-            lines.append(f"- {c['model']}: spinning off {off}, on {on} ({_x(on, off)})")
+            on, off = c["img_per_s"].get(SERVICE), c["img_per_s"].get(SPINNING)
+            lines.append(f"- {c['model']}: spinning within runs {on}, off {off} ({_x(on, off)})")
     lines += ["", "Goals (issue 27):", "", *goals(result), "<!-- /quiet -->"]
     return "\n".join(lines)
 

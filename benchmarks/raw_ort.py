@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from effnet_serve.core.config import Settings
 from effnet_serve.engine.manifest import load_manifest, verify_onnx
-from effnet_serve.engine.sessions import create_session, resolve_device
+from effnet_serve.engine.sessions import create_session, resolve_device, spin_for
 
 # A smaller batch wins the tie: within this fraction of the best throughput, lower latency is worth more.
 BEST_BATCH_TOLERANCE = 0.03
@@ -47,11 +47,13 @@ def default_session(path: Path, input_name: str, output_name: str, threads: int)
 
 def server_session(path: Path, input_name: str, output_name: str, *, threads: int | None = None,
                    spinning: bool | None = None, arena: str | None = None):
-    """app.engine.sessions.create_session; None = what Settings() says (the server's configuration)."""
+    """app.engine.sessions.create_session; None = what Settings() says (the server's configuration; spinning
+    as the server gives it to this model)."""
     s = Settings()
+    macs = load_manifest(path.parent).macs
     return create_session(path, input_name, output_name, device=resolve_device(s.device),
                           threads=s.threads if threads is None else threads,
-                          spinning=s.ort_spinning if spinning is None else spinning,
+                          spinning=spin_for(s.ort_spinning, macs) if spinning is None else spinning,
                           arena=s.ort_arena if arena is None else arena)
 
 

@@ -170,14 +170,13 @@ def prepare_repo(plan: Plan, allow_build: bool, temp_repo: bool) -> tuple[dict[s
 
 def run_record(plan: Plan, argv: list[str]) -> Run:
     from effnet_serve.core.config import Settings
-    from effnet_serve.engine.sessions import spin_mode
     from benchmarks.blocks import machine_info
 
     s = Settings()
     return Run(command=" ".join(["python -m benchmarks.run", *argv]), quick=plan.quick, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                machine=machine_info(), models=plan.models, full=plan.full, loaded=plan.memory, phases=plan.phases,
                concurrency=plan.concurrency, window_s=plan.load_s, warmup_s=plan.warmup_s, raw_s=plan.raw_s, repo=str(plan.repo),
-               threads=s.threads, ort_arena=s.ort_arena, ort_spinning=spin_mode(s.ort_spinning), burst_clients=plan.burst_clients,
+               threads=s.threads, ort_arena=s.ort_arena, ort_spinning=s.ort_spinning, burst_clients=plan.burst_clients,
                burst_s=plan.burst_s, arena_rounds=plan.arena_rounds, arena_s=plan.arena_s, perf_interval_ms=plan.perf_interval_ms,
                perf_trials=plan.perf_trials, loadavg=[os.getloadavg()[0]])
 

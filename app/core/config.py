@@ -125,9 +125,9 @@ class Settings(BaseSettings):
 
     # Total intra-op thread budget for ONNX Runtime; see sessions.py for how it is spent.
     threads: int = Field(default_factory=_cores, ge=1)
-    # ORT worker spinning: faster runs (b0 batch 1: 7.0 against 8.9 ms here), but the spin steals the cores
-    # other work needs, and raised the 1-client p99; see app/engine/sessions.py.
-    ort_spinning: Literal["off", "run", "on"] = "off"
+    # ORT's threads spinning for work (app/engine/sessions.py): "auto" spins within runs ("run") for models of
+    # 100M MACs and up, not at all for smaller ones; "off"; "run"; "on" (ORT's default: also between runs).
+    ort_spinning: Literal["auto", "off", "run", "on"] = "auto"
     # ORT's CPU memory arena: one shared by all sessions (default; see app/engine/sessions.py), one per
     # session (ORT's default: fastest, but every session keeps its peak), or none.
     ort_arena: Literal["shared", "per-session", "off"] = "shared"

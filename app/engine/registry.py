@@ -31,7 +31,7 @@ from ..core.errors import ControlError, Unavailable
 from .facade import index_state
 from .manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
 from .observe import Observer
-from .sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device
+from .sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device, spin_for
 
 log = logging.getLogger("effnet.registry")
 
@@ -184,7 +184,7 @@ class Registry:
         profile = BatchProfile(manifest.onnx.input.name, (3, crop, crop), self._max_batch(entry.name, "cuda", tables))
         entry.session = create_session(
             onnx_path, manifest.onnx.input.name, manifest.onnx.output.name,
-            device=device, threads=self.settings.threads, spinning=self.settings.ort_spinning,
+            device=device, threads=self.settings.threads, spinning=spin_for(self.settings.ort_spinning, manifest.macs),
             arena=self.settings.ort_arena,
             tensorrt_cache=self.settings.tensorrt_cache if self.settings.tensorrt else None, profile=profile,
             shrink_above=int(self.settings.ort_shrink_mb * (1 << 20)) if self.settings.ort_shrink_mb else None,

@@ -7,15 +7,17 @@ thread), so the question is only how wide each run may go:
   model - the common case - then uses the whole machine. Dividing the budget statically
   (THREADS / models) would leave one busy B0 on 1 of 2 cores while seven idle models
   hold the rest.
-* Spinning is off by default (`EFFNET_ORT_SPINNING=false`). Measured on this 2-core box, ORT's
-  workers spin ~30 ms after every run; in one process that time belongs to the event loop and the
-  decode pool preparing the next batch. In the engine process (EFFNET_WORKERS > 1) it measured better:
-  b0 batch 1 in 7.0 ms against 8.9, and through the service with 2 workers (b0, 256 px JPEGs, four
-  alternating 6 s windows) a median of 10.4 against 12.4 ms at 1 client, 35.1 against 36.7 at 4, and
-  119 against 116 img/s at 32; but the 1-client p99 rose (b0 21.5 against 16.5 ms), a tiny model's
-  spinners never rest (1220 -> ~1080 img/s), and two full test runs out of three saw the engine fail to
-  exit within 30 s of SIGTERM under a hostile flood, which no run with spinning off ever did. So it
-  stays off until that is understood; turn it on for a latency-first deployment of real-size models.
+* Spinning (`EFFNET_ORT_SPINNING`, default `auto`). ORT's workers can spin waiting for work, rather than
+  sleep on a futex and be woken at each parallel section of a run. Its default (`on`) also spins for ~30 ms
+  after every run, which takes the cores the front end and the decode pool need: measured here it raised
+  b0's 1-client p99 (16.5 -> 21.5 ms) and cost a tiny model 21% of its throughput at 64 clients, and two
+  full test runs out of three saw the engine fail to exit within 30 s of SIGTERM under a hostile flood.
+  `run` spins within a run and parks the threads the moment it returns (ORT's session.force_spinning_stop):
+  raw b0 at batch 1 runs in 7.0 ms against 9.2 with spinning off, as fast as `on`; through the service
+  (quiet machine, 2 workers, alternating 6 s windows) b0's 1-client median went from 11.7 to 10.1 ms with
+  the same p99 (14.9 against 14.7), 32 clients stayed at 121 against 120 img/s, and in one process 10.9 ->
+  9.2 ms. A tiny model still lost 9% at 64 clients: its runs are a sliver of each request, so its spinners
+  only take cores. `auto` therefore gives `run` to models of SPIN_MIN_MACS (100M) and up, `off` below.
 * With spinning off an idle session's pool sleeps, so eight loaded models cost eight
   parked pools, not eight busy ones. When several models are busy at once they share the
   cores through the OS scheduler, which for compute-bound kernels costs little throughput.
@@ -167,10 +169,25 @@ def ensure_shared_arena() -> None:
         _env_arena = True
 
 
+# EFFNET_ORT_SPINNING=auto spins within runs for models at least this big (b0 and every variant above it, the
+# Lites too): their runs are long enough that waking parked threads at each parallel section costs more than
+# it saves. A smaller model's run is a fraction of its request; its spinners only take cores from the front end.
+SPIN_MIN_MACS = 100_000_000
+
+
+def spin_for(setting: str, macs: int) -> str:
+    """The spinning one model's session gets from EFFNET_ORT_SPINNING (auto: by the model's size)."""
+    if setting == "auto":
+        return "run" if macs >= SPIN_MIN_MACS else "off"
+    return setting
+
+
 def spin_mode(spinning: bool | str) -> str:
     """EFFNET_ORT_SPINNING as one of "off", "run" (spin within a run only) or "on"; booleans as before."""
     if isinstance(spinning, bool):
         return "on" if spinning else "off"
+    if spinning not in ("off", "run", "on"):  # "auto" is decided per model first (spin_for)
+        raise ValueError(f"spinning must be off, run or on, not {spinning!r}")
     return spinning
 
 

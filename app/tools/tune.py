@@ -24,7 +24,7 @@ import numpy as np
 
 from ..core.config import BATCH_SIZES_FILE, Settings, write_batch_table
 from ..engine.manifest import ManifestError, load_manifest, verify_onnx
-from ..engine.sessions import create_session, resolve_device
+from ..engine.sessions import create_session, resolve_device, spin_for
 
 TOLERANCE = 0.03  # within this fraction of the best throughput, the smaller batch wins
 DEFAULT_BATCHES = {"cpu": [1, 2, 4, 8], "cuda": [1, 2, 4, 8, 16, 32, 64, 128]}
@@ -42,7 +42,8 @@ def measure(folder: Path, batches: list[int], seconds: float, settings: Settings
     manifest = load_manifest(folder)
     path = verify_onnx(folder, manifest)
     session = create_session(path, manifest.onnx.input.name, manifest.onnx.output.name, device=device,
-                             threads=settings.threads, spinning=settings.ort_spinning, arena=settings.ort_arena)
+                             threads=settings.threads, spinning=spin_for(settings.ort_spinning, manifest.macs),
+                             arena=settings.ort_arena)
     crop = manifest.preprocess.crop
     rng = np.random.default_rng(0)
     inputs = {b: rng.standard_normal((b, 3, crop, crop), dtype=np.float32) for b in batches}

@@ -82,18 +82,32 @@ def test_manifest_validation_and_checksum(tmp_path):
         load_manifest(folder)
 
 
-@pytest.mark.parametrize("value, mode", [("false", "off"), ("true", "on"), ("off", "off"), ("run", "run"), ("on", "on")])
+@pytest.mark.parametrize("value, mode", [("false", "off"), ("true", "on"), ("off", "off"), ("run", "run"), ("on", "on"),
+                                         ("auto", "auto")])
 def test_ort_spinning_takes_a_mode_or_the_old_booleans(monkeypatch, value, mode):
-    from effnet_serve.engine.sessions import session_options
+    from effnet_serve.engine.sessions import session_options, spin_for
 
     monkeypatch.setenv("EFFNET_ORT_SPINNING", value)
     s = Settings()
     assert s.ort_spinning == mode
-    so = session_options(1, s.ort_spinning, arena="per-session")
+    mode = spin_for(mode, 385_814_752)  # what a b0 session gets ("auto": spinning within its runs)
+    so = session_options(1, mode, arena="per-session")
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == ("0" if mode == "off" else "1")
     # "run": spinning within a run only; ORT parks the threads the moment a run returns.
     stops = so.get_session_config_entry("session.force_spinning_stop") if mode == "run" else None
     assert stops == ("1" if mode == "run" else None)
+
+
+def test_ort_spinning_auto_spins_within_runs_for_real_size_models_only(monkeypatch):
+    from effnet_serve.engine.sessions import SPIN_MIN_MACS, spin_for
+
+    monkeypatch.delenv("EFFNET_ORT_SPINNING", raising=False)
+    assert Settings().ort_spinning == "auto"  # the default
+    assert spin_for("auto", 385_814_752) == "run"  # b0
+    assert spin_for("auto", 2_269_920) == "off"  # a tiny custom variant: its spinners would only take cores
+    assert spin_for("auto", SPIN_MIN_MACS) == "run" and spin_for("auto", SPIN_MIN_MACS - 1) == "off"
+    for mode in ("off", "run", "on"):
+        assert spin_for(mode, 10) == mode == spin_for(mode, 10**10)  # anything else is taken as it is
 
 
 def test_ort_spinning_refuses_an_unknown_mode(monkeypatch):
