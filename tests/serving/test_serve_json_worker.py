@@ -74,3 +74,17 @@ def test_a_dead_worker_is_a_503_and_the_next_body_gets_a_new_one(worker, manifes
     with pytest.raises(Unavailable):
         worker.parse(body, None, manifest, 64, 4 << 20)
     np.testing.assert_array_equal(np.stack(worker.parse(body, None, manifest, 64, 4 << 20).tensors), x)
+
+
+def test_close_leaves_no_worker_process_behind_even_one_that_cannot_take_the_stop(worker, manifest):
+    """A front end must exit on SIGTERM, and multiprocessing joins every child at exit: a worker that never
+    takes the executor's stop sentinel (here: stopped, as one was under a flood) is killed, not waited for."""
+    body, _ = _body(16)
+    worker.parse(body, None, manifest, 64, 4 << 20)
+    processes = list(worker._pool._processes.values())
+    for p in processes:
+        os.kill(p.pid, signal.SIGSTOP)
+    worker.close()
+    for p in processes:
+        p.join(timeout=10)
+        assert not p.is_alive(), "the JSON worker outlived close()"

@@ -140,4 +140,10 @@ class JsonWorker:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
+            processes = list((getattr(pool, "_processes", None) or {}).values())  # where concurrent.futures keeps them
             pool.shutdown(wait=False, cancel_futures=True)
+            # Its worker may never see the executor's stop sentinel (seen here: one stop in ~8 under a flood of
+            # big bodies), and multiprocessing joins every child at exit: this process would never exit. What
+            # it was parsing is for a request nobody will answer now.
+            for p in processes:
+                p.kill()
