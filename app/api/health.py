@@ -31,7 +31,8 @@ async def ready(request: Request) -> Any:
     state = plane_of(request).readiness()
     if state.draining:
         return error_response(ShuttingDown("the server is shutting down"))
-    building = pending(plane_of(request).settings.repository)  # one small file read: probes come every few s
+    # One small file read (probes come every few seconds); a model the build has yet to reach may serve already.
+    building = [m for m in pending(plane_of(request).settings.repository) if m not in state.serving]
     if not state.ready:
         waiting = state.not_ready or {v.name: v.status for v in plane_of(request).views()}
         message = "no models configured or found" if not state.models else "models not ready: " + ", ".join(sorted(waiting))

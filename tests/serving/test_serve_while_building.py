@@ -62,6 +62,9 @@ def test_a_polling_server_serves_what_a_build_writes_behind_it(tmp_path, tiny_re
     with live_server(settings) as srv:
         status, body = _ready(srv)
         assert status == 200 and body["models"] == ["tiny"] and "building" not in body
+        # A build that has yet to reach a model that serves already does not list it as coming.
+        with BuildAnnouncement(repo, ["tiny", "later"]):
+            assert _ready(srv)[1]["building"] == ["later"]
         # The build of tiny2 (a real one, a few seconds of PyTorch) runs beside the server, as `make serve` does.
         build = subprocess.Popen(
             [sys.executable, "-m", "effnet_serve", "build", "--repo", str(repo), "--quiet", "--width", "0.35", "--depth", "0.25",
