@@ -25,13 +25,15 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-WNIDS = (ROOT / "build" / "data" / "imagenet_wnids.txt").read_text().split()
-CLASSES = (ROOT / "build" / "data" / "imagenet_classes.txt").read_text().splitlines()
+# The build step's tables, wherever its package is (build/ in a checkout, effnet_build/ in a mutation copy).
+DATA = resources.files("effnet_build") / "data"
+WNIDS = (DATA / "imagenet_wnids.txt").read_text().split()
+CLASSES = (DATA / "imagenet_classes.txt").read_text().splitlines()
 
 
 @dataclass(frozen=True)
