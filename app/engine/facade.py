@@ -62,6 +62,13 @@ def index_state(status: str) -> str:
     return {"ready": "READY", "loading": "LOADING"}.get(status, "UNAVAILABLE")
 
 
+def loaded_manifest(name: str, manifest: Manifest | None) -> Manifest:
+    """A model's manifest, or 503 for a model unloaded meanwhile (ModelView.spec, registry.ModelEntry.spec)."""
+    if manifest is None:
+        raise Unavailable(f"model {name} is not loaded")
+    return manifest
+
+
 @dataclass(frozen=True)
 class ModelView:
     """One model as the front ends see it at one moment."""
@@ -79,9 +86,7 @@ class ModelView:
     @property
     def spec(self) -> Manifest:
         """The manifest of a version that loaded: every view a call holds has one."""
-        if self.manifest is None:
-            raise Unavailable(f"model {self.name} is not loaded")
-        return self.manifest
+        return loaded_manifest(self.name, self.manifest)
 
     @property
     def serving(self) -> bool:

@@ -28,7 +28,7 @@ from .batcher import Batcher
 from .queue_room import QueueRoom
 from ..core.config import Settings, read_batch_table
 from ..core.errors import ControlError, Unavailable
-from .facade import index_state
+from .facade import index_state, loaded_manifest
 from .manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
 from .observe import Observer
 from .sessions import BatchProfile, ModelSession, SessionError, create_session, resolve_device, spin_for
@@ -63,9 +63,7 @@ class ModelEntry:
     @property
     def spec(self) -> Manifest:
         """The manifest of a version that loaded (an entry a call holds has one)."""
-        if self.manifest is None:
-            raise Unavailable(f"model {self.name} is not loaded")
-        return self.manifest
+        return loaded_manifest(self.name, self.manifest)
 
     @property
     def room(self) -> QueueRoom:
