@@ -26,6 +26,7 @@ from .tracing import RequestTracing
 from .v2 import repository as v2_repository
 from .v2 import routes as v2_routes
 from .v2.json_worker import JsonWorker
+from ..core.collector import settle
 from ..core.config import Settings
 from ..engine.facade import Plane
 from ..engine.link.client import remote_plane
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
 
                 grpc_server = app.state.grpc = await start_grpc(
                     plane, getattr(app.state, "host", "127.0.0.1"), shared_port=link is not None)
+            settle()  # startup's objects out of every later garbage collection (app/core/collector.py)
             try:
                 yield
             finally:

@@ -15,6 +15,7 @@ import signal
 from multiprocessing.connection import Connection
 
 from ...core.config import Settings
+from ...core.collector import settle
 from ...core.malloc import tune_malloc
 from .server import EngineServer
 from ..runtime import running_plane
@@ -44,6 +45,7 @@ async def _serve(settings: Settings, socket_path: str, ready: Connection) -> Non
     async with running_plane(settings, decode_workers=1) as plane:
         server = EngineServer(plane, socket_path)
         await server.start()
+        settle()  # startup's objects out of every later garbage collection (app/core/collector.py)
         ready.send("ready")
         ready.close()
         await stop.wait()
