@@ -26,9 +26,6 @@ QUICK_MODELS = {
     "tiny": ["--width", "0.25", "--depth", "0.25", "--resolution", "64"],
     "tiny2": ["--width", "0.35", "--depth", "0.25", "--resolution", "96"],
 }
-# The SAME-vs-symmetric padding row: Lite0 with its TF weights (SAME) and with random ones (symmetric).
-PADDING_MODELS = {"lite0": ["--models", "lite0", "--weights", "pretrained"],
-                  "lite0-symmetric": ["--models", "lite0", "--name", "lite0-symmetric", "--weights", "random"]}
 PHOTO_SIZE = (1920, 1080)
 MULTIPART_TYPE = "multipart/form-data; boundary=effnetbenchboundary7MA4YWxkTrZu0gW"  # benchmarks.peers.payloads
 
@@ -210,8 +207,6 @@ def has_model(repo: Path, name: str) -> bool:
 def build_args(name: str) -> list[str]:
     if name in QUICK_MODELS:
         return QUICK_MODELS[name] + ["--name", name, "--weights", "random"]
-    if name in PADDING_MODELS:
-        return PADDING_MODELS[name]
     return ["--models", name, "--weights", "random"]
 
 

@@ -119,7 +119,7 @@ def outside_ort(res: Results) -> list[Check]:
                          f"**{sum(outside.values()):.1f}** (" + ", ".join(f"{k} {v:.1f}" for k, v in outside.items())
                          + f"); largest: **{max(outside, key=outside.__getitem__)}**")
     return [Check(f"(5) CPU time per image outside ORT, per stage ({res.head}, {res.top_n} clients)",
-                  "reported" if parts else "unmeasured", "; ".join(parts) + " — section 4" if parts else "not in this run")]
+                  "reported" if parts else "unmeasured", "; ".join(parts) + " — section 2" if parts else "not in this run")]
 
 
 def int8(precision: dict | None) -> list[Check]:

@@ -19,15 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = [
     "## Targets (issue 14)",
     "## 1. Raw ONNX Runtime: the ceiling (default session) and the server's session",
-    "## 2. What each ORT session setting costs",
-    "## 3. SAME vs symmetric padding (Lite0)",
-    "## 4. The service",
+    "## 2. The service",
     "### CPU time per image by stage (target 5)",
-    "## 5. Peers",
-    "## 6. perf_analyzer beside the load generator",
-    "## 7. Preprocessing alone",
-    "## 8. Memory",
-    "## 9. Throughput and p95 latency vs MACs",
+    "## 3. Peers",
+    "## 4. perf_analyzer beside the load generator",
+    "## 5. Memory",
+    "## 6. Throughput and p95 latency vs MACs",
     "## GPU: unmeasured",
 ]
 MANUAL = "<!-- manual -->\n## Build time\n\nkept by hand\n<!-- /manual -->"
@@ -66,7 +63,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     measured = {c.goal[:3] for c in checks if c.status != "unmeasured"}
     assert {"(1)", "(2)", "(3)", "(4)", "(5)"} <= measured, checks
     windows = res.of(LoadWindow)
-    assert {w.server for w in windows} == {"service", "litserve", "fastapi", "naive"}
+    assert {w.server for w in windows} == {"service", "litserve", "fastapi"}
     assert all(w.ok > 0 for w in windows), "a server answered nothing in some window"
     assert all(w.stage_cpu_ms for w in windows if w.server == "service"), "a window without its per-stage CPU"
     assert all(not s.note and s.ready_s for s in res.of(Server)), res.of(Server)
@@ -80,7 +77,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
 
 
 def test_batch_table_merges(tmp_path: Path) -> None:
-    from benchmarks.phase_ort import write_batch_sizes
+    from benchmarks.raw_ort import write_batch_sizes
 
     (tmp_path / "batch_sizes.json").write_text(json.dumps({"b4": 1, "cuda": {"b0": 32}}))
     assert write_batch_sizes(tmp_path, "cpu", {"b0": 4}).written == {"b0": 4}

@@ -13,7 +13,7 @@ def run(**kw) -> Run:
     base = dict(command="python -m benchmarks.run", quick=False, started="2026-12-05 08:00:00 UTC", machine={"cores": 2},
                 models=["b0", "b4"], full=["b0", "b4"], loaded=[f"b{i}" for i in range(8)], phases=["raw", "service"],
                 concurrency=[1, 32], window_s=6.0, warmup_s=1.0, raw_s=2.5, repo="/repo", threads=2, ort_arena="shared",
-                ort_spinning="off", burst_clients=4, burst_s=1.0, arena_rounds=3, arena_s=3.0, perf_interval_ms=3000, perf_trials=5)
+                ort_spinning="off", burst_clients=4, burst_s=1.0, perf_interval_ms=3000, perf_trials=5)
     return Run(**{**base, **kw})
 
 
@@ -94,7 +94,7 @@ def test_records_round_trip_and_the_latest_run_wins(tmp_path: Path) -> None:
     path = tmp_path / "benchmarks.jsonl"
     first = [run(), window("b0", "photo", 32, 50.0)]
     second = [run(started="later"), window("b0", "photo", 32, 60.0, stage_cpu_ms={"other": 1.0}),
-              OrtTiming("arena", "b0", "shared", 8, 160.0, 45.0, 11.0, 20, note="the server's session")]
+              OrtTiming("raw", "b0", "server", 8, 160.0, 45.0, 11.0, 20)]
     append(path, "first", first)
     append(path, "second", second)
     assert latest(path) == second
