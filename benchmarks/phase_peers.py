@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, group_rss_kib, loadgen, log, python_env
+from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, loadgen, log, memory_kib, python_env
 from benchmarks.peers.payloads import v2_binary_body
 from benchmarks.records import LoadWindow, Record, Server
 
@@ -74,7 +74,7 @@ def run_peer(plan, peer: str, inputs: dict[str, Path], python: str = sys.executa
             out.append(LoadWindow.of(r, server=peer, model=name, kind=kind, body=body_kind, body_bytes=body.stat().st_size))
             log(f"  {peer} {kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
                 f"errors {r['errors']}  server CPU {r['server_cpu_pct'] or 0:.0f}%")
-        server.rss_kib = group_rss_kib(srv.pid)
+        server.rss_kib = memory_kib(srv.pid)["VmRSS"]
     except RuntimeError as exc:
         server.note = str(exc).splitlines()[0][:300]
         log(f"  {peer} failed: {server.note}")

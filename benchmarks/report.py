@@ -117,8 +117,8 @@ def service_section(res: Results) -> str:
              _stages(w.timing_ms), f(w.server_cpu_pct, 0), f(w.server_cpu_ms_per_img),
              f"b{w.raw_batch}: {w.raw_img_per_s:.1f} / {w.raw_ms_p50:.1f}" if w.raw_batch and w.raw_img_per_s and w.raw_ms_p50 else "–"]
             for w in service]
-    out = [f"`effnet serve` (subprocess, 127.0.0.1, started through `benchmarks/service_probe.py`, which only adds one idle thread "
-           f"that names the server's threads) with {', '.join(res.memory.models)} loaded, default `EFFNET_*` settings and the "
+    out = [f"`effnet serve` (subprocess, 127.0.0.1; `benchmarks/probe/sitecustomize.py` on its path adds one idle thread to "
+           f"each of its processes that names their threads) with {', '.join(res.memory.models)} loaded, default `EFFNET_*` settings and the "
            f"batch table above; max batch per model as the server reported it: {json.dumps(res.memory.max_batch)}. Inputs: a JPEG "
            f"at the model's resolution (model-res) and a 1920×1080 photo, quality 90 ({photo // 1024} KiB), sent as the raw body "
            "(`Content-Type: image/jpeg`) or as the peers' multipart body (field `file`).\n",
@@ -129,11 +129,13 @@ def service_section(res: Results) -> str:
            "every 10th answer (decode+preprocess / queue / inference); *default session next to it*: raw ORT's default session "
            "measured right before the 1-client window (batch 1) and right after the top-N model-res window (batch 8).\n",
            "### CPU time per image by stage (target 5)\n",
-           "Each server thread's CPU time over the window (`/proc/PID/task/TID/stat`), per answered image (ms). *HTTP + answer*: "
-           "the event-loop thread (HTTP parsing, multipart, routing, admission, JSON answer); *decode* and *preprocess*: the "
-           "decode pool, split by the two stages' wall times from `timing_ms`; *ORT*: each model's inference thread (it runs one "
-           "share of ORT's intra-op work, plus softmax/top-k) and ORT's pool threads; *other*: the remaining Python threads and "
-           "libuv's. *ORT, raw*: the default session's CPU per image at batch 1 / 8 in the raw phase.\n"]
+           "The CPU time over the window of each thread of every process of the service (`/proc/PID/task/TID/stat`: the "
+           "supervisor, the engine and the front-end workers), per answered image (ms). *HTTP + answer*: the front ends' "
+           "event-loop threads (HTTP parsing, multipart, routing, admission, JSON answer); *decode* and *preprocess*: the "
+           "decode pools, split by the two stages' wall times from `timing_ms`; *engine loop*: the engine process's event loop "
+           "(batching, the link to the front ends); *ORT*: each model's inference thread (it runs one share of ORT's intra-op "
+           "work, plus softmax/top-k) and ORT's pool threads; *other*: the remaining threads (the supervisor's, libuv's, "
+           "gRPC's). *ORT, raw*: the default session's CPU per image at batch 1 / 8 in the raw phase.\n"]
     rows = []
     for w in service:
         if not (sp := stage_split(w)):
@@ -142,8 +144,8 @@ def service_section(res: Results) -> str:
         raw = " / ".join(f(t.cpu_ms_per_img) for b in (1, 8) if (t := res.ort("raw", w.model, "default", b)))
         rows.append([w.model, w.input, w.body, str(w.clients), f(w.server_cpu_ms_per_img), *(f(v) for v in outside.values()),
                      f(sum(outside.values())), f(sp["ORT"]), raw or "–", max(outside, key=outside.__getitem__)])
-    out.append(table(["model", "input", "body", "N", "server CPU ms/img", "HTTP + answer", "decode", "preprocess", "other",
-                      "outside ORT", "ORT", "ORT, raw b1 / b8", "largest outside ORT"], rows) + "\n")
+    out.append(table(["model", "input", "body", "N", "server CPU ms/img", "HTTP + answer", "decode", "preprocess", "engine loop",
+                      "other", "outside ORT", "ORT", "ORT, raw b1 / b8", "largest outside ORT"], rows) + "\n")
     over = []
     for w in service:
         t = w.timing_ms
@@ -224,7 +226,8 @@ def memory_section(res: Results) -> str:
     rows = [["idle, just ready", f(mem.idle_kib / GIB, 2)],
             [f"after a burst of photos on each model ({run.burst_clients} clients, {run.burst_s:g} s each)", f(mem.after_burst_kib / GIB, 2)],
             ["after all the load of section 2", f(mem.after_load_kib / GIB, 2)], ["peak (VmHWM)", f(mem.hwm_kib / GIB, 2)]]
-    return (f"VmRSS of the `effnet serve` process with {', '.join(mem.models)} loaded (ready after {mem.ready_s:.0f} s, each "
+    return (f"VmRSS of `effnet serve` summed over its processes (supervisor, engine, front-end workers; the peak: each one's "
+            f"VmHWM, summed) with {', '.join(mem.models)} loaded (ready after {mem.ready_s:.0f} s, each "
             f"session warmed at its batch sizes), ORT arena `{run.ort_arena}`.\n\n" + table(["when", "RSS GiB"], rows) + "\n")
 
 

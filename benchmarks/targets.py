@@ -105,7 +105,8 @@ def stage_split(w: LoadWindow) -> dict[str, float] | None:
     d, p = t.get("decode", 0.0), t.get("preprocess", 0.0)
     share = d / (d + p) if d + p > 0 else 0.5
     return {"HTTP + answer (event loop)": st["event loop"], "decode": st["decode pool"] * share,
-            "preprocess": st["decode pool"] * (1 - share), "other threads": st["other"], "ORT": sum(st[k] for k in ORT_STAGES)}
+            "preprocess": st["decode pool"] * (1 - share), "engine loop (batching, link)": st.get("engine loop", 0.0),
+            "other threads": st["other"], "ORT": sum(st[k] for k in ORT_STAGES)}
 
 
 def outside_ort(res: Results) -> list[Check]:
