@@ -171,8 +171,8 @@ def start_service(work: Path, repo: Path, models: str, workers: int, extra: dict
     caller's EFFNET_* inherited. tree: the checkout of an older commit to run instead (it imports as `app`)."""
     env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
     grpc = free_port()
-    env.update(EFFNET_REPOSITORY=str(repo), EFFNET_MODELS=models, EFFNET_DEFAULT_MODEL=models.split(",")[0],
-               EFFNET_WORKERS=str(workers), EFFNET_GRPC_PORT=str(grpc), **(extra or {}))
+    env.update({"EFFNET_REPOSITORY": str(repo), "EFFNET_MODELS": models, "EFFNET_DEFAULT_MODEL": models.split(",")[0],
+                "EFFNET_WORKERS": str(workers), "EFFNET_GRPC_PORT": str(grpc), **(extra or {})})  # extra wins
     port = free_port()
     name = name or f"service, {workers} worker" + ("s" if workers > 1 else "")
     boot = ["-m", "effnet_serve"]
