@@ -1,5 +1,6 @@
-"""What every benchmark that owns a block of docs/benchmarks.md shares: writing its block in place (the rest of the
-file kept), its command line, and the machine it ran on."""
+"""What the benchmarks that own a block of docs/benchmarks.md share: their command line and writing the block in
+place (the rest of the file kept), the machine they ran on, and contenders (a service, a LitServe peer, the same work
+without a server) measured in alternating blocks, each frozen (SIGSTOP) while another runs."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import json
 import os
 import platform
 import re
+import signal
+import statistics
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import DOCS
+from benchmarks import perf_analyzer as pa
+from benchmarks.harness import DOCS, MULTIPART_TYPE, ROOT, Process, free_port, loadgen, log, python_env, write_photo
 
 GIB = 1024 * 1024  # KiB per GiB
 MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
@@ -37,17 +43,21 @@ def write_owned_block(md_path: Path, name: str, block: str) -> None:
         text += "\n" + block + "\n"
     md_path.write_text(text)
 
+
 def block_main(name: str, run: Callable[[argparse.Namespace], dict], render: Callable[[dict], str],
-               window_s: float, rounds: int = 2) -> None:
+               window_s: float = 5.0, rounds: int = 2, options: Callable[[argparse.ArgumentParser], Any] | None = None) -> None:
     """The command line of a benchmark that owns a block of docs/benchmarks.md (and docs/benchmarks-NAME.json):
     a run (or --quick: a smoke run into --out or stdout, never docs/), or --render from the saved JSON."""
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON and the block (default: docs/)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--window", type=float, default=None)
     p.add_argument("--render", action="store_true", help=f"rewrite the block from docs/benchmarks-{name}.json only")
+    if options:
+        options(p)
     plan = p.parse_args()
+    plan.command = " ".join([f"python -m benchmarks.{name}", *sys.argv[1:]])
     if plan.render:
         block = render(json.loads((DOCS / f"benchmarks-{name}.json").read_text()))
         write_owned_block(DOCS / "benchmarks.md", name, block)
@@ -59,6 +69,7 @@ def block_main(name: str, run: Callable[[argparse.Namespace], dict], render: Cal
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         plan.work = Path(tmp)
         result = run(plan)
+    result = {"command": plan.command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(), **result}
     block = render(result)
     out = plan.out or (None if plan.quick else DOCS)
     if out is not None:
@@ -124,3 +135,142 @@ def kept_blocks(previous: str) -> str:
     kept = sorted((b.start(), b.group(0)) for block_re in OWNED_BLOCKS if (b := block_re.search(previous)))
     m = MANUAL_RE.search(previous)
     return "\n\n".join([b for _, b in kept] + [m.group(0) if m else "<!-- manual -->\n<!-- /manual -->"])
+
+
+# --- contenders in alternating blocks ------------------------------------------------------------------------
+PEERS_DIR = ROOT / "benchmarks" / "peers"
+SERVERLESS = "serverless"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+class Contender:
+    """One server (a process group) or the serverless pipeline (a process per window)."""
+
+    def __init__(self, name: str, proc: Process | None = None, grpc_port: int | None = None) -> None:
+        self.name, self.proc, self.grpc_port = name, proc, grpc_port
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.signal(signal.SIGCONT)
+            self.proc.stop()
+
+
+def start_service(work: Path, repo: Path, models: str, workers: int, extra: dict[str, str] | None = None,
+                  name: str = "", ready_s: float = 300, tree: Path | None = None) -> Contender:
+    """`effnet serve` on `models` (comma list; the first is the default) with `workers` front ends; nothing of the
+    caller's EFFNET_* inherited. tree: the checkout of an older commit to run instead (it imports as `app`)."""
+    env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
+    grpc = free_port()
+    env.update({"EFFNET_REPOSITORY": str(repo), "EFFNET_MODELS": models, "EFFNET_DEFAULT_MODEL": models.split(",")[0],
+                "EFFNET_WORKERS": str(workers), "EFFNET_GRPC_PORT": str(grpc), **(extra or {})})  # extra wins
+    port = free_port()
+    name = name or f"service, {workers} worker" + ("s" if workers > 1 else "")
+    boot = ["-m", "effnet_serve"]
+    if tree:
+        env["PYTHONPATH"] = str(tree)
+        boot = ["-c", f"import sys; sys.path.insert(0, {str(tree)!r}); from app.cli import main; sys.exit(main())"]
+    proc = Process(name, [sys.executable, *boot, "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
+                   work / f"{re.sub(r'[^a-z0-9]+', '-', name.lower())}-{workers}.log")
+    if ready_s:
+        proc.wait_ready(ready_s)
+    return Contender(name, proc, grpc)
+
+
+def start_litserve(work: Path, repo: Path, model: str, workers: int) -> Contender:
+    port = free_port()
+    proc = Process(f"LitServe, {workers}", [sys.executable, str(PEERS_DIR / "litserve_server.py"), "--model-dir",
+                                            str(repo / model), "--port", str(port), "--workers", str(workers)],
+                   python_env(), port, work / f"litserve-{model}-{workers}.log", ready_path="/health",
+                   stop_signal=signal.SIGINT)
+    proc.wait_ready(120)
+    return Contender(f"LitServe, {workers} worker" + ("s" if workers > 1 else ""), proc)
+
+
+def jpeg(work: Path, image: str) -> tuple[Path, Path]:
+    """The JPEG of a case ("NNpx": a centre square of scikit-image's chelsea at that size; "photo": 1920x1080), and
+    the same JPEG as the multipart body the peers take."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    from benchmarks.peers.payloads import multipart_body
+
+    if image == "photo":
+        path = write_photo(work / "photo-1920x1080.jpg")
+    else:
+        size, src = int(image.removesuffix("px")), Image.fromarray(skdata.chelsea())
+        w, h = src.size
+        s = min(w, h)
+        path = work / f"chelsea-{size}px.jpg"
+        src.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.Resampling.LANCZOS).save(
+            path, quality=90)
+    data, ctype = multipart_body(path.read_bytes())
+    assert ctype == MULTIPART_TYPE
+    (body := path.with_suffix(".multipart")).write_bytes(data)
+    return path, body
+
+
+def window(c: Contender, model: str, repo: Path, case: str, clients: int, image: Path, body: Path, plan,
+           latency: bool = False) -> dict:
+    """One window of a contender: {"img_per_s", "p50_ms", "p99_ms"}. case "grpc ...": the service's gRPC tensors by
+    perf_analyzer (batch 1, `clients` in flight); else HTTP JPEGs by the load generator (the service gets the raw
+    body, LitServe the multipart one). The serverless pipeline: its throughput, or with `latency`, one request of
+    `clients` images at a time (gRPC: the tensors ready)."""
+    keys = ("img_per_s", "p50_ms", "p99_ms")
+    if c.name == SERVERLESS:
+        cmd = [sys.executable, "-m", "benchmarks.serverless", "--model-dir", str(repo / model), "--image", str(image),
+               "--duration", str(plan.window)]
+        cmd += ["--latency", str(clients)] + ["--tensors"] * case.startswith("grpc") if latency else []
+        r = subprocess.run(cmd, env=python_env(), cwd=ROOT, capture_output=True, text=True, timeout=plan.window + 120)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        out = json.loads(r.stdout)
+    elif case.startswith("grpc"):
+        out = pa.run(f"127.0.0.1:{c.grpc_port}", model, "grpc", 1, clients, int(plan.window * 1000), 3,
+                     plan.work / "pa.csv", timeout=plan.window * 4 + 60, stability_pct=60)
+    else:
+        service = c.name.startswith("service")
+        out = loadgen(c.proc.base + (f"/classify?model={model}" if service else "/predict"), image if service else body,
+                      clients, plan.window, plan.warmup, 5.0, content_type="image/jpeg" if service else MULTIPART_TYPE)
+    return {k: out.get(k) for k in keys}
+
+
+def alternating(contenders: list[Contender], rounds: int, one: Callable[[Contender], Any], label: str) -> dict[str, list]:
+    """`one(c)` for each contender in turn, `rounds` times, every other contender frozen (SIGSTOP) meanwhile:
+    one after the other instead, the machine's drift alone moves ratios by ±15% here."""
+    rows: dict[str, list] = {}
+    for c in contenders:
+        c.signal(signal.SIGSTOP)
+    try:
+        for rnd in range(rounds):
+            for c in contenders:
+                c.signal(signal.SIGCONT)
+                time.sleep(0.3)
+                try:
+                    value = one(c)
+                finally:
+                    c.signal(signal.SIGSTOP)
+                rows.setdefault(c.name, []).append(value)
+                log(f"{label} round {rnd + 1}: {c.name}: {value}")
+    finally:
+        for c in contenders:
+            c.signal(signal.SIGCONT)
+    return rows
+
+
+def median_of(windows: list[dict], key: str) -> float | None:
+    values = [w[key] for w in windows if w.get(key) is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "–"

@@ -38,7 +38,7 @@ from benchmarks import perf_analyzer as pa
 from benchmarks.harness import ROOT, Process, batch_metrics, build_args, free_port, has_model, loadgen, log, python_env
 from benchmarks.loadgen import percentile
 from benchmarks.blocks import machine_info
-from benchmarks.scaling import Contender, cores
+from benchmarks.blocks import Contender, cores
 
 T0 = float(os.environ.get("EFFNET_GPU_BENCH_T0") or time.time())  # kept across the restart after pip
 CUDA, TRT = "CUDAExecutionProvider", "TensorrtExecutionProvider"

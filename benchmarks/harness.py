@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from benchmarks.loadgen import group_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 DEFAULT_REPO = ROOT / ".cache" / "bench-repo"
@@ -26,9 +28,6 @@ QUICK_MODELS = {
     "tiny": ["--width", "0.25", "--depth", "0.25", "--resolution", "64"],
     "tiny2": ["--width", "0.35", "--depth", "0.25", "--resolution", "96"],
 }
-# The SAME-vs-symmetric padding row: Lite0 with its TF weights (SAME) and with random ones (symmetric).
-PADDING_MODELS = {"lite0": ["--models", "lite0", "--weights", "pretrained"],
-                  "lite0-symmetric": ["--models", "lite0", "--name", "lite0-symmetric", "--weights", "random"]}
 PHOTO_SIZE = (1920, 1080)
 MULTIPART_TYPE = "multipart/form-data; boundary=effnetbenchboundary7MA4YWxkTrZu0gW"  # benchmarks.peers.payloads
 
@@ -71,36 +70,19 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return e.code, e.read().decode("utf-8", "replace")
 
 
-def rss_kib(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
-    return out
-
-
-def group_pids(pgid: int) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                    pids.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return pids
-
-
-def group_rss_kib(pgid: int) -> int:
-    """Sum of VmRSS over a process group (LitServe and PyTriton run their work in child processes)."""
-    total = 0
+def memory_kib(pgid: int) -> dict[str, int]:
+    """VmRSS and VmHWM summed over a process group: the service's supervisor, engine and front-end workers (or
+    LitServe's and PyTriton's child processes). A sum of peaks: each process's own, not a moment's."""
+    out = {"VmRSS": 0, "VmHWM": 0}
     for pid in group_pids(pgid):
         try:
-            total += rss_kib(pid).get("VmRSS", 0)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in out:
+                    out[key] += int(value.split()[0])
         except OSError:
             pass
-    return total
+    return out
 
 
 def python_env() -> dict[str, str]:
@@ -170,9 +152,7 @@ def loadgen(url: str, body: Path, concurrency: int, duration: float, warmup: flo
     for h in headers or []:
         cmd += ["--header", h]
     if server_pgid:
-        cmd += ["--server-pgid", str(server_pgid)]
-        if threads:
-            cmd += ["--server-threads", str(server_pgid)]
+        cmd += ["--server-pgid", str(server_pgid)] + ["--server-threads"] * threads
     r = subprocess.run(cmd, env=python_env(), cwd=ROOT, capture_output=True, text=True,
                        timeout=duration + warmup + grace + 120)
     if r.returncode != 0:
@@ -210,8 +190,6 @@ def has_model(repo: Path, name: str) -> bool:
 def build_args(name: str) -> list[str]:
     if name in QUICK_MODELS:
         return QUICK_MODELS[name] + ["--name", name, "--weights", "random"]
-    if name in PADDING_MODELS:
-        return PADDING_MODELS[name]
     return ["--models", name, "--weights", "random"]
 
 

@@ -1,7 +1,7 @@
 """A closed-loop HTTP/1.1 load generator on raw asyncio streams, meant to run in its own process.
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000/classify?model=b0 --body photo.jpg \
-        --concurrency 32 --duration 8 --warmup 1 [--server-pid PID]
+        --concurrency 32 --duration 8 --warmup 1 [--server-pgid PGID [--server-threads]]
 
 N clients, each on one keep-alive connection, each sending the next request as soon as the
 previous answer is in (so at most N requests are ever in flight: the load is bounded). The
@@ -9,9 +9,9 @@ request bytes are built once; a response is read as status line + headers + Cont
 body, and only every `--sample`-th body is parsed as JSON (for the server's own timing
 breakdown), so the generator spends well under a millisecond of CPU per request and leaves
 the cores to the server it shares them with. Its own CPU use is measured (getrusage) and
-reported, as is the server's when `--server-pid` (one process, /proc/PID/stat) or `--server-pgid`
-(every process of its group: LitServe and PyTriton work in child processes) is given;
-`--server-threads PID` adds the CPU time of each of that process's threads over the window.
+reported, as is the server's when `--server-pgid` is given (every process of its group: the service's engine and
+front-end workers, LitServe's and PyTriton's child processes); `--server-threads` adds the CPU time of each
+thread of every process of the group over the window.
 
 Measurement window: requests sent during `--warmup` are discarded; then every request sent
 during the `--duration` window counts for latency (the generator waits for the ones still in
@@ -32,41 +32,40 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 
-def proc_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds."""
+def _stat(path: Path) -> tuple[str, int] | None:
+    """(comm, utime + stime in ticks) from a /proc/.../stat file."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        head, _, rest = path.read_text().rpartition(")")
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = rest.split()
+    return head.split("(", 1)[1], int(fields[11]) + int(fields[12])
+
+
+def group_pids(pgid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
 
 
 def group_cpu_s(pgid: int) -> float:
     """utime + stime of every live process in a process group (a server and its child processes)."""
-    total = 0.0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def threads_cpu_s(pid: int) -> dict[str, tuple[str, float]]:
-    """Per thread of one process: tid -> (comm, utime + stime seconds)."""
-    out = {}
     tick = os.sysconf("SC_CLK_TCK")
-    for t in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            head, _, rest = (t / "stat").read_text().rpartition(")")
-            fields = rest.split()
-        except OSError:
-            continue
-        out[t.name] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / tick)
+    return sum(st[1] for pid in group_pids(pgid) if (st := _stat(Path(f"/proc/{pid}/stat")))) / tick
+
+
+def threads_cpu_s(pgid: int) -> dict[str, tuple[int, str, float]]:
+    """Every thread of every process of a group: tid -> (pid, comm, utime + stime seconds)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in group_pids(pgid):
+        for t in Path(f"/proc/{pid}/task").glob("*"):
+            if st := _stat(t / "stat"):
+                out[t.name] = (pid, st[0], st[1] / tick)
     return out
 
 
@@ -192,9 +191,8 @@ def build_request(url: str, body: bytes, content_type: str, headers: list[str] |
 
 
 async def run_load(url: str, body: bytes, content_type: str, concurrency: int, duration: float, warmup: float,
-                   server_pid: int | None = None, sample: int = 10, grace: float = 60.0,
-                   headers: list[str] | None = None, server_pgid: int | None = None,
-                   threads_pid: int | None = None) -> dict:
+                   sample: int = 10, grace: float = 60.0, headers: list[str] | None = None,
+                   server_pgid: int | None = None, threads: bool = False) -> dict:
     host, port, request = build_request(url, body, content_type, headers)
     stats = Stats()
     now = time.perf_counter()
@@ -203,17 +201,18 @@ async def run_load(url: str, body: bytes, content_type: str, concurrency: int, d
     tasks = [asyncio.create_task(_client(host, port, request, t_start, t_end, stats, sample)) for _ in range(concurrency)]
 
     def server_cpu() -> float | None:
-        if server_pgid:
-            return group_cpu_s(server_pgid)
-        return proc_cpu_s(server_pid) if server_pid else None
+        return group_cpu_s(server_pgid) if server_pgid else None
+
+    def per_thread() -> dict:
+        return threads_cpu_s(server_pgid) if server_pgid and threads else {}
 
     # Snapshot both sides' CPU at the start of the window.
     await asyncio.sleep(max(0.0, t_start - time.perf_counter()))
     cpu0, srv0 = self_cpu_s(), server_cpu()
-    thr0 = threads_cpu_s(threads_pid) if threads_pid else {}
+    thr0 = per_thread()
     await asyncio.sleep(max(0.0, t_end - time.perf_counter()))
     cpu1, srv1 = self_cpu_s(), server_cpu()
-    thr1 = threads_cpu_s(threads_pid) if threads_pid else {}
+    thr1 = per_thread()
     # The last requests of the window finish, within the grace period; the rest are abandoned
     # (counted as unfinished: their latency is missing from the percentiles).
     _, pending = await asyncio.wait(tasks, timeout=grace)
@@ -222,10 +221,10 @@ async def run_load(url: str, body: bytes, content_type: str, concurrency: int, d
     await asyncio.gather(*pending, return_exceptions=True)
     out = summarise(stats, t_start, t_end, concurrency, cpu1 - cpu0,
                     None if srv0 is None or srv1 is None else srv1 - srv0)
-    if threads_pid:
+    if thr1:
         # A thread that started inside the window counts from zero.
-        out["server_threads"] = {tid: {"comm": comm, "cpu_s": cpu - thr0.get(tid, (comm, 0.0))[1]}
-                                 for tid, (comm, cpu) in thr1.items()}
+        out["server_threads"] = {tid: {"pid": pid, "comm": comm, "cpu_s": cpu - thr0.get(tid, (pid, comm, 0.0))[2]}
+                                 for tid, (pid, comm, cpu) in thr1.items()}
     return out
 
 
@@ -279,14 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0, help="measurement window, seconds")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window opens")
-    p.add_argument("--server-pid", type=int, help="also report this process's CPU use over the window")
     p.add_argument("--server-pgid", type=int, help="also report the CPU use of this process group over the window")
-    p.add_argument("--server-threads", type=int, metavar="PID", help="also report each thread's CPU time of this process")
+    p.add_argument("--server-threads", action="store_true", help="also report each thread's CPU time (with --server-pgid)")
     p.add_argument("--sample", type=int, default=10, help="parse every n-th response body for timing_ms")
     p.add_argument("--grace", type=float, default=60.0, help="seconds to wait for the answers in flight when the window closes")
     args = p.parse_args(argv)
     result = asyncio.run(run_load(args.url, args.body.read_bytes(), args.content_type, args.concurrency,
-                                  args.duration, args.warmup, args.server_pid, max(1, args.sample), args.grace, args.header,
+                                  args.duration, args.warmup, max(1, args.sample), args.grace, args.header,
                                   args.server_pgid, args.server_threads))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")

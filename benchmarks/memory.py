@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.harness import ALL_B, DEFAULT_REPO, DOCS, Process, build_models, free_port, group_pids, log, python_env
 from benchmarks.blocks import machine_info, write_owned_block
-from benchmarks.scaling import cores
+from benchmarks.blocks import cores
 
 GIB = 1 << 30
 GOAL = 2.5 * GIB

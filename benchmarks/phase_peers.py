@@ -1,10 +1,7 @@
-"""The servers the service is measured against, each alone on the machine, same load generator, same JPEG bytes:
-
-  peers  benchmarks/peers/: LitServe (dynamic batching 8), the hand-written FastAPI + ORT server (no
-         batching), PyTriton (Triton's dynamic batcher; only when its venv could be set up); the headline model
-         at the top N, model-resolution JPEGs and 1920x1080 photos. CPU is the whole process group's.
-  naive  benchmarks/naive_server.py (PyTorch eager, per request) on the same load
-"""
+"""The peers phase: the servers the service is measured against, each alone on the machine, same load generator, same
+JPEG bytes. benchmarks/peers/: LitServe (dynamic batching 8), the hand-written FastAPI + ORT server (no batching),
+PyTriton (Triton's dynamic batcher; only when its venv could be set up); the headline model at the top N,
+model-resolution JPEGs and 1920x1080 photos. CPU is the whole process group's."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, group_rss_kib, loadgen, log, python_env
+from benchmarks.harness import MULTIPART_TYPE, ROOT, Process, free_port, loadgen, log, memory_kib, python_env
 from benchmarks.peers.payloads import v2_binary_body
 from benchmarks.records import LoadWindow, Record, Server
 
@@ -24,7 +21,6 @@ PEER_INFO = {
     "fastapi": "hand-written FastAPI + ORT: `async def` endpoint, batch 1, plain Pillow, default ORT session",
     "pytriton": "PyTriton 0.7.0 (Triton 2.51): its dynamic batcher (max batch 8, 5 ms), plain Pillow and a default ORT session "
                 "in the bound Python function; KServe V2 binary request carrying the JPEG",
-    "naive": "benchmarks/naive_server.py: PyTorch eager at batch 1 per request, plain Pillow",
 }
 
 
@@ -40,11 +36,6 @@ def setup_pytriton() -> tuple[str | None, str]:
 
 
 def _start(plan, peer: str, model_dir: Path, python: str) -> Process:
-    if peer == "naive":
-        port = free_port()
-        cmd = [sys.executable, "-m", "benchmarks.naive_server", "--repo", str(model_dir.parent), "--model", model_dir.name,
-               "--port", str(port), "--threads", str(plan.naive_threads)]
-        return Process("naive", cmd, python_env(), port, plan.work / "naive.log", ready_path="/health/ready")
     port = free_port(span=3 if peer == "pytriton" else 1)
     script = {"litserve": "litserve_server.py", "fastapi": "fastapi_ort_server.py", "pytriton": "pytriton_server.py"}[peer]
     ready = f"/v2/models/{model_dir.name}/ready" if peer == "pytriton" else "/health"
@@ -61,8 +52,6 @@ def _bodies(plan, peer: str, inputs: dict[str, Path], name: str) -> dict[str, tu
             path = plan.work / f"{key}.v2"
             path.write_bytes(body)
             out[kind] = ("v2", path, ctype, [f"{k}:{v}" for k, v in headers.items()])
-        elif peer == "naive":
-            out[kind] = ("raw", inputs[key], "image/jpeg", [])
         else:
             out[kind] = ("multipart", inputs[f"{key}:multipart"], MULTIPART_TYPE, [])
     return out
@@ -78,14 +67,14 @@ def run_peer(plan, peer: str, inputs: dict[str, Path], python: str = sys.executa
     try:
         log(f"peer {peer}: starting")
         server.ready_s = srv.wait_ready(timeout=PEER_READY_S)
-        path = "/v2/models/{}/infer".format(name) if peer == "pytriton" else ("/classify" if peer == "naive" else "/predict")
+        path = f"/v2/models/{name}/infer" if peer == "pytriton" else "/predict"
         for kind, (body_kind, body, ctype, headers) in _bodies(plan, peer, inputs, name).items():
             r = loadgen(srv.base + path, body, n, plan.load_s, plan.warmup_s, plan.grace_s, content_type=ctype,
                         headers=headers, server_pgid=srv.pid)
             out.append(LoadWindow.of(r, server=peer, model=name, kind=kind, body=body_kind, body_bytes=body.stat().st_size))
             log(f"  {peer} {kind:9} N={n:<3} {r['img_per_s'] or 0:7.1f} img/s  p50 {r['p50_ms'] or 0:7.1f} ms  "
                 f"errors {r['errors']}  server CPU {r['server_cpu_pct'] or 0:.0f}%")
-        server.rss_kib = group_rss_kib(srv.pid)
+        server.rss_kib = memory_kib(srv.pid)["VmRSS"]
     except RuntimeError as exc:
         server.note = str(exc).splitlines()[0][:300]
         log(f"  {peer} failed: {server.note}")
@@ -105,7 +94,3 @@ def phase_peers(plan, inputs: dict[str, Path]) -> list[Record]:
         else:
             out += run_peer(plan, peer, inputs, plan.pytriton_python)
     return out
-
-
-def phase_naive(plan, inputs: dict[str, Path]) -> list[Record]:
-    return run_peer(plan, "naive", inputs)

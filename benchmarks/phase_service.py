@@ -11,45 +11,49 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from benchmarks import perf_analyzer
 from benchmarks.harness import (MULTIPART_TYPE, ROOT, Process, batch_metrics, free_port, has_model, http_get, loadgen, log,
-                                port_open, python_env, rss_kib)
+                                memory_kib, port_open, python_env)
 from benchmarks.raw_ort import default_session, measure_one, model_file
 from benchmarks.records import LoadWindow, PerfRow, Record, ServiceMemory
 
-STAGES = ("event loop", "decode pool", "inference threads", "ORT workers", "other")
+STAGES = ("event loop", "decode pool", "inference threads", "ORT workers", "engine loop", "other")
+PROBE = ROOT / "benchmarks" / "probe"  # its sitecustomize names every thread of every process of the service
 
 
-def stage_of(tid: str, comm: str, names: dict[str, str]) -> str:
-    """Which stage a server thread belongs to (benchmarks.service_probe writes `names`)."""
-    name = names.get(tid)
+def stage_of(name: str | None, comm: str, process: str, split: bool) -> str:
+    """Which stage a server thread belongs to. name: its Python name (None: a native thread); process: its process's
+    multiprocessing name (effnet-engine, effnet-worker-N, MainProcess); split: the service runs worker processes."""
     if name is None:  # native: ORT's intra-op pool, unless libuv's or gRPC's own
         return "other" if comm.startswith(("libuv", "grpc")) else "ORT workers"
-    if name == "MainThread":
-        return "event loop"
+    if name == "MainThread":  # the engine's loop batches and serves the link; the supervisor's only supervises
+        return "engine loop" if process == "effnet-engine" else "other" if split and process == "MainProcess" else "event loop"
     if name.startswith("decode"):
         return "decode pool"
-    if name.startswith("infer-"):
-        return "inference threads"
-    return "other"
+    return "inference threads" if name.startswith("infer-") else "other"
 
 
-def stage_cpu(row: dict, threadmap: Path) -> dict[str, float]:
-    """CPU ms per answered image, per stage, over the window."""
+def stage_cpu(row: dict, threadmaps: Path) -> dict[str, float]:
+    """CPU ms per answered image, per stage, over the window, summed over every process of the service."""
     threads = row.get("server_threads")
     images = (row.get("img_per_s") or 0) * row["window_s"]
     if not threads or not images:
         return {}
-    try:
-        names = json.loads(threadmap.read_text())
-    except (OSError, ValueError):
-        names = {}
+    maps = {}
+    for path in threadmaps.glob("*.json"):
+        try:
+            maps[int(path.stem)] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    split = any(m["process"] == "effnet-engine" for m in maps.values())
     out = dict.fromkeys(STAGES, 0.0)
     for tid, t in threads.items():
-        out[stage_of(tid, t["comm"], names)] += 1000.0 * t["cpu_s"] / images
+        m = maps.get(t["pid"], {"process": "?", "threads": {}})
+        out[stage_of(m["threads"].get(tid), t["comm"], m["process"], split)] += 1000.0 * t["cpu_s"] / images
     return out
 
 
@@ -131,11 +135,13 @@ def _perf(plan, srv: Process, grpc_port: int, max_batch: int | None) -> list[Rec
 def phase_service(plan, inputs: dict[str, Path]) -> list[Record]:
     loaded = [m for m in plan.memory if has_model(plan.repo, m)]
     port, grpc_port = free_port(), free_port()
-    threadmap = plan.work / "threads.json"
+    threadmap = plan.work / "threads"
+    threadmap.mkdir()
     env = python_env()
     env.update(EFFNET_REPOSITORY=str(plan.repo), EFFNET_MODELS=",".join(loaded), EFFNET_DRAIN_S="2",
-               EFFNET_GRPC_PORT=str(grpc_port), EFFNET_BENCH_THREADMAP=str(threadmap))
-    srv = Process("effnet serve", [sys.executable, "-m", "benchmarks.service_probe", "--host", "127.0.0.1", "--port", str(port)],
+               EFFNET_GRPC_PORT=str(grpc_port), EFFNET_BENCH_THREADMAP=str(threadmap),
+               PYTHONPATH=f"{PROBE}{os.pathsep}{env['PYTHONPATH']}")
+    srv = Process("effnet serve", [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(port)],
                   env, port, plan.work / "server.log")
     out: list[Record] = []
     try:
@@ -148,15 +154,15 @@ def phase_service(plan, inputs: dict[str, Path]) -> list[Record]:
             max_batch = {m["name"]: m.get("max_batch") for m in listing}
         except (ValueError, TypeError, KeyError):
             max_batch = {}
-        idle = rss_kib(srv.pid)["VmRSS"]
+        idle = memory_kib(srv.pid)["VmRSS"]
         log(f"  ready in {ready_s:.1f} s, RSS {idle / 1024:.0f} MiB")
         if "service" in plan.phases:
             for m in loaded:  # a burst of photos on every loaded model
                 loadgen(f"{srv.base}/classify?model={m}", inputs["photo"], plan.burst_clients, plan.burst_s, 0.0, plan.grace_s)
-            after_burst = rss_kib(srv.pid)["VmRSS"]
+            after_burst = memory_kib(srv.pid)["VmRSS"]
             log(f"  after a burst of photos on each model RSS {after_burst / 1024:.0f} MiB")
             out += _matrix(plan, srv, inputs, threadmap)
-            after = rss_kib(srv.pid)
+            after = memory_kib(srv.pid)
             log(f"  after the load RSS {after['VmRSS'] / 1024:.0f} MiB (peak {after['VmHWM'] / 1024:.0f} MiB)")
             out.append(ServiceMemory(models=loaded, ready_s=ready_s, max_batch=max_batch, idle_kib=idle,
                                      after_burst_kib=after_burst, after_load_kib=after["VmRSS"], hwm_kib=after["VmHWM"]))

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPO = ROOT / ".cache" / "bench-precision"
@@ -59,46 +58,11 @@ def measure(repo: Path, model: str, check: Path, calibration: Path, seconds: flo
                        ships=result.gate.at(MIN_AGREEMENT).passed)
         log(f"{name}: raw ONNX Runtime speed")
         speed = measure_model(repo / name, [1, 8], seconds)
-        row.update(size_bytes=(repo / name / "model.onnx").stat().st_size,
+        row.update(size_bytes=(repo / name / "model.onnx").stat().st_size, device=speed["device"],
                    img_per_s={b: r["img_per_s"] for b, r in speed["batches"].items()},
-                   ms_per_img={b: r["ms_per_img"] for b, r in speed["batches"].items()},
-                   threads=speed["threads"], provider=speed["provider"])
+                   ms_per_img={b: r["ms_per_img"] for b, r in speed["batches"].items()})
         rows[precision] = row
-    rows["calibration_sweep"] = calibration_sweep(repo, model, check, calibration)
     return rows
-
-
-# The calibration choices tried for int8 (ORT static QDQ, per-channel, u8 activations, s8 weights).
-SWEEP = (
-    ("MinMax, 7-bit weights (reduce_range)", {"method": "MinMax", "reduce_range": True}),
-    ("MinMax, 8-bit weights", {"method": "MinMax", "reduce_range": False}),
-    ("Entropy, 8-bit weights", {"method": "Entropy", "reduce_range": False}),
-    ("Percentile 99.99, 8-bit weights", {"method": "Percentile", "reduce_range": False,
-                                         "extra": {"CalibPercentile": 99.99}}),
-)
-
-
-def calibration_sweep(repo: Path, model: str, check: Path, calibration: Path) -> list[dict]:
-    """Agreement with fp32 of each calibration choice, on the same inputs the gate uses."""
-    from effnet_serve.engine.manifest import load_manifest, verify_onnx
-    from effnet_build.precision import AGREEMENT_INPUTS, CALIBRATION_INPUTS, _run, _session, image_files, quantize_int8, views
-
-    folder = repo / model
-    manifest = load_manifest(folder)
-    src = verify_onnx(folder, manifest)
-    pp = manifest.preprocess
-    inputs, _ = views(image_files(check), pp, AGREEMENT_INPUTS, 0)
-    cal, _ = views(image_files(calibration), pp, CALIBRATION_INPUTS, 1)
-    fp32 = _run(_session(src, manifest, 2), inputs).argmax(1)
-    out = []
-    with tempfile.TemporaryDirectory(dir=repo, prefix=".sweep-") as tmp:
-        for label, opts in SWEEP:
-            log(f"{model} int8 sweep: {label}")
-            dst = Path(tmp) / "q.onnx"
-            quantize_int8(src, dst, cal, manifest.onnx.input.name, opts["reduce_range"], opts["method"], opts.get("extra"))
-            agree = float(np.mean(_run(_session(dst, manifest, 2), inputs).argmax(1) == fp32))
-            out.append({"choice": label, "agreement": agree, "inputs": len(inputs)})
-    return out
 
 
 def markdown(data: dict) -> str:
@@ -132,18 +96,8 @@ def markdown(data: dict) -> str:
              "them the u8×s8 kernels are not faster than fp32, and 7-bit weights (`reduce_range`) are needed "
              "to avoid their 16-bit saturation, so `effnet build` uses 7-bit weights only on CPUs without VNNI "
              f"(this one: {'VNNI' if not data.get('reduce_range', True) else 'no VNNI'}).")
-    for model, rows in data["models"].items():
-        sweep = rows.get("calibration_sweep") or []
-        if sweep:
-            best = max(sweep, key=lambda r: r["agreement"])
-            L.append(f"- **{model} int8 calibration** (agreement with fp32 on the same {sweep[0]['inputs']} inputs): "
-                     + "; ".join(f"{r['choice']} {r['agreement']:.1%}" for r in sweep)
-                     + f". The best, {best['choice']}, is {0.99 - best['agreement']:.1%} short of the 99% gate. "
-                     "The disagreements are near-ties (tabby / tiger cat / Egyptian cat, the uniform against the "
-                     "tie): post-training quantization moves logits by a few hundredths, which flips classes "
-                     "that fp32 separates by less; closing the gap needs quantization-aware training or "
-                     "keeping the sensitive layers in fp32 (excluding the stem, head or depthwise convolutions "
-                     "from quantization was tried by hand and made agreement worse: 81-95%).")
+    L.append("- int8 calibration choices (MinMax, Entropy, Percentile; 7- and 8-bit weights) were compared once: "
+             "none reaches the 99% gate on Lite0 (docs/benchmarks-history.md).")
     L.append("- The photo set is small: a view is a different input but not an independent photo. For a "
              "decision that matters, give `--check-data` and `--agreement-data` a few hundred of your own photos.")
     L.append("<!-- /precision -->")

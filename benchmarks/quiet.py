@@ -22,21 +22,15 @@ Contenders, all started before a model is measured, each frozen (SIGSTOP) while 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from benchmarks import perf_analyzer as pa
-from benchmarks.harness import DEFAULT_REPO, MULTIPART_TYPE, QUICK_CACHE, ROOT, build_models, loadgen, python_env
-from benchmarks.blocks import block_main, machine_info
-from benchmarks.scaling import Contender, alternating, cores, jpeg_and_multipart, start_litserve, start_service
+from benchmarks.blocks import (SERVERLESS, Contender, alternating, block_main, cores, jpeg, median_of, start_litserve,
+                               start_service, window)
+from benchmarks.blocks import ratio as _x
+from benchmarks.harness import DEFAULT_REPO, QUICK_CACHE, build_models
 
-SERVICE, SPINNING, ONE = "service", "service, no spinning", "service, 1 process"
-LITSERVE, SERVERLESS = "LitServe, 1 worker", "serverless"
+SERVICE, SPINNING, ONE, LITSERVE = "service", "service, no spinning", "service, 1 process", "LitServe, 1 worker"
 
 
 @dataclass
@@ -44,64 +38,21 @@ class Case:
     key: str  # "http 1", "http 4", "grpc 1", "http 32"
     clients: int
     contenders: list[str]
-    # contender -> windows of {"p50_ms", "p99_ms", "img_per_s"}
-    rows: dict[str, list[dict]] = field(default_factory=dict)
+    rows: dict[str, list[dict]] = field(default_factory=dict)  # contender -> windows of {"p50_ms", "p99_ms", "img_per_s"}
 
 
 def cases() -> list[Case]:
-    return [
-        Case("http 1", 1, [SERVICE, SPINNING, ONE, LITSERVE, SERVERLESS]),
-        Case("http 4", 4, [SERVICE, SPINNING, ONE, SERVERLESS]),
-        Case("grpc 1", 1, [SERVICE, SPINNING, ONE, SERVERLESS]),
-        Case("http 32", 32, [SERVICE, SPINNING]),
-    ]
+    return [Case("http 1", 1, [SERVICE, SPINNING, ONE, LITSERVE, SERVERLESS]), Case("http 4", 4, [SERVICE, SPINNING, ONE, SERVERLESS]),
+            Case("grpc 1", 1, [SERVICE, SPINNING, ONE, SERVERLESS]), Case("http 32", 32, [SERVICE, SPINNING])]
 
 
-def serverless(repo: Path, model: str, image: Path, images: int, window_s: float, tensors: bool) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.serverless", "--model-dir", str(repo / model), "--image", str(image),
-           "--duration", str(window_s), "--latency", str(images)]
-    r = subprocess.run(cmd + (["--tensors"] if tensors else []), env=python_env(), cwd=ROOT, capture_output=True,
-                       text=True, timeout=window_s + 120)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    return json.loads(r.stdout)
-
-
-def window(c: Contender, case: Case, model: str, repo: Path, image: Path, body: Path, plan: argparse.Namespace) -> dict:
-    if c.name == SERVERLESS:
-        return serverless(repo, model, image, case.clients, plan.window, tensors=case.key.startswith("grpc"))
-    if case.key.startswith("grpc"):
-        r = pa.run(f"127.0.0.1:{c.grpc_port}", model, "grpc", 1, case.clients, int(plan.window * 1000), 3,
-                   plan.work / "pa.csv", timeout=plan.window * 4 + 60, stability_pct=60)
-        return {k: r.get(k) for k in ("p50_ms", "p99_ms", "img_per_s")}
-    service = c.name.startswith("service")
-    url = c.proc.base + (f"/classify?model={model}" if service else "/predict")
-    r = loadgen(url, image if service else body, case.clients, plan.window, plan.warmup, 5.0,
-                content_type="image/jpeg" if service else MULTIPART_TYPE)
-    return {k: r.get(k) for k in ("p50_ms", "p99_ms", "img_per_s")}
-
-
-def measure(case: Case, model: str, started: dict[str, Contender], repo: Path, plan: argparse.Namespace) -> None:
-    image, body = jpeg_and_multipart(plan.work, "256px")
-    case.rows = alternating([started[name] for name in case.contenders], plan.rounds,
-                            lambda c: window(c, case, model, repo, image, body, plan), f"{model} {case.key}")
-
-
-def start(name: str, work: Path, repo: Path, model: str) -> Contender:
+def start(name: str, work, repo, model: str) -> Contender:
     if name == SERVERLESS:
         return Contender(SERVERLESS)
     if name == LITSERVE:
         return start_litserve(work, repo, model, 1)
-    workers = 1 if name == ONE else cores()
-    extra = {"EFFNET_ORT_SPINNING": "off"} if name == SPINNING else {}
-    c = start_service(work, repo, model, workers, extra)
-    c.name = name
-    return c
-
-
-def median_of(windows: list[dict], key: str) -> float | None:
-    values = [w[key] for w in windows if w.get(key) is not None]
-    return round(statistics.median(values), 2) if values else None
+    return start_service(work, repo, model, 1 if name == ONE else cores(),
+                         {"EFFNET_ORT_SPINNING": "off"} if name == SPINNING else {}, name=name)
 
 
 def run(plan: argparse.Namespace) -> dict:
@@ -110,6 +61,7 @@ def run(plan: argparse.Namespace) -> dict:
     build_models(repo, models, True)
     t0 = time.perf_counter()
     out = []
+    image, body = jpeg(plan.work, "256px")
     for model in models:
         mine = cases()
         started: dict[str, Contender] = {}
@@ -117,22 +69,16 @@ def run(plan: argparse.Namespace) -> dict:
             for name in dict.fromkeys(n for c in mine for n in c.contenders):
                 started[name] = start(name, plan.work, repo, model)
             for case in mine:
-                measure(case, model, started, repo, plan)
+                one = lambda c, case=case, model=model: window(c, model, repo, case.key, case.clients, image, body, plan, latency=True)  # noqa: E731
+                case.rows = alternating([started[n] for n in case.contenders], plan.rounds, one, f"{model} {case.key}")
         finally:
             for c in started.values():
                 c.stop()
-        for case in mine:
-            out.append({"model": model, "case": case.key, "clients": case.clients,
-                        "p50_ms": {k: median_of(v, "p50_ms") for k, v in case.rows.items()},
-                        "p99_ms": {k: median_of(v, "p99_ms") for k, v in case.rows.items()},
-                        "img_per_s": {k: median_of(v, "img_per_s") for k, v in case.rows.items()},
-                        "windows": case.rows})
-    return {"cases": out, "workers": cores(), "seconds": round(time.perf_counter() - t0, 1), "machine": machine_info(),
-            "rounds": plan.rounds, "window_s": plan.window}
-
-
-def _x(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a and b else "–"
+        out += [{"model": model, "case": case.key, "clients": case.clients, "windows": case.rows,
+                 **{k: {n: median_of(v, k) for n, v in case.rows.items()} for k in ("p50_ms", "p99_ms", "img_per_s")}}
+                for case in mine]
+    return {"cases": out, "workers": cores(), "seconds": round(time.perf_counter() - t0, 1), "rounds": plan.rounds,
+            "window_s": plan.window}
 
 
 def _ms(v: float | None) -> str:

@@ -16,6 +16,7 @@ CPU time (all threads) over the timed runs: the ORT cost of one image.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ import onnxruntime as ort
 from effnet_serve.core.config import Settings
 from effnet_serve.engine.manifest import load_manifest, verify_onnx
 from effnet_serve.engine.sessions import create_session, resolve_device, spin_for
+from benchmarks.harness import ROOT, log
+from benchmarks.records import BatchTable, Model, OrtTiming, Record
 
 # A smaller batch wins the tie: within this fraction of the best throughput, lower latency is worth more.
 BEST_BATCH_TOLERANCE = 0.03
@@ -134,3 +137,50 @@ def best_batch(result: dict) -> int:
     rows = result["batches"].values()
     top = max(r["img_per_s"] for r in rows)
     return min(r["batch"] for r in rows if r["img_per_s"] >= (1.0 - BEST_BATCH_TOLERANCE) * top)
+
+
+# --- the raw phase of `make bench` ---------------------------------------------------------------------
+CEILING_BATCHES = [1, 8]
+BATCH_SWEEP = [1, 2, 4, 8]
+
+
+def timing(phase: str, model: str, session: str, m: dict) -> OrtTiming:
+    return OrtTiming(phase=phase, model=model, session=session, batch=m["batch"], img_per_s=m["img_per_s"],
+                     ms_p50=m["batch_ms_p50"], cpu_ms_per_img=m["cpu_ms_per_img"], runs=m["runs"])
+
+
+def phase_raw(plan, models: dict[str, Model]) -> list[Record]:
+    """Both sessions of every model; sets each Model's best batch and writes the batch tables."""
+    out: list[Record] = []
+    best: dict[str, int] = {}
+    device = "cpu"
+    for name in plan.models:
+        batches = plan.raw_batches(name)
+        default_batches = CEILING_BATCHES if name in plan.full else [1]
+        log(f"raw ORT {name}: server's session at {batches}, default session at {default_batches}")
+        r = measure_model(plan.repo / name, batches, plan.raw_s, default_batches=default_batches)
+        device = r["device"]
+        b = best_batch(r)
+        # Written only where the measurement brackets the optimum: the full sweep, or a short
+        # sweep whose throughput already falls at its largest size.
+        models[name].best_batch, models[name].best_batch_written = b, name in plan.full or b < max(batches)
+        if models[name].best_batch_written:
+            best[name] = b
+        out += [timing("raw", name, "server", m) for m in r["batches"].values()]
+        out += [timing("raw", name, "default", m) for m in r["default"]["batches"].values()]
+        log("  server's: " + ", ".join(f"b{k} {v['img_per_s']:.1f}" for k, v in r["batches"].items())
+            + f" img/s (best {b}); default: " + ", ".join(f"b{k} {v['img_per_s']:.1f}" for k, v in r["default"]["batches"].items()))
+        gc.collect()
+    out.append(write_batch_sizes(plan.repo, device, best))
+    # `make serve` reads models/: the sizes measured here hold for any weights of the same variant.
+    served = ROOT / "models"
+    if not plan.quick and served.is_dir() and served.resolve() != plan.repo.resolve():
+        out.append(write_batch_sizes(served, device, best))
+    return out
+
+
+def write_batch_sizes(repo: Path, device: str, best: dict[str, int]) -> BatchTable:
+    from effnet_serve.core.config import BATCH_SIZES_FILE, write_batch_table
+
+    write_batch_table(repo, device, best)
+    return BatchTable(path=str(repo / BATCH_SIZES_FILE), device=device, written=best)

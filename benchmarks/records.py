@@ -5,7 +5,7 @@ targets read the latest run's."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,6 @@ class Run:
     ort_spinning: str
     burst_clients: int
     burst_s: float
-    arena_rounds: int
-    arena_s: float
     perf_interval_ms: int
     perf_trials: int
     finished: str = ""
@@ -50,18 +48,13 @@ class Model:
     px: int
     macs: int
     params: int | None = None
-    padding: str | None = None
-    pretrained: bool | None = None
-    conv: int | None = None  # Conv nodes, and how many of them have asymmetric pads (padding phase)
-    asymmetric_conv: int | None = None
     best_batch: int | None = None
     best_batch_written: bool = False
 
 
 @dataclass
 class OrtTiming:
-    """`session.run` in a loop in the benchmark's process. phase: raw | arena | padding; session: default |
-    server | an arena setting."""
+    """`session.run` in a loop in the benchmark's process. phase: raw; session: default | server."""
     phase: str
     model: str
     session: str
@@ -70,7 +63,6 @@ class OrtTiming:
     ms_p50: float
     cpu_ms_per_img: float
     runs: int
-    note: str = ""
 
 
 @dataclass
@@ -156,26 +148,9 @@ class PerfRow:
     rc: int = 0
 
 
-@dataclass
-class Prep:
-    """A 1920x1080 JPEG to one model's input: plain Pillow against app.engine.preprocess.prepare (medians, ms)."""
-    model: str
-    resize: int
-    crop: int
-    reps: int
-    photo_bytes: int
-    plain_decode_ms: float
-    plain_ms: float
-    ours_ms: float
-    ours_nodraft_ms: float
-    decoded_size: list[int]
-    diff: float  # mean |ours - reference|, normalised units
-    diff_nodraft: float
-
-
-Record = Run | Model | OrtTiming | BatchTable | LoadWindow | Server | ServiceMemory | PerfRow | Prep
+Record = Run | Model | OrtTiming | BatchTable | LoadWindow | Server | ServiceMemory | PerfRow
 KINDS: dict[str, type] = {c.__name__: c for c in (Run, Model, OrtTiming, BatchTable, LoadWindow, Server, ServiceMemory,
-                                                  PerfRow, Prep)}
+                                                  PerfRow)}
 
 
 def append(path: Path, run_id: str, records: list[Record]) -> None:
@@ -185,12 +160,18 @@ def append(path: Path, run_id: str, records: list[Record]) -> None:
 
 
 def latest(path: Path) -> list[Record]:
-    """The records of the last run in a JSON-lines file."""
+    """The records of the last run in a JSON-lines file. Kinds and fields a run wrote that this code no longer has
+    (the phases since dropped: arena, padding, prep) are left out; they stay in the file."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not rows:
         raise SystemExit(f"{path} holds no run")
     last = rows[-1]["run"]
-    return [KINDS[d.pop("kind")](**{k: v for k, v in d.items() if k != "run"}) for d in rows if d["run"] == last]
+    out = []
+    for d in rows:
+        if d["run"] == last and (kind := KINDS.get(d["kind"])) and d.get("phase", "raw") == "raw":
+            names = {f.name for f in fields(kind)}
+            out.append(kind(**{k: v for k, v in d.items() if k in names}))
+    return out
 
 
 class Results:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.blocks import kept_blocks
 from benchmarks.harness import DOCS
-from benchmarks.records import BatchTable, LoadWindow, OrtTiming, PerfRow, Prep, Record, Results, Server, append, latest
+from benchmarks.records import BatchTable, LoadWindow, OrtTiming, PerfRow, Record, Results, Server, append, latest
 from benchmarks.targets import GIB, stage_split, targets
 
 NOT_RUN = "Not run.\n"
@@ -103,43 +103,6 @@ def raw_section(res: Results) -> str:
             "batch 2 is already slower. *ORT CPU ms/img*: this process's CPU time over the timed runs per image (both ORT threads).\n")
 
 
-def arena_section(res: Results) -> str:
-    rows_ = [t for t in res.of(OrtTiming) if t.phase == "arena"]
-    if not rows_:
-        return NOT_RUN
-    d = next(t for t in rows_ if t.session == "default")
-    rows = [[f"`{t.session}`", t.note, f(t.img_per_s), f(t.ms_p50), f(t.cpu_ms_per_img), f"{t.img_per_s / d.img_per_s:.2f}"]
-            for t in rows_]
-    return (f"{d.model} at batch {d.batch}, {res.run.threads} intra-op threads, every setting in one process, "
-            f"{res.run.arena_rounds} rounds of turns ({res.run.arena_s:g} s per setting in all): what each session setting "
-            "costs on this machine. `EFFNET_ORT_ARENA=shared|per-session|off`, `EFFNET_ORT_SPINNING`.\n\n"
-            + table(["setting", "what", "img/s", "ms per run", "CPU ms/img", "÷ default"], rows) + "\n")
-
-
-def padding_section(res: Results) -> str:
-    names = list(dict.fromkeys(t.model for t in res.of(OrtTiming) if t.phase == "padding"))
-    if len(names) != 2:
-        return NOT_RUN
-    same, sym = sorted(names, key=lambda n: not (res.models[n].padding or "").startswith("same"))
-    rows, ratios = [], {}
-    for n in (same, sym):
-        m = res.models[n]
-        rows.append([n, str(m.padding or "–"), str(m.pretrained).lower(), str(m.conv), str(m.asymmetric_conv),
-                     ips_ms(res.ort("padding", n, "default", 1)), ips_ms(res.ort("padding", n, "default", 8))])
-    for b in (1, 8):
-        a, s = res.ort("padding", same, "default", b), res.ort("padding", sym, "default", b)
-        ratios[b] = a.img_per_s / s.img_per_s if a and s else 1.0
-    rows.append(["SAME ÷ symmetric", "", "", "", "", *(f"{ratios[b]:.2f}" for b in (1, 8))])
-    verdict = ("a SAME-padded Lite0 is as fast as the symmetric one (within 5% at both sizes)"
-               if all(abs(r - 1) <= 0.05 for r in ratios.values())
-               else f"the SAME-padded graph runs at {min(ratios.values()):.2f}× the symmetric one at its worst size")
-    return ("The same architecture exported twice: with its TF weights (padding `same`: the stride-2 Conv nodes carry asymmetric "
-            f"pads) and with random weights (padding `symmetric`). Default session, {res.run.threads} intra-op threads, "
-            f"alternating ({res.run.arena_rounds} rounds). Cells: img/s / median ms per run.\n\n"
-            + table(["model", "padding", "pretrained", "Conv nodes", "asymmetric pads", "batch 1", "batch 8"], rows)
-            + f"\n\nIn this run {verdict}.\n")
-
-
 def _stages(t: dict[str, float]) -> str:
     return "/".join(f(x) for x in ((t.get("decode", 0) + t.get("preprocess", 0)) if t else None, t.get("queue"), t.get("inference")))
 
@@ -154,8 +117,8 @@ def service_section(res: Results) -> str:
              _stages(w.timing_ms), f(w.server_cpu_pct, 0), f(w.server_cpu_ms_per_img),
              f"b{w.raw_batch}: {w.raw_img_per_s:.1f} / {w.raw_ms_p50:.1f}" if w.raw_batch and w.raw_img_per_s and w.raw_ms_p50 else "–"]
             for w in service]
-    out = [f"`effnet serve` (subprocess, 127.0.0.1, started through `benchmarks/service_probe.py`, which only adds one idle thread "
-           f"that names the server's threads) with {', '.join(res.memory.models)} loaded, default `EFFNET_*` settings and the "
+    out = [f"`effnet serve` (subprocess, 127.0.0.1; `benchmarks/probe/sitecustomize.py` on its path adds one idle thread to "
+           f"each of its processes that names their threads) with {', '.join(res.memory.models)} loaded, default `EFFNET_*` settings and the "
            f"batch table above; max batch per model as the server reported it: {json.dumps(res.memory.max_batch)}. Inputs: a JPEG "
            f"at the model's resolution (model-res) and a 1920×1080 photo, quality 90 ({photo // 1024} KiB), sent as the raw body "
            "(`Content-Type: image/jpeg`) or as the peers' multipart body (field `file`).\n",
@@ -166,11 +129,13 @@ def service_section(res: Results) -> str:
            "every 10th answer (decode+preprocess / queue / inference); *default session next to it*: raw ORT's default session "
            "measured right before the 1-client window (batch 1) and right after the top-N model-res window (batch 8).\n",
            "### CPU time per image by stage (target 5)\n",
-           "Each server thread's CPU time over the window (`/proc/PID/task/TID/stat`), per answered image (ms). *HTTP + answer*: "
-           "the event-loop thread (HTTP parsing, multipart, routing, admission, JSON answer); *decode* and *preprocess*: the "
-           "decode pool, split by the two stages' wall times from `timing_ms`; *ORT*: each model's inference thread (it runs one "
-           "share of ORT's intra-op work, plus softmax/top-k) and ORT's pool threads; *other*: the remaining Python threads and "
-           "libuv's. *ORT, raw*: the default session's CPU per image at batch 1 / 8 in the raw phase.\n"]
+           "The CPU time over the window of each thread of every process of the service (`/proc/PID/task/TID/stat`: the "
+           "supervisor, the engine and the front-end workers), per answered image (ms). *HTTP + answer*: the front ends' "
+           "event-loop threads (HTTP parsing, multipart, routing, admission, JSON answer); *decode* and *preprocess*: the "
+           "decode pools, split by the two stages' wall times from `timing_ms`; *engine loop*: the engine process's event loop "
+           "(batching, the link to the front ends); *ORT*: each model's inference thread (it runs one share of ORT's intra-op "
+           "work, plus softmax/top-k) and ORT's pool threads; *other*: the remaining threads (the supervisor's, libuv's, "
+           "gRPC's). *ORT, raw*: the default session's CPU per image at batch 1 / 8 in the raw phase.\n"]
     rows = []
     for w in service:
         if not (sp := stage_split(w)):
@@ -179,8 +144,8 @@ def service_section(res: Results) -> str:
         raw = " / ".join(f(t.cpu_ms_per_img) for b in (1, 8) if (t := res.ort("raw", w.model, "default", b)))
         rows.append([w.model, w.input, w.body, str(w.clients), f(w.server_cpu_ms_per_img), *(f(v) for v in outside.values()),
                      f(sum(outside.values())), f(sp["ORT"]), raw or "–", max(outside, key=outside.__getitem__)])
-    out.append(table(["model", "input", "body", "N", "server CPU ms/img", "HTTP + answer", "decode", "preprocess", "other",
-                      "outside ORT", "ORT", "ORT, raw b1 / b8", "largest outside ORT"], rows) + "\n")
+    out.append(table(["model", "input", "body", "N", "server CPU ms/img", "HTTP + answer", "decode", "preprocess", "engine loop",
+                      "other", "outside ORT", "ORT", "ORT, raw b1 / b8", "largest outside ORT"], rows) + "\n")
     over = []
     for w in service:
         t = w.timing_ms
@@ -208,7 +173,7 @@ def peers_section(res: Results) -> str:
     base = {k: res.service(head, k, n, "multipart") for k in ("model-res", "photo")}
     service_rss = res.memory.after_load_kib if res.memory else None
     entries = [("service, multipart", "service", "multipart", service_rss), ("service, raw image/jpeg", "service", "raw", None)]
-    entries += [("naive (PyTorch eager)" if s.name == "naive" else s.name, s.name, None, s.rss_kib) for s in servers]
+    entries += [(s.name, s.name, None, s.rss_kib) for s in servers]
     notes = {s.name: s.note for s in servers if s.note}
     rows = []
     for label, name, body, rss in entries:
@@ -223,7 +188,7 @@ def peers_section(res: Results) -> str:
             rows.append([label, kind, f(w.img_per_s), f(w.p50_ms), f(w.p99_ms), str(w.errors), f(w.server_cpu_pct, 0),
                          f(w.server_cpu_ms_per_img), f(rss / GIB, 2) if rss else "–", ratio])
     return (f"{head} at {n} clients, the same JPEG bytes, the same load generator, each server alone on the machine (the "
-            "service's rows come from section 4: its server had every memory model loaded). *server CPU*: the whole process "
+            "service's rows come from section 2: its server had every memory model loaded). *server CPU*: the whole process "
             "group (LitServe and PyTriton work in child processes); *RSS*: the group's, after the load. *service ÷*: the "
             "service's multipart img/s over the row's.\n\n"
             + table(["server", "input", "img/s", "p50 ms", "p99 ms", "errors", "server CPU %", "CPU ms/img", "RSS GiB", "service ÷"], rows)
@@ -254,28 +219,15 @@ def perf_section(res: Results) -> str:
             + "".join(f"\n`{r.command}`" + ("" if r.rc == 0 else f" — exit {r.rc}") + "\n" for r in runs if r.command))
 
 
-def prep_section(res: Results) -> str:
-    preps = res.of(Prep)
-    if not preps:
-        return NOT_RUN
-    rows = [[p.model, f"{p.resize}→{p.crop}", f(p.plain_decode_ms), f(p.plain_ms), f(p.ours_ms), f"{p.plain_ms / p.ours_ms:.1f}×",
-             "×".join(map(str, p.decoded_size)), f(p.ours_nodraft_ms), f"{p.diff:.4f}", f"{p.diff_nodraft:.4f}"] for p in preps]
-    return (f"One 1920×1080 JPEG (quality 90, {preps[0].photo_bytes // 1024} KiB), median of {preps[0].reps} runs in one thread. "
-            "*plain*: `Image.open().convert('RGB')`, resize the whole image, crop, ToTensor + Normalize (torchvision's eval "
-            "transform, what the peers do). *ours*: `app.engine.preprocess.prepare(draft=True)`, the service's path. "
-            "Difference: mean |ours − reference| in normalised units.\n\n"
-            + table(["model", "resize→crop", "plain decode ms", "plain total ms", "ours ms", "speed-up", "ours decodes at",
-                     "ours, no draft, ms", "diff (draft)", "diff (no draft)"], rows) + "\n")
-
-
 def memory_section(res: Results) -> str:
     mem, run = res.memory, res.run
     if not mem:
         return NOT_RUN
     rows = [["idle, just ready", f(mem.idle_kib / GIB, 2)],
             [f"after a burst of photos on each model ({run.burst_clients} clients, {run.burst_s:g} s each)", f(mem.after_burst_kib / GIB, 2)],
-            ["after all the load of section 4", f(mem.after_load_kib / GIB, 2)], ["peak (VmHWM)", f(mem.hwm_kib / GIB, 2)]]
-    return (f"VmRSS of the `effnet serve` process with {', '.join(mem.models)} loaded (ready after {mem.ready_s:.0f} s, each "
+            ["after all the load of section 2", f(mem.after_load_kib / GIB, 2)], ["peak (VmHWM)", f(mem.hwm_kib / GIB, 2)]]
+    return (f"VmRSS of `effnet serve` summed over its processes (supervisor, engine, front-end workers; the peak: each one's "
+            f"VmHWM, summed) with {', '.join(mem.models)} loaded (ready after {mem.ready_s:.0f} s, each "
             f"session warmed at its batch sizes), ORT arena `{run.ort_arena}`.\n\n" + table(["when", "RSS GiB"], rows) + "\n")
 
 
@@ -283,14 +235,11 @@ def markdown(res: Results, precision: dict | None, png: str | None, kept: str) -
     checks = targets(res, precision)
     sections = [("Targets (issue 14)", table(["target", "status", "numbers"], [[c.goal, f"**{c.status}**", c.numbers] for c in checks]) + "\n"),
                 ("1. Raw ONNX Runtime: the ceiling (default session) and the server's session", raw_section(res)),
-                ("2. What each ORT session setting costs", arena_section(res)),
-                ("3. SAME vs symmetric padding (Lite0)", padding_section(res)),
-                ("4. The service", service_section(res)),
-                ("5. Peers", peers_section(res)),
-                ("6. perf_analyzer beside the load generator", perf_section(res)),
-                ("7. Preprocessing alone", prep_section(res)),
-                ("8. Memory", memory_section(res)),
-                ("9. Throughput and p95 latency vs MACs", f"![throughput and p95 latency vs MACs]({png})\n" if png else NOT_RUN),
+                ("2. The service", service_section(res)),
+                ("3. Peers", peers_section(res)),
+                ("4. perf_analyzer beside the load generator", perf_section(res)),
+                ("5. Memory", memory_section(res)),
+                ("6. Throughput and p95 latency vs MACs", f"![throughput and p95 latency vs MACs]({png})\n" if png else NOT_RUN),
                 ("GPU: unmeasured", "`make bench` measures the CPU only (ONNX Runtime providers here: "
                  f"{', '.join(res.run.machine.get('ort_providers', []))}). The GPU figures (CUDA EP with IOBinding, TensorRT EP, b0 and b4 "
                  "at batch 1/8/32/128, raw and through the service) need a GPU machine and are not part of this run.\n")]

@@ -3,25 +3,21 @@ service, its peers and Triton's perf_analyzer, one run, one machine.
 
     python -m benchmarks.run                  # full run (make bench) -> docs/benchmarks.{jsonl,md,png}
     python -m benchmarks.run --quick          # smoke mode: tiny models, ~1 s per measurement, temp output
-    python -m benchmarks.run --phases raw,arena --models b0   # a partial run while developing
+    python -m benchmarks.run --phases raw --models b0   # a partial run while developing
 
-Phases, in order (each writes its own section; one left out by --phases reads "not run"):
+Phases, in order (one left out by --phases reads "not run"):
   raw      default session (batch 1 and 8 for the matrix models, 1 for the rest) beside the server's
            session (batch 1, 2, 4, 8 / 1, 2); the server's best batch goes to <repo>/batch_sizes.json
-  arena    b0 batch 8, alternating: default session vs the server's session per arena/spinning setting
-  padding  Lite0 SAME-padded (pretrained) vs symmetric (random weights), default session, alternating
-  prep     decode + resize of a 1920x1080 JPEG: plain Pillow vs app.engine.preprocess.prepare
-  service  `effnet serve` with b0..b7 loaded: a burst of photos on each (RSS), then b0 and b4 at 1 and 32
+  service  `effnet serve` with b0..b7 loaded: a burst of photos on each (memory), then b0 and b4 at 1 and 32
            clients on model-resolution JPEGs and 1920x1080 photos; b0 also with the peers' multipart body
   perf     Triton's perf_analyzer against the same server: b0, binary FP32 tensors, HTTP (and gRPC if any)
   peers    LitServe, the FastAPI + ORT server, PyTriton (benchmarks/peers), b0 at 32 clients, same JPEGs
-  naive    benchmarks/naive_server.py (PyTorch eager, per request) under the same load
 
-Phase modules: benchmarks.phase_ort (raw, arena, padding), benchmarks.phase_service (service, perf),
-benchmarks.phase_peers (peers, naive); the records: benchmarks.records (appended to <out>/benchmarks.jsonl); the
-report: benchmarks.report, its targets: benchmarks.targets. Estimated at 7-9 minutes on a quiet
-2-core machine (each doc's header has its measured length). Models are built into a persistent repository (.cache/bench-repo) the first time; building
-(and setting up PyTriton's venv) is not part of the measured run.
+Modules: benchmarks.raw_ort (raw), benchmarks.phase_service (service, perf), benchmarks.phase_peers (peers); the
+records: benchmarks.records (appended to <out>/benchmarks.jsonl); the report: benchmarks.report, its targets:
+benchmarks.targets. Settled comparisons that used to be phases here (ORT arena settings, SAME vs symmetric
+padding, preprocessing alone, a naive PyTorch server) are in docs/benchmarks-history.md. Models are built into a
+persistent repository (.cache/bench-repo) the first time; building (and PyTriton's venv) is not part of the run.
 """
 
 from __future__ import annotations
@@ -38,10 +34,10 @@ from pathlib import Path
 
 from benchmarks.harness import (ALL_B, DEFAULT_REPO, DOCS, QUICK_CACHE, QUICK_MODELS, ROOT, build_models, cpu_busy_s, own_cpu_s,
                                 has_model, log, make_inputs)
-from benchmarks.phase_ort import BATCH_SWEEP
+from benchmarks.raw_ort import BATCH_SWEEP
 from benchmarks.records import Model, Record, Run
 
-PHASES = ("raw", "arena", "padding", "prep", "service", "perf", "peers", "naive")
+PHASES = ("raw", "service", "perf", "peers")
 PEERS = ("litserve", "fastapi", "pytriton")
 
 
@@ -52,7 +48,7 @@ class Plan:
     out: Path
     work: Path
     models: list[str]  # raw ORT
-    full: list[str]  # the matrix: batch sweep, service, preprocessing; full[0] is the headline (peers, perf)
+    full: list[str]  # the matrix: batch sweep, service; full[0] is the headline (peers, perf)
     memory: list[str]  # loaded into the service
     phases: list[str]
     concurrency: list[int]
@@ -62,14 +58,7 @@ class Plan:
     warmup_s: float
     burst_s: float
     burst_clients: int
-    naive_threads: int  # 0 = PyTorch's default
     grace_s: float  # how long the load generator waits for the answers in flight when a window closes
-    prep_reps: int
-    arena_batch: int
-    arena_s: float  # per setting, all rounds together
-    arena_rounds: int
-    padding_models: tuple[str, str]  # (SAME-padded, symmetric)
-    padding_s: float
     perf_batch: int
     perf_concurrency: int
     perf_interval_ms: int
@@ -87,8 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny models, ~1 s per measurement, output to a temp dir")
     p.add_argument("--models", help="models measured with raw ORT (default b0..b7; quick: tiny,tiny2)")
-    p.add_argument("--full-matrix", help="models that also get the batch sweep, the service matrix and preprocessing; the "
-                                         "first is the headline model (peers, perf_analyzer, arena) (default: those of "
+    p.add_argument("--full-matrix", help="models that also get the batch sweep and the service matrix; the "
+                                         "first is the headline model (peers, perf_analyzer) (default: those of "
                                          "--models among b0,b4; quick: all)")
     p.add_argument("--memory-models", help="models loaded into the service (default b0..b7; quick: the quick models)")
     p.add_argument("--repo", type=Path, help=f"model repository (default {DEFAULT_REPO.relative_to(ROOT)}; quick: a temp copy)")
@@ -98,7 +87,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,32")
     p.add_argument("--duration", type=float, help="seconds per load window (default 6; quick 1)")
     p.add_argument("--raw-seconds", type=float, help="seconds per raw ORT batch size (default 2.5; quick 0.3)")
-    p.add_argument("--naive-threads", type=int, help="torch threads in the naive server (default: PyTorch's default; quick: 1)")
     p.add_argument("--no-build", action="store_true", help="fail instead of building missing models")
     return p.parse_args(argv)
 
@@ -138,13 +126,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup_s=0.5 if quick else 1.0,
         burst_s=0.5 if quick else 1.0, burst_clients=4,
         grace_s=2.0 if quick else 60.0,
-        # Smoke mode pins the naive server to one thread: on a shared CI runner PyTorch's OpenMP
-        # pool (2 threads spin-waiting at every barrier) can take seconds per tiny forward pass.
-        naive_threads=args.naive_threads if args.naive_threads is not None else (1 if quick else 0),
-        prep_reps=3 if quick else 15,
-        arena_batch=8, arena_s=0.3 if quick else 3.0, arena_rounds=2 if quick else 3,
-        padding_models=("tiny-same", full[0]) if quick else ("lite0", "lite0-symmetric"),
-        padding_s=0.3 if quick else 2.0,
         perf_batch=8, perf_concurrency=4, perf_interval_ms=500 if quick else 3000, perf_trials=3 if quick else 5,
     )
 
@@ -152,8 +133,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def prepare_repo(plan: Plan, allow_build: bool, temp_repo: bool) -> tuple[dict[str, dict], float]:
     """Build what is missing; returns each model's manifest and the seconds spent building."""
     needed = list(dict.fromkeys(plan.models + plan.memory))
-    if "padding" in plan.phases and not plan.quick:
-        needed += list(plan.padding_models)
     build_s = 0.0
     if temp_repo:
         # Build once into a persistent cache, then copy: the benchmark writes batch_sizes.json into
@@ -177,7 +156,7 @@ def run_record(plan: Plan, argv: list[str]) -> Run:
                machine=machine_info(), models=plan.models, full=plan.full, loaded=plan.memory, phases=plan.phases,
                concurrency=plan.concurrency, window_s=plan.load_s, warmup_s=plan.warmup_s, raw_s=plan.raw_s, repo=str(plan.repo),
                threads=s.threads, ort_arena=s.ort_arena, ort_spinning=s.ort_spinning, burst_clients=plan.burst_clients,
-               burst_s=plan.burst_s, arena_rounds=plan.arena_rounds, arena_s=plan.arena_s, perf_interval_ms=plan.perf_interval_ms,
+               burst_s=plan.burst_s, perf_interval_ms=plan.perf_interval_ms,
                perf_trials=plan.perf_trials, loadavg=[os.getloadavg()[0]])
 
 
@@ -185,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     plan = make_plan(args)
-    from benchmarks import phase_ort, phase_peers, phase_service, report
-    from benchmarks.preprocessing import measure_all
+    from benchmarks import phase_peers, phase_service, raw_ort, report
 
     run = run_record(plan, argv)
     manifests, run.build_s = prepare_repo(plan, allow_build=not args.no_build, temp_repo=plan.quick and args.repo is None)
@@ -197,23 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         plan.pytriton_python, plan.pytriton_note = phase_peers.setup_pytriton()
         run.pytriton_setup_s = time.perf_counter() - t0
 
-    # The server tunes malloc at start-up; do the same here so that raw ORT and the preprocessing
-    # timings run under the allocator settings the service runs under.
+    # The server tunes malloc at start-up; do the same here so that raw ORT runs under the service's allocator settings.
     from effnet_serve.api.server import tune_malloc
 
     tune_malloc()
     t_run, busy0, own0 = time.perf_counter(), cpu_busy_s(), own_cpu_s()
     inputs = make_inputs(plan.work, plan.full, manifests)
-    models = {n: Model(name=n, px=m["preprocess"]["crop"], macs=m["macs"], params=m.get("params"), padding=m.get("padding"))
+    models = {n: Model(name=n, px=m["preprocess"]["crop"], macs=m["macs"], params=m.get("params"))
               for n, m in manifests.items() if n in plan.models or n in plan.memory}
     records: list[Record] = []
-    steps = [("raw", lambda: phase_ort.phase_raw(plan, models)),
-             ("arena", lambda: phase_ort.phase_arena(plan)),
-             ("padding", lambda: phase_ort.phase_padding(plan, models)),
-             ("prep", lambda: measure_all(plan, inputs["photo"])),
+    steps = [("raw", lambda: raw_ort.phase_raw(plan, models)),
              ("service", lambda: phase_service.phase_service(plan, inputs)),
-             ("peers", lambda: phase_peers.phase_peers(plan, inputs)),
-             ("naive", lambda: phase_peers.phase_naive(plan, inputs))]
+             ("peers", lambda: phase_peers.phase_peers(plan, inputs))]
     for phase, fn in steps:
         if phase in plan.phases or (phase == "service" and "perf" in plan.phases):
             records += fn()

@@ -21,25 +21,13 @@ defaults (threads, decode workers, access log).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from benchmarks import perf_analyzer as pa
-from benchmarks.harness import (DEFAULT_REPO, MULTIPART_TYPE, QUICK_CACHE, ROOT, Process, build_models, free_port,
-                                loadgen, log, python_env, write_photo)
-from benchmarks.peers.payloads import multipart_body
-from benchmarks.blocks import block_main, machine_info
-
-PEERS_DIR = ROOT / "benchmarks" / "peers"
+from benchmarks.blocks import (SERVERLESS, Contender, alternating, block_main, cores, jpeg, ratio, start_litserve,
+                               start_service, window)
+from benchmarks.harness import DEFAULT_REPO, QUICK_CACHE, build_models
 
 
 @dataclass
@@ -52,144 +40,20 @@ class Case:
     rows: dict[str, list[float]] = field(default_factory=dict)
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def jpeg(work: Path, image: str) -> Path:
-    from PIL import Image
-    from skimage import data as skdata
-
-    if image == "photo":
-        return write_photo(work / "photo-1920x1080.jpg")
-    size = int(image.removesuffix("px"))
-    src = Image.fromarray(skdata.chelsea())
-    w, h = src.size
-    s = min(w, h)
-    path = work / f"chelsea-{size}px.jpg"
-    src.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.Resampling.LANCZOS).save(
-        path, quality=90)
-    return path
-
-
-class Contender:
-    """One server (a process group) or the serverless pipeline (a process per window)."""
-
-    def __init__(self, name: str, proc: Process | None = None, grpc_port: int | None = None) -> None:
-        self.name, self.proc, self.grpc_port = name, proc, grpc_port
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.signal(signal.SIGCONT)
-            self.proc.stop()
-
-
-def start_service(work: Path, repo: Path, model: str, workers: int, extra: dict[str, str] | None = None) -> Contender:
-    env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
-    grpc = free_port()
-    env.update(EFFNET_REPOSITORY=str(repo), EFFNET_MODELS=model, EFFNET_DEFAULT_MODEL=model, EFFNET_WORKERS=str(workers),
-               EFFNET_GRPC_PORT=str(grpc), **(extra or {}))
-    port = free_port()
-    name = f"service, {workers} worker" + ("s" if workers > 1 else "")
-    proc = Process(name, [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
-                   work / f"service-{model}-{workers}.log")
-    proc.wait_ready(300)
-    return Contender(name, proc, grpc)
-
-
-def start_litserve(work: Path, repo: Path, model: str, workers: int) -> Contender:
-    port = free_port()
-    proc = Process(f"LitServe, {workers}", [sys.executable, str(PEERS_DIR / "litserve_server.py"), "--model-dir",
-                                            str(repo / model), "--port", str(port), "--workers", str(workers)],
-                   python_env(), port, work / f"litserve-{model}-{workers}.log", ready_path="/health",
-                   stop_signal=signal.SIGINT)
-    proc.wait_ready(120)
-    return Contender(f"LitServe, {workers} worker" + ("s" if workers > 1 else ""), proc)
-
-
-def serverless(repo: Path, model: str, image: Path, window_s: float) -> float:
-    r = subprocess.run([sys.executable, "-m", "benchmarks.serverless", "--model-dir", str(repo / model), "--image",
-                        str(image), "--duration", str(window_s)], env=python_env(), cwd=ROOT, capture_output=True,
-                       text=True, timeout=window_s + 120)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-2000:])
-    return json.loads(r.stdout)["img_per_s"]
-
-
-def window(c: Contender, case: Case, repo: Path, image: Path, body: Path, plan: argparse.Namespace) -> float:
-    if c.name == "serverless":
-        return serverless(repo, case.model, image, plan.window)
-    if case.key.endswith("grpc"):
-        r = pa.run(f"127.0.0.1:{c.grpc_port}", case.model, "grpc", 1, case.clients, int(plan.window * 1000), 3,
-                   plan.work / "pa.csv", timeout=plan.window * 4 + 60, stability_pct=60)
-        return float(r.get("img_per_s") or 0.0)
-    service = c.name.startswith("service")
-    url = c.proc.base + (f"/classify?model={case.model}" if service else "/predict")
-    r = loadgen(url, body if not service else image, case.clients, plan.window, plan.warmup, 5.0,
-                content_type=MULTIPART_TYPE if not service else "image/jpeg")
-    return float(r.get("img_per_s") or 0.0)
-
-
-def jpeg_and_multipart(work: Path, image_spec: str) -> tuple[Path, Path]:
-    """The case's JPEG, and the same JPEG as the multipart body the peers take."""
-    image = jpeg(work, image_spec)
-    body = work / f"{image.stem}.multipart"
-    data, ctype = multipart_body(image.read_bytes())
-    assert ctype == MULTIPART_TYPE
-    body.write_bytes(data)
-    return image, body
-
-
-def alternating(contenders: list[Contender], rounds: int, one: Callable[[Contender], Any], label: str) -> dict[str, list]:
-    """`one(c)` for each contender in turn, `rounds` times, every other contender frozen (SIGSTOP) meanwhile:
-    one after the other instead, the machine's drift alone moves ratios by ±15% here."""
-    rows: dict[str, list] = {}
-    for c in contenders:
-        c.signal(signal.SIGSTOP)
-    try:
-        for rnd in range(rounds):
-            for c in contenders:
-                c.signal(signal.SIGCONT)
-                time.sleep(0.3)
-                try:
-                    value = one(c)
-                finally:
-                    c.signal(signal.SIGSTOP)
-                rows.setdefault(c.name, []).append(value)
-                log(f"{label} round {rnd + 1}: {c.name}: {value}")
-    finally:
-        for c in contenders:
-            c.signal(signal.SIGCONT)
-    return rows
-
-
-def measure(case: Case, contenders: list[Contender], repo: Path, work: Path, plan: argparse.Namespace) -> None:
-    image, body = jpeg_and_multipart(work, case.image)
-    case.rows = alternating(contenders, plan.rounds, lambda c: window(c, case, repo, image, body, plan), case.key)
+def measure(case: Case, contenders: list[Contender], repo, plan: argparse.Namespace) -> None:
+    image, body = jpeg(plan.work, case.image)
+    one = lambda c: window(c, case.model, repo, case.key, case.clients, image, body, plan)["img_per_s"] or 0.0  # noqa: E731
+    case.rows = alternating(contenders, plan.rounds, one, case.key)
 
 
 def run(plan: argparse.Namespace) -> dict:
     n = cores()
-    many = f"service, {n} workers"
-    cases = [
-        Case("tiny http", "tiny", "80px", 64, ["service, 1 worker", many, "LitServe, 1 worker", "LitServe, 2 workers", "serverless"]),
-        Case("tiny grpc", "tiny", "80px", 16, ["service, 1 worker", many]),
-    ]
+    one, many, everyone = "service, 1 worker", f"service, {n} workers", ["LitServe, 1 worker", "LitServe, 2 workers"]
+    cases = [Case("tiny http", "tiny", "80px", 64, [one, many, *everyone, SERVERLESS]), Case("tiny grpc", "tiny", "80px", 16, [one, many])]
     if not plan.quick:
-        cases += [
-            Case("b0 http", "b0", "256px", 32, ["service, 1 worker", many, "LitServe, 1 worker", "LitServe, 2 workers", "serverless"]),
-            Case("b0 photo", "b0", "photo", 32, ["service, 1 worker", many, "LitServe, 1 worker", "LitServe, 2 workers"]),
-            Case("b0 grpc", "b0", "256px", 16, ["service, 1 worker", many]),
-            Case("b4 http", "b4", "412px", 32, ["service, 1 worker", many]),
-            Case("b4 grpc", "b4", "412px", 16, ["service, 1 worker", many]),
-        ]
+        cases += [Case("b0 http", "b0", "256px", 32, [one, many, *everyone, SERVERLESS]),
+                  Case("b0 photo", "b0", "photo", 32, [one, many, *everyone]), Case("b0 grpc", "b0", "256px", 16, [one, many]),
+                  Case("b4 http", "b4", "412px", 32, [one, many]), Case("b4 grpc", "b4", "412px", 16, [one, many])]
     repos = {"tiny": QUICK_CACHE, "b0": DEFAULT_REPO, "b4": DEFAULT_REPO}
     build_models(QUICK_CACHE, ["tiny"], True)
     if not plan.quick:
@@ -197,30 +61,21 @@ def run(plan: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     for model in dict.fromkeys(c.model for c in cases):
         mine = [c for c in cases if c.model == model]
-        wanted = {name for c in mine for name in c.contenders}
         started: dict[str, Contender] = {}
         try:
-            for name in wanted:
-                if name == "serverless":
-                    started[name] = Contender("serverless")
-                elif name.startswith("service"):
-                    started[name] = start_service(plan.work, repos[model], model, 1 if name.endswith("1 worker") else n)
-                else:
-                    started[name] = start_litserve(plan.work, repos[model], model, int(name.split(", ")[1].split()[0]))
+            for name in dict.fromkeys(name for c in mine for name in c.contenders):
+                started[name] = (Contender(SERVERLESS) if name == SERVERLESS else
+                                 start_service(plan.work, repos[model], model, 1 if name == one else n) if name.startswith("service")
+                                 else start_litserve(plan.work, repos[model], model, int(name.split(", ")[1].split()[0])))
             for case in mine:
-                measure(case, [started[name] for name in case.contenders], repos[model], plan.work, plan)
+                measure(case, [started[name] for name in case.contenders], repos[model], plan)
         finally:
             for c in started.values():
                 c.stop()
     return {"cases": [{"case": c.key, "model": c.model, "image": c.image, "clients": c.clients,
                        "img_per_s": {k: round(statistics.median(v), 1) for k, v in c.rows.items()},
                        "windows": {k: [round(x, 1) for x in v] for k, v in c.rows.items()}} for c in cases],
-            "workers": n, "seconds": round(time.perf_counter() - t0, 1), "machine": machine_info(),
-            "rounds": plan.rounds, "window_s": plan.window}
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a and b else "–"
+            "workers": n, "seconds": round(time.perf_counter() - t0, 1), "rounds": plan.rounds, "window_s": plan.window}
 
 
 # (case, what the default worker count is divided by, the goal)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, group_rss_kib, loadgen, python_env, write_photo
+from benchmarks.harness import ALL_B, DEFAULT_REPO, ROOT, Process, free_port, loadgen, memory_kib, python_env, write_photo
 
 SEGMENT_S = 30.0
 WARMUP_S = 8.0
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready(600)
             for m in burst:  # every batch shape and every code path touched once before the reference
                 loadgen(f"{server.base}/classify?model={m}", body, args.clients, WARMUP_S, 1.0, 60, server_pgid=server.pid)
-            ref = group_rss_kib(server.pid)  # every process of the service (engine, workers, supervisor)
+            ref = memory_kib(server.pid)["VmRSS"]  # every process of the service (engine, workers, supervisor)
             log(f"after warm-up: {gib(ref):.2f} GiB; bursting for {args.minutes:g} minutes")
             samples, requests, errors = [], 0, 0
             t0 = time.monotonic()
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 r = loadgen(f"{server.base}/classify?model={model}", body, args.clients, SEGMENT_S, 0.0, 120, server_pgid=server.pid)
                 requests += r["ok"]
                 errors += r["errors"]
-                samples.append({"t_s": round(time.monotonic() - t0, 1), "model": model, "rss_kib": group_rss_kib(server.pid)})
+                samples.append({"t_s": round(time.monotonic() - t0, 1), "model": model, "rss_kib": memory_kib(server.pid)["VmRSS"]})
                 log(f"{samples[-1]['t_s']:>6.0f} s  {model}: RSS {gib(samples[-1]['rss_kib']):.2f} GiB")
                 i += 1
-            end = group_rss_kib(server.pid)
+            end = memory_kib(server.pid)["VmRSS"]
         finally:
             server.stop()
     data = {

@@ -105,7 +105,8 @@ def stage_split(w: LoadWindow) -> dict[str, float] | None:
     d, p = t.get("decode", 0.0), t.get("preprocess", 0.0)
     share = d / (d + p) if d + p > 0 else 0.5
     return {"HTTP + answer (event loop)": st["event loop"], "decode": st["decode pool"] * share,
-            "preprocess": st["decode pool"] * (1 - share), "other threads": st["other"], "ORT": sum(st[k] for k in ORT_STAGES)}
+            "preprocess": st["decode pool"] * (1 - share), "engine loop (batching, link)": st.get("engine loop", 0.0),
+            "other threads": st["other"], "ORT": sum(st[k] for k in ORT_STAGES)}
 
 
 def outside_ort(res: Results) -> list[Check]:
@@ -119,7 +120,7 @@ def outside_ort(res: Results) -> list[Check]:
                          f"**{sum(outside.values()):.1f}** (" + ", ".join(f"{k} {v:.1f}" for k, v in outside.items())
                          + f"); largest: **{max(outside, key=outside.__getitem__)}**")
     return [Check(f"(5) CPU time per image outside ORT, per stage ({res.head}, {res.top_n} clients)",
-                  "reported" if parts else "unmeasured", "; ".join(parts) + " — section 4" if parts else "not in this run")]
+                  "reported" if parts else "unmeasured", "; ".join(parts) + " — section 2" if parts else "not in this run")]
 
 
 def int8(precision: dict | None) -> list[Check]:

@@ -37,9 +37,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from benchmarks.harness import DEFAULT_REPO, DOCS, QUICK_CACHE, ROOT, Process, build_models, free_port, log, python_env
-from benchmarks.blocks import machine_info
-from benchmarks.scaling import Contender, alternating, cores, jpeg
+from benchmarks.blocks import Contender, alternating, cores, jpeg, machine_info, start_service
+from benchmarks.harness import DEFAULT_REPO, DOCS, QUICK_CACHE, build_models, free_port, log
 
 HOPS = ["to the app", "body", "open", "admission", "decode", "queue", "inference", "wake-ups and trips", "answer",
         "rest in the app", "write + read"]
@@ -143,36 +142,23 @@ def hops(spans: list[tuple[str, int, int]], t0: int, t1: int) -> dict[str, float
     return out
 
 
-def start_tree(work: Path, repo: Path, workers: int, extra: dict[str, str], tree: Path, name: str) -> Contender:
-    """The service as start_service starts it, but run from the checkout `tree` (an older commit, for the
-    before/after comparison): its folder goes first on the path, ahead of this checkout's."""
-    env = {k: v for k, v in python_env().items() if not k.startswith("EFFNET_")}
-    env.update(EFFNET_REPOSITORY=str(repo), EFFNET_MODELS="b0", EFFNET_DEFAULT_MODEL="b0", EFFNET_WORKERS=str(workers),
-               EFFNET_GRPC_PORT="0", PYTHONPATH=str(tree), **extra)
-    port = free_port()
-    boot = f"import sys; sys.path.insert(0, {str(tree)!r}); from app.cli import main; sys.exit(main())"
-    proc = Process(name, [sys.executable, "-c", boot, "serve", "--host", "127.0.0.1", "--port", str(port)], env, port,
-                   work / f"{name.replace(' ', '_').replace(',', '')}.log")
-    proc.wait_ready(300)
-    return Contender(name, proc)
-
-
 def run(plan: argparse.Namespace) -> dict:
     repo = QUICK_CACHE if plan.quick else DEFAULT_REPO
     build_models(repo, ["b0"], allow_build=True)
-    image = jpeg(plan.work, "256px").read_bytes()
+    image = jpeg(plan.work, "256px")[0].read_bytes()
     collector = Collector()
     traced_env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "200",
                   "EFFNET_ACCESS_LOG": "true"}
     layouts = [("service", cores()), ("service, 1 process", 1)]
-    trees = [("", ROOT)] + ([(" (before)", plan.before.resolve())] if plan.before else [])
+    trees = [("", None)] + ([(" (before)", plan.before.resolve())] if plan.before else [])
     started: list[Contender] = []
     try:
         for label, workers in layouts:
             for suffix, tree in trees:
                 for traced in (True, False):
                     name = label + suffix + ("" if traced else ", untraced")
-                    started.append(start_tree(plan.work, repo, workers, traced_env if traced else {}, tree, name))
+                    started.append(start_service(plan.work, repo, "b0", workers, {"EFFNET_GRPC_PORT": "0", **(traced_env if traced else {})},
+                                                 name=name, tree=tree))
         for c in started:  # warm each (the first runs of a shape are slow)
             requests(c, image, 20, traced=False)
         rows = alternating(started, plan.rounds, lambda c: requests(c, image, plan.requests, "untraced" not in c.name),

@@ -19,15 +19,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = [
     "## Targets (issue 14)",
     "## 1. Raw ONNX Runtime: the ceiling (default session) and the server's session",
-    "## 2. What each ORT session setting costs",
-    "## 3. SAME vs symmetric padding (Lite0)",
-    "## 4. The service",
+    "## 2. The service",
     "### CPU time per image by stage (target 5)",
-    "## 5. Peers",
-    "## 6. perf_analyzer beside the load generator",
-    "## 7. Preprocessing alone",
-    "## 8. Memory",
-    "## 9. Throughput and p95 latency vs MACs",
+    "## 3. Peers",
+    "## 4. perf_analyzer beside the load generator",
+    "## 5. Memory",
+    "## 6. Throughput and p95 latency vs MACs",
     "## GPU: unmeasured",
 ]
 MANUAL = "<!-- manual -->\n## Build time\n\nkept by hand\n<!-- /manual -->"
@@ -39,7 +36,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     out.mkdir()
     (out / "benchmarks.md").write_text(f"# old report\n\n{OWNED}\n\n{MANUAL}\n\nold tail\n")
     docs_before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")}
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ["PYTHONPATH"]]))  # conftest: the checkout's app
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -66,9 +63,12 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     measured = {c.goal[:3] for c in checks if c.status != "unmeasured"}
     assert {"(1)", "(2)", "(3)", "(4)", "(5)"} <= measured, checks
     windows = res.of(LoadWindow)
-    assert {w.server for w in windows} == {"service", "litserve", "fastapi", "naive"}
+    assert {w.server for w in windows} == {"service", "litserve", "fastapi"}
     assert all(w.ok > 0 for w in windows), "a server answered nothing in some window"
-    assert all(w.stage_cpu_ms for w in windows if w.server == "service"), "a window without its per-stage CPU"
+    # Per-stage CPU over every process of the service (the default splits it into worker processes): the front end's
+    # event loop and ORT both did work in every window.
+    for w in (w for w in windows if w.server == "service"):
+        assert w.stage_cpu_ms["event loop"] > 0 and w.stage_cpu_ms["ORT workers"] + w.stage_cpu_ms["inference threads"] > 0, w
     assert all(not s.note and s.ready_s for s in res.of(Server)), res.of(Server)
     # The per-model summary `effnet report --bench` reads.
     from effnet_serve.tools.report import read_bench
@@ -80,7 +80,7 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
 
 
 def test_batch_table_merges(tmp_path: Path) -> None:
-    from benchmarks.phase_ort import write_batch_sizes
+    from benchmarks.raw_ort import write_batch_sizes
 
     (tmp_path / "batch_sizes.json").write_text(json.dumps({"b4": 1, "cuda": {"b0": 32}}))
     assert write_batch_sizes(tmp_path, "cpu", {"b0": 4}).written == {"b0": 4}
@@ -97,7 +97,7 @@ def test_reliability_bench_quick_run_writes_its_block(tmp_path: Path) -> None:
     what benchmarks.md already holds, never to docs/."""
     (tmp_path / "benchmarks.md").write_text(f"# report\n\n{OWNED}\n\n{MANUAL}\n")
     docs_before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")}
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ["PYTHONPATH"]]))  # conftest: the checkout's app
     r = subprocess.run([sys.executable, "-m", "benchmarks.reliability", "--quick", "--out", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -110,6 +110,5 @@ def test_reliability_bench_quick_run_writes_its_block(tmp_path: Path) -> None:
     assert data["floods"]["v2_flood"]["flood"]["n"] > 0 and data["floods"]["stalled"]["held"]["live"]["n"] > 0
     # quick: one request per memory-burst client, every one answered 200 in the end
     assert data["memory"]["final"] == {"big": {"200": 16}, "bomb": {"200": 4}, "parts": {"200": 2}}, data["memory"]
-    assert all(row["rc"] == 0 for row in data["perf"]["rows"]), data["perf"]
     assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")} == docs_before
 

@@ -13,7 +13,7 @@ def run(**kw) -> Run:
     base = dict(command="python -m benchmarks.run", quick=False, started="2026-12-05 08:00:00 UTC", machine={"cores": 2},
                 models=["b0", "b4"], full=["b0", "b4"], loaded=[f"b{i}" for i in range(8)], phases=["raw", "service"],
                 concurrency=[1, 32], window_s=6.0, warmup_s=1.0, raw_s=2.5, repo="/repo", threads=2, ort_arena="shared",
-                ort_spinning="off", burst_clients=4, burst_s=1.0, arena_rounds=3, arena_s=3.0, perf_interval_ms=3000, perf_trials=5)
+                ort_spinning="off", burst_clients=4, burst_s=1.0, perf_interval_ms=3000, perf_trials=5)
     return Run(**{**base, **kw})
 
 
@@ -69,11 +69,11 @@ def test_p50_at_one_client_against_raw_batch_one_plus_slack() -> None:
 
 
 def test_cpu_outside_ort_is_reported_by_stage() -> None:
-    stages = {"event loop": 2.0, "decode pool": 4.0, "inference threads": 8.0, "ORT workers": 2.0, "other": 0.0}
+    stages = {"event loop": 2.0, "decode pool": 4.0, "inference threads": 8.0, "ORT workers": 2.0, "engine loop": 0.5, "other": 0.0}
     res = Results([run(), window("b0", "photo", 32, 50.0, timing_ms={"decode": 1.0, "preprocess": 3.0}, stage_cpu_ms=stages)])
     (check,) = outside_ort(res)
     assert check.status == "reported"
-    assert "ORT 10.0, outside ORT **6.0**" in check.numbers and "decode 1.0, preprocess 3.0" in check.numbers
+    assert "ORT 10.0, outside ORT **6.5**" in check.numbers and "decode 1.0, preprocess 3.0, engine loop (batching, link) 0.5" in check.numbers
     assert "largest: **preprocess**" in check.numbers
     assert status(outside_ort(Results([run()]))) == ["unmeasured"]
 
@@ -94,7 +94,34 @@ def test_records_round_trip_and_the_latest_run_wins(tmp_path: Path) -> None:
     path = tmp_path / "benchmarks.jsonl"
     first = [run(), window("b0", "photo", 32, 50.0)]
     second = [run(started="later"), window("b0", "photo", 32, 60.0, stage_cpu_ms={"other": 1.0}),
-              OrtTiming("arena", "b0", "shared", 8, 160.0, 45.0, 11.0, 20, note="the server's session")]
+              OrtTiming("raw", "b0", "server", 8, 160.0, 45.0, 11.0, 20)]
     append(path, "first", first)
     append(path, "second", second)
     assert latest(path) == second
+
+
+def test_stage_cpu_reads_every_process_of_the_split_service(tmp_path: Path) -> None:
+    """Target 5 with worker processes: each thread is put under a stage by its own process's map (the supervisor 100,
+    the engine 200, a front end 300), so the front end's loop and decode pool and the engine's ORT all count."""
+    import json
+
+    from benchmarks.phase_service import stage_cpu
+
+    maps = {100: {"process": "MainProcess", "threads": {"100": "MainThread"}},
+            200: {"process": "effnet-engine", "threads": {"200": "MainThread", "201": "infer-b0_0"}},
+            300: {"process": "effnet-worker-0", "threads": {"300": "MainThread", "301": "decode_0"}}}
+    for pid, m in maps.items():
+        (tmp_path / f"{pid}.json").write_text(json.dumps(m))
+    threads = {"100": (100, "python", 0.5), "200": (200, "python", 1.0), "201": (200, "python", 2.0),
+               "202": (200, "python", 3.0), "300": (300, "python", 4.0), "301": (300, "python", 5.0),
+               "302": (300, "grpc_global_tim", 0.25)}
+    row = {"img_per_s": 100.0, "window_s": 10.0,
+           "server_threads": {tid: {"pid": pid, "comm": comm, "cpu_s": cpu} for tid, (pid, comm, cpu) in threads.items()}}
+    ms = stage_cpu(row, tmp_path)  # 1000 images: 1 s of CPU is 1 ms per image
+    assert ms == {"event loop": 4.0, "decode pool": 5.0, "inference threads": 2.0, "ORT workers": 3.0, "engine loop": 1.0,
+                  "other": 0.75}
+    # One process (no engine among the maps): its MainThread is the event loop.
+    (tmp_path / "200.json").unlink()
+    (tmp_path / "300.json").unlink()
+    (tmp_path / "100.json").write_text(json.dumps({"process": "MainProcess", "threads": {"100": "MainThread"}}))
+    assert stage_cpu({**row, "server_threads": {"100": {"pid": 100, "comm": "python", "cpu_s": 0.5}}}, tmp_path)["event loop"] == 0.5

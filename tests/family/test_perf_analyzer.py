@@ -4,9 +4,9 @@ measures a server.
 
 Compatibility, not speed: perf_analyzer runs in count windows (each closes after WINDOW_REQUESTS answers,
 however long that takes) with a stability criterion no three windows can miss, so its exit status says
-whether it could talk to the service, never how steady the machine was. Whether it finds a stable window
-under its usual criteria, and the throughput, are measured by `make bench-reliability`
-(benchmarks/reliability.py) and `make bench`.
+whether it could talk to the service, never how steady the machine was. Its throughput is measured by
+`make bench`; whether it finds a stable window under its usual criteria was measured once
+(docs/benchmarks-history.md, 2026-12-05).
 
 The binary comes from the tritonclient 2.41.1 wheel, installed apart by `make perf-analyzer` (the Makefile
 says why); it needs Debian's libb64-0d and libcudart from nvidia-cuda-runtime-cu12, even without a GPU.
