@@ -22,6 +22,12 @@ Design choices, each for a failure we want to rule out:
   that is not coming; under load the queue fills while the previous batch runs, so
   batching needs no waiting there either. Reserved images that never arrive (the request
   failed or was cancelled) give their room back when the reservation closes.
+* After a run, when requests queued during it leave a partial batch, the collector first waits (at
+  most the delay, counted from the run's end) for as many images as the run just answered: closed-loop
+  clients answered together send again together. Without it, clients that once fall into two groups
+  stay in two: each group queues during the other's run, and the model runs two half batches per round
+  (measured: b0, 4 clients, 2 workers, batches of 2.2 on average and 8 ms of queueing, against 3.9 and
+  1 ms with it). An empty queue at the run's end means no such wait: a lone request still runs at once.
 * Cancelled futures (client went away) are dropped before the run; their slot is not
   wasted. Items that waited past the request deadline fail with `DeadlineExceeded`
   instead of spending model time on an answer nobody waits for.
@@ -113,6 +119,7 @@ class Batcher:
         # admitted image never has more than max_queue / batch batches ahead of it.
         self.room = QueueRoom(self, self.max_queue, lambda: len(self._items) + self._running)
         self.batches_run = 0
+        self._regroup: tuple[float, int] | None = None  # (end, images answered) of a run that left a partial queue
         self.per_image_s = 0.0  # recent inference seconds per image (smoothed); 0 until the first batch
 
     # --- lifecycle -------------------------------------------------------------------
@@ -219,19 +226,29 @@ class Batcher:
         while not self._items:
             self._wakeup.clear()
             await self._wakeup.wait()
-        # The delay counts from the first item's arrival, so an item that already waited
+        regroup, self._regroup = self._regroup, None
+        if regroup is not None:  # the clients the last run answered, likely to send again (module docstring)
+            ended, answered = regroup
+            target = min(self.max_batch, len(self._items) + answered)
+            await self._wait(loop, lambda: len(self._items) >= target, ended + self.max_delay_s)
+        # Otherwise the delay counts from the first item's arrival, so an item that already waited
         # through the previous batch's inference is not held back again.
-        until = self._items[0].enqueued + self.max_delay_s
-        while len(self._items) < self.max_batch and (self.room.reserved > 0 or self.wait_always):
+        await self._wait(loop, lambda: len(self._items) >= self.max_batch
+                         or not (self.room.reserved > 0 or self.wait_always),
+                         self._items[0].enqueued + self.max_delay_s)
+        return self._take(loop.time())
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, enough: Callable[[], bool], until: float) -> None:
+        """Until `enough()` or loop time `until`, waking whenever an image arrives or reserved room is given back."""
+        while not enough():
             remaining = until - loop.time()
             if remaining <= 0:
-                break
+                return
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
-                break
-        return self._take(loop.time())
+                return
 
     def _take(self, now: float) -> list[_Item]:
         live: list[_Item] = []
@@ -308,6 +325,8 @@ class Batcher:
             self._running = 0
             self.room.grant()  # the batch's images are answered (or failed): their room is free
         self.batches_run += 1
+        if 0 < len(self._items) < self.max_batch:  # requests queued during the run: see _collect
+            self._regroup = (loop.time(), n)
         cost = seconds / n
         self.per_image_s = cost if not self.per_image_s else (1 - COST_SMOOTHING) * self.per_image_s + COST_SMOOTHING * cost
         self.observer.ran(n, seconds)

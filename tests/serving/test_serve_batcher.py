@@ -341,3 +341,69 @@ def test_a_lone_request_runs_at_once_but_waits_for_announced_images():
     alone_s, alone, first = run(main())
     assert alone[0].batch_size == 1 and alone_s < 2.5
     assert first[0].batch_size == 2  # it waited for the announced image instead of running alone
+
+
+def test_clients_answered_together_are_batched_together_again():
+    """Two groups of closed-loop clients: the group answered by a run sends again while the other group waits in
+    the queue; the collector waits for it (up to the delay) instead of running two half batches per round."""
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=8, max_delay_s=5.0, max_queue=100)
+        b.start()
+
+        async def client(value: float, rounds: int) -> list[int]:
+            sizes = []
+            for _ in range(rounds):
+                sizes.append((await b.submit([img(value)]))[0].batch_size)
+            return sizes
+
+        first = [asyncio.create_task(client(v, 2)) for v in (1, 2)]  # answered by the first run, then send again
+        await asyncio.sleep(0.05)  # taken by the loop, blocked in the model
+        assert b.depth == 0 and b.queued == 2
+        second = [asyncio.create_task(client(v, 1)) for v in (3, 4)]  # queued while the first run computes
+        await asyncio.sleep(0.01)
+        assert b.depth == 2
+        gate.set()
+        sizes = await asyncio.gather(*first, *second)
+        await b.stop()
+        return sizes
+
+    sizes = run(main())
+    assert model.shapes == [2, 4]  # not [2, 2, 2]: the queued pair waited for the pair just answered
+    assert sizes == [[2, 4], [2, 4], [4], [4]]
+
+
+def test_after_a_run_the_queue_waits_for_the_answered_clients_at_most_the_delay():
+    """Nobody answered by the run comes back: the queued requests run once the delay after the run is over."""
+    gate = threading.Event()
+    model = Recorder(gate)
+    delay = 0.3
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=8, max_delay_s=delay, max_queue=100)
+        b.start()
+        first = asyncio.create_task(b.submit([img(1)]))
+        await asyncio.sleep(0.05)  # taken by the loop, blocked in the model
+        assert b.depth == 0 and b.queued == 1
+        queued = asyncio.create_task(b.submit([img(2)]))
+        await asyncio.sleep(0.01)
+        assert b.depth == 1
+        gate.set()
+        await first
+        t0 = loop.time()
+        answer = await queued
+        waited = loop.time() - t0
+        alone_t0 = loop.time()
+        alone = await b.submit([img(3)])  # the run before it left an empty queue: no reason to wait
+        alone_s = loop.time() - alone_t0
+        await b.stop()
+        return answer, waited, alone, alone_s
+
+    answer, waited, alone, alone_s = run(main())
+    assert model.shapes == [1, 1, 1] and answer[0].batch_size == 1
+    assert waited >= delay * 0.8  # it gave the answered client its chance ...
+    assert waited < delay + 5.0  # ... and not for ever (generous: a bound, not a speed goal)
+    assert alone[0].batch_size == 1 and alone_s < delay * 0.8

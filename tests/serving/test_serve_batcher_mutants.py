@@ -138,12 +138,11 @@ def test_a_full_batch_does_not_wait_for_announced_images():
     assert waited < 2.5  # not the 5 s delay
 
 
-def test_an_item_that_waited_through_the_previous_batch_is_not_held_back_again():
-    """The delay counts from the first item's arrival: past it, the batch runs at once even while more
-    images are announced. Told by the order of events, not by a stopwatch: the announced image is sent
-    as soon as the blocking batch is answered, so a batcher that held the waiting image back (for the
-    announced one, or for a new delay) would put both in one batch; and one that spins without awaiting
-    never answers (run() fails the test)."""
+def test_an_item_that_waited_through_the_previous_batch_is_held_back_at_most_the_delay_after_it():
+    """After a run, a queued item waits for the clients that run answered (at most the delay from the run's
+    end), and never for announced images past its own delay. Told by the order of events, not by a stopwatch:
+    the announced image is sent only after the waiting one is answered, so a batcher that held the waiting
+    image for it (or for the answered client, without end) never answers it, and run() fails the test."""
     gate = threading.Event()
     model = Recorder(gate)
 
@@ -159,8 +158,8 @@ def test_an_item_that_waited_through_the_previous_batch_is_not_held_back_again()
             await asyncio.sleep(0.4)  # longer than the delay (a sleep lasts at least that), behind the blocker
             gate.set()
             await blocker
-            late = await announced.submit([img(5)])
             out = await waiting
+            late = await announced.submit([img(5)])
         await b.stop()
         return out, late
 
