@@ -38,11 +38,11 @@ serve: install ## build the first models, serve on HOST:PORT (127.0.0.1:8000), b
 	builder=$$!; trap 'kill $$builder 2>/dev/null' EXIT INT TERM; \
 	EFFNET_MODEL_CONTROL=$${EFFNET_MODEL_CONTROL:-poll} EFFNET_REPOSITORY=$(REPO) $(EFFNET) serve --host $(HOST) --port $(PORT)
 
-# Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests, and libb64 for
-# Triton's perf_analyzer. Installed only when missing and when we may (root); otherwise those tests say why
-# they skip (and fail under CI=true).
-SYSTEM_PACKAGES ?= prometheus libb64-0d
-system-deps: ## the Debian packages the tests use (Prometheus, libb64), when root
+# Debian packages the tests use: a real Prometheus server for the metrics/dashboard tests, libb64 for
+# Triton's perf_analyzer, and Chromium for the browser tests of / and /docs (tests/ui). Installed only when
+# missing and when we may (root); otherwise those tests say why they skip (and fail under CI=true).
+SYSTEM_PACKAGES ?= prometheus libb64-0d chromium
+system-deps: ## the Debian packages the tests use (Prometheus, libb64, Chromium), when root
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tomllib
 import venv
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ def test_the_wheel_installs_beside_pypa_build_and_both_work(tmp_path):
     through a .pth line, after the venv's own packages."""
     _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path / "dist"), str(ROOT))
     wheel = next((tmp_path / "dist").glob("effnet_serve-*.whl"))
+    # The page at / and /docs are package data (pyproject's package-data): every file of app/api/static ships.
+    static = {f"effnet_serve/api/static/{f.name}" for f in (ROOT / "app" / "api" / "static").iterdir()}
+    assert static and static <= set(zipfile.ZipFile(wheel).namelist()), static - set(zipfile.ZipFile(wheel).namelist())
     env_dir = tmp_path / "fresh"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"

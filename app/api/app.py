@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
-from . import classify, health, models
+from . import classify, health, models, ui
 from .abandon import AbandonedRequests
 from .errors import install_handlers
 from .classify import ClassifyFastPath
@@ -72,8 +72,13 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
         version=__version__,
         description="Classify images with the EfficientNet family (B0-B7, Lite0-4, custom variants) on ONNX Runtime.",
         lifespan=lifespan,
+        # FastAPI's own /docs and /redoc load their scripts from a CDN: ours serve installed files (app/api/ui.py).
+        docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
     )
     install_handlers(app)
+    app.include_router(ui.docs_router())
+    if settings.ui:
+        app.include_router(ui.page_router())
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
@@ -86,7 +91,10 @@ def create_app(settings: Settings | None = None, *, tracer_provider: Any = None)
     app.add_middleware(AdmissionGate)
     app.add_middleware(AbandonedRequests)  # a request whose client left is cancelled, in the gate's wait too
     if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(), exempt=settings.api_key_exempt)
+        # The pages and their files are public (they hold no data; their calls to the API carry the key).
+        public = [ui.DOCS_PREFIX, ui.UI_PREFIX]
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key.get_secret_value(),
+                           exempt=[*settings.api_key_exempt, *public], exact=["/"] if settings.ui else [])
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],

@@ -7,14 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from .docs import error_responses
-from .schemas import ModelInfo, ModelList
+from .schemas import LatencyInfo, ModelInfo, ModelList
 from .state import plane_of
-from ..engine.facade import ModelView
+from ..engine.facade import ModelView, RouteInfo
 
 router = APIRouter()
 
 
-def model_info(entry: ModelView) -> ModelInfo:
+def model_info(entry: ModelView, stats: RouteInfo | None = None) -> ModelInfo:
     info: dict[str, Any] = {"name": entry.name, "status": entry.status, "reason": entry.reason or entry.drift, "version": entry.version}
     m = entry.manifest
     if m is not None:
@@ -33,15 +33,20 @@ def model_info(entry: ModelView) -> ModelInfo:
         )
     if entry.serving and entry.batch_sizes is not None:
         info.update(provider=entry.provider, max_batch=entry.max_batch, batch_sizes=list(entry.batch_sizes))
+    if entry.serving and stats is not None:
+        info.update(latency=LatencyInfo(p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, samples=stats.samples))
     return ModelInfo.model_validate(info)
 
 
 @router.get("/models", response_model=ModelList, summary="Models in the repository", responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
     plane = plane_of(request)
-    return ModelList(default=plane.default_model(), models=[model_info(v) for v in plane.views()])
+    stats = await plane.route_info()
+    return ModelList(default=plane.default_model(), models=[model_info(v, stats.get(v.name)) for v in plane.views()])
 
 
 @router.get("/models/{name}", response_model=ModelInfo, summary="One model", responses=error_responses(401, 404))
 async def get_model(request: Request, name: str) -> ModelInfo:
-    return model_info(plane_of(request).find(name))
+    plane = plane_of(request)
+    view = plane.find(name)
+    return model_info(view, (await plane.route_info()).get(view.name))

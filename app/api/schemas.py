@@ -59,6 +59,15 @@ class AccuracyInfo(BaseModel):
     measured: dict | None = None
 
 
+class LatencyInfo(BaseModel):
+    """The service's own recent per-image times for a model (decode + preprocess + inference, no queueing):
+    the samples `model=auto` prices it by."""
+
+    p50_ms: float | None = Field(None, description="median; null until there are enough recent samples")
+    p95_ms: float | None = None
+    samples: int = Field(description="recent images the percentiles are over (the last 100, at most a minute old)")
+
+
 class ModelInfo(BaseModel):
     name: str
     status: Literal["loading", "ready", "unavailable"]
@@ -85,6 +94,7 @@ class ModelInfo(BaseModel):
     provider: str | None = None
     max_batch: int | None = None
     batch_sizes: list[int] | None = None
+    latency: LatencyInfo | None = Field(None, description="serving models only")
 
 
 class ModelList(BaseModel):

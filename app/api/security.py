@@ -37,13 +37,17 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, key: str, exempt: list[str]) -> None:
+    """`exempt`: path prefixes reachable without the key; `exact`: single paths so reachable (the page at "/",
+    which as a prefix would exempt everything)."""
+
+    def __init__(self, app: ASGIApp, key: str, exempt: list[str], exact: list[str] | None = None) -> None:
         self.app = app
         self.key = key.encode()
         self.exempt = exempt_prefixes(exempt)
+        self.exact = frozenset(exact or ())
 
     def _exempt(self, path: str) -> bool:
-        return is_exempt(path, self.exempt)
+        return path in self.exact or is_exempt(path, self.exempt)
 
     def _authorised(self, headers: Headers) -> bool:
         given = presented_key(headers)

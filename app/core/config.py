@@ -151,6 +151,9 @@ class Settings(BaseSettings):
     api_key_exempt: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["/health", "/v2/health", "/metrics"])
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty = CORS off
+    # The page at / for a person (app/api/ui.py): photos in, answers and the accuracy-vs-MACs chart out; false turns
+    # it off (/ answers 404). /docs (Swagger UI, served from installed files) stays on either way.
+    ui: bool = True
 
     # model=auto (app/policies/routing.py): the latency budget when the request gives no budget_ms.
     default_budget_ms: float = Field(default=100.0, gt=0)

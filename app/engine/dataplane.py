@@ -91,7 +91,7 @@ class DataPlane:
     async def route_info(self) -> dict[str, RouteInfo]:
         return {
             name: RouteInfo(self.queue_drain_ms(e), self.stats.p95_ms(name), self.stats.samples(name),
-                            self.stats.recently_refused(name))
+                            self.stats.recently_refused(name), self.stats.p50_ms(name))
             for name, e in list(self.registry.entries.items()) if e.batcher is not None
         }
 

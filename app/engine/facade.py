@@ -113,6 +113,7 @@ class RouteInfo:
     p95_ms: float | None  # recent per-image service time, None until there are enough samples
     samples: int  # how many recent samples p95_ms is over
     recently_refused: bool  # its queue refused a request a moment ago
+    p50_ms: float | None = None  # the same samples' median: what the page at / shows (app/api/models.py)
 
 
 class Call(Protocol):

@@ -60,12 +60,18 @@ class ServiceStats:
     def samples(self, model: str) -> int:
         return len(self.fresh(model))
 
-    def p95_ms(self, model: str) -> float | None:
-        """Measured p95 in ms, or None when fewer than min_samples fresh samples exist."""
+    def percentile_ms(self, model: str, q: float) -> float | None:
+        """Measured q-th percentile in ms, or None when fewer than min_samples fresh samples exist."""
         xs = self.fresh(model)
         if len(xs) < self.min_samples:
             return None
-        return float(np.percentile(np.asarray(xs), 95)) * 1000.0
+        return float(np.percentile(np.asarray(xs), q)) * 1000.0
+
+    def p95_ms(self, model: str) -> float | None:
+        return self.percentile_ms(model, 95)
+
+    def p50_ms(self, model: str) -> float | None:
+        return self.percentile_ms(model, 50)
 
     def snapshot(self) -> dict[str, dict]:
         return {m: {"samples": len(self.fresh(m)), "p95_ms": self.p95_ms(m)} for m in list(self._samples)}

@@ -10,22 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_helpers import LiveServer, live_server
+from serving_helpers import LiveServer, link_repo, live_server
 
 from effnet_serve.core.config import Settings
-
-
-def link_repo(dest: Path, *folders: Path) -> Path:
-    """A repository whose model folders are symlinks to already-built ones."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in folders:
-        link = dest / f.name
-        if link.is_symlink() or link.exists():
-            if link.resolve() == f.resolve():
-                continue
-            link.unlink()
-        link.symlink_to(f.resolve(), target_is_directory=True)
-    return dest
 
 
 @pytest.fixture(scope="session")

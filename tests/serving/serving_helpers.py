@@ -101,6 +101,19 @@ def write_model(repo: Path, name: str, crop: int = 32, resize: int = 36, seed: i
 GOOD = ["fake", "fake2"]
 
 
+def link_repo(dest: Path, *folders: Path) -> Path:
+    """A repository whose model folders are symlinks to already-built ones."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in folders:
+        link = dest / f.name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == f.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(f.resolve(), target_is_directory=True)
+    return dest
+
+
 # --- live server ------------------------------------------------------------------------
 class LiveServer:
     def __init__(self, settings: Settings, **app_options) -> None:
