@@ -165,7 +165,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("EFFNET_")},
-            "PYTHONPATH": str(ROOT),
+            # the checkout beside these tests (tests/conftest.py put its import names first), then the tests' own
+            "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p),
             "EFFNET_THREADS": "1",
             "EFFNET_DECODE_WORKERS": "1",
             "EFFNET_GRPC_PORT": "0",  # no fixed gRPC port on a shared test machine
