@@ -135,3 +135,65 @@ def test_a_failing_resize_is_a_400_that_says_so(monkeypatch):
     with pytest.raises(ImageError, match="^the image could not be resized$") as exc:
         prepare(encode(chelsea(), "PNG"), pp, MAX_PIXELS)
     assert exc.value.status == 400
+
+
+def test_a_request_may_decode_up_to_its_pixel_allowance_and_not_one_pixel_more():
+    """EFFNET_MAX_REQUEST_PIXELS across a request's images: an exact fit passes, the next pixel is a 413 that
+    names the limit, and a refused image takes nothing from what is left."""
+    from effnet_serve.core.errors import PayloadTooLarge
+    from effnet_serve.engine.preprocess import PixelAllowance
+
+    allowance = PixelAllowance(100)
+    allowance.take(Image.new("RGB", (10, 5)))
+    assert allowance.left == 50 and allowance.limit == 100
+    with pytest.raises(PayloadTooLarge) as exc:
+        allowance.take(Image.new("RGB", (17, 3)))  # 51 > 50
+    assert exc.value.status == 413 and "more than 100 pixels" in str(exc.value)
+    assert exc.value.extra == {"limit_pixels": 100}
+    assert allowance.left == 50  # the refusal took nothing
+    allowance.take(Image.new("RGB", (5, 10)))  # exactly what is left
+    assert allowance.left == 0
+    with pytest.raises(PayloadTooLarge):
+        allowance.take(Image.new("RGB", (1, 1)))
+
+
+def test_the_pixel_allowance_is_exact_under_concurrent_decode_threads():
+    import threading
+
+    from effnet_serve.core.errors import PayloadTooLarge
+    from effnet_serve.engine.preprocess import PixelAllowance
+
+    allowance = PixelAllowance(500)
+    taken, refused = [], []
+    one = Image.new("RGB", (1, 1))
+
+    def worker() -> None:
+        for _ in range(100):
+            try:
+                allowance.take(one)
+                taken.append(1)
+            except PayloadTooLarge:
+                refused.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(taken) == 500 and len(refused) == 300 and allowance.left == 0
+
+
+def test_a_jpeg_counts_against_the_allowance_at_the_scale_it_is_decoded_at():
+    from effnet_serve.core.errors import PayloadTooLarge
+    from serving_helpers import photo
+    from effnet_serve.engine.preprocess import PixelAllowance
+
+    big = encode(photo((1920, 1080)), quality=90)
+    pp = Preprocess(resize=256, crop=224, interpolation="bicubic", mean=MEAN, std=STD)
+    drafted = 960 * 540  # the DCT-scaled decode (test_prepare_drafts_big_jpegs_by_default)
+    allowance = PixelAllowance(2 * drafted)
+    prepare(big, pp, MAX_PIXELS, pixels=allowance)
+    assert allowance.left == drafted
+    with pytest.raises(PayloadTooLarge):  # the full-size decode would need 1920 x 1080
+        prepare(big, pp, MAX_PIXELS, draft=False, pixels=allowance)
+    assert allowance.left == drafted
