@@ -415,9 +415,9 @@ def quiet_section(b: Bench, recs: list[Record]) -> str:
 
 def gpu_section(b: Bench, recs: list[Record]) -> str:
     s, rows = b.settings, of(recs, GpuRow)
-    notes = [f"**No CUDA: {s['no_cuda']}.** The rows that need it say n/a; the others ran on the CPU."] * bool(s.get("no_cuda"))
-    notes += [f"Missing (the rows that need them say n/a): {', '.join(s['missing'])}."] * bool(s.get("missing"))
-    notes += [f"pip could not install {', '.join(s['pip_failed'])}."] * bool(s.get("pip_failed"))
+    notes = ([f"**No CUDA: {s['no_cuda']}.** The rows that need it say n/a; the others ran on the CPU."] if s.get("no_cuda") else [])
+    notes += [f"Missing (the rows that need them say n/a): {', '.join(s['missing'])}."] if s.get("missing") else []
+    notes += [f"pip could not install {', '.join(s['pip_failed'])}."] if s.get("pip_failed") else []
     return (about(b, f"GPU {s.get('gpu') or 'none'}; onnxruntime {s.get('onnxruntime')} ({', '.join(s.get('providers', []))}); "
                   f"gRPC: {s.get('concurrency')} requests in flight; {s.get('block'):g} s per measurement. " + " ".join(notes))
             + table(["model", "path", "device", "batch / clients", "img/s", "p50 ms", "note"],

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.records import (Answers, Bench, Bursts, ClosedLoop, Footprint, Latency, LoadWindow, MemoryBurst, OrtTiming,
+from benchmarks.records import (Answers, Bench, Bursts, ClosedLoop, Footprint, GpuRow, Latency, LoadWindow, MemoryBurst, OrtTiming,
                                 Precision, Probes, Results, Run, Soak, ServiceMemory, Throughput, append, latest, runs)
-from benchmarks.targets import (GIB, int8, memory, memory_default, outside_ort, p50_one_client, quiet, reliability, scaling,
+from benchmarks.targets import (GIB, gpu, int8, memory, memory_default, outside_ort, p50_one_client, quiet, reliability, scaling,
                                 soak, vs_ceiling, vs_litserve)
 
 
@@ -204,3 +204,20 @@ def test_one_template_renders_a_section_from_records() -> None:
     assert "| b0 | http 1 client | 12.0 / 20.0 | – | – | – | 10.0 / 12.0 | 1.20× |" in md
     assert "| b0 | http 4 clients | 25.0 / 30.0 |" in md and "spinning within runs 100.0, off 90.0 (1.11×)" in md
     assert "| b0, 1 client: median ≤ 1.15× serverless median | **missed** | 12.0 vs 10.0 ms = **1.20×** |" in md
+
+
+def test_gpu_goal_takes_the_better_worker_count_at_each_batch() -> None:
+    def rows(svc8: float) -> list[GpuRow]:
+        return [GpuRow("b0", "raw ORT CUDA", "cuda", "batch 1", 100.0), GpuRow("b0", "raw ORT CUDA", "cuda", "batch 8", 400.0),
+                GpuRow("b0", "service gRPC tensors, 1 worker", "cuda", "batch 1", 70.0),
+                GpuRow("b0", "service gRPC tensors, 2 workers", "cuda", "batch 1", 80.0),
+                GpuRow("b0", "service gRPC tensors, 2 workers", "cuda", "batch 8", svc8),
+                GpuRow("b0", "service HTTP JPEG, 2 workers", "cuda", "64 clients", 999.0)]
+
+    (met,) = gpu(rows(320.0), "b0", "raw ORT CUDA")
+    assert met.status == "met" and "batch 1: 0.70× (1 worker), 0.80× (2 workers)" in met.numbers
+    (missed,) = gpu(rows(319.0), "b0", "raw ORT CUDA")
+    assert missed.status == "missed" and "met at 1 of 2 batches" in missed.numbers
+    assert gpu([], "b0", "raw ORT CUDA")[0].status == "unmeasured"
+    md = report.section([bench("gpu", gpu="H100", providers=["CUDAExecutionProvider"], block=2.5, concurrency=2), *rows(320.0)])
+    assert md.startswith("## GPU (`make bench-gpu`)") and "| b0 | raw ORT CUDA | cuda | batch 8 | 400 |" in md
