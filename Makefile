@@ -94,28 +94,29 @@ test-deploy: install ## the Docker image and the compose stack (root, dockerd)
 bench: install system-deps $(PERF_ANALYZER) ## the main benchmark -> docs/benchmarks.md
 	$(PY) -m benchmarks.run
 
-# fp16/int8 copies of Lite0 vs fp32 (size, speed, agreement); writes its own block of docs/benchmarks.md.
+# Every bench-* target appends its results as typed records to docs/benchmarks.jsonl and renders docs/benchmarks.md
+# from the latest run of each (benchmarks/report.py); `python -m benchmarks.report` renders it again.
+
+# fp16/int8 copies of Lite0 vs fp32 (size, speed, agreement).
 bench-precision: install
 	$(PY) -m benchmarks.precision
 
-# RSS over a 10-minute burst with b0..b7 loaded (needs the models make bench builds); its own block too.
+# RSS over a 10-minute burst with b0..b7 loaded (needs the models make bench builds).
 bench-soak: install
-	$(PY) -m benchmarks.soak
+	$(PY) -m benchmarks.memory --soak
 
 # The reliability tests' scenarios timed (goodput under a retry storm, p99 against queue drains, /health/live
-# under floods, the memory burst's peak): the speeds tests/reliability no longer gates on. About 3 minutes;
-# writes its own block of docs/benchmarks.md.
+# under floods, the memory burst's peak): the speeds tests/reliability no longer gates on. About 3 minutes.
 bench-reliability: install
 	$(PY) -m benchmarks.reliability
 
 # Worker processes: 1 and N (= cores) workers x {tiny, b0, b4} x {HTTP JPEGs, gRPC tensors}, beside LitServe
-# (1 and 2 workers) and the same work without a server, in alternating blocks; about 8 minutes; writes its
-# own block of docs/benchmarks.md.
+# (1 and 2 workers) and the same work without a server, in alternating blocks; about 8 minutes.
 bench-scaling: install system-deps $(PERF_ANALYZER) ## workers 1 and N against the peers
 	$(PY) -m benchmarks.scaling
 
 # Latency when the service is quiet (1 and 4 clients, b0 and lite0, HTTP JPEGs and gRPC tensors) against the same
-# work without a server and LitServe, spinning on and off; about 6 minutes; writes its own block of docs/benchmarks.md.
+# work without a server and LitServe, spinning on and off; about 6 minutes.
 bench-quiet: install system-deps $(PERF_ANALYZER) ## latency at 1 and 4 clients against no server
 	$(PY) -m benchmarks.quiet
 
@@ -126,12 +127,13 @@ bench-timeline: install ## one request hop by hop -> docs/timeline.md (LABEL=...
 	$(PY) -m benchmarks.timeline --label $(LABEL)
 
 # b0..b7 with default settings: the memory (PSS) of every process of the service summed, at ready, through a burst
-# on each model and after it, for N workers and one process; about 6 minutes; writes its own block.
+# on each model and after it, for N workers and one process; about 6 minutes.
 bench-memory: install ## b0..b7 memory (PSS of every process) at default settings
 	$(PY) -m benchmarks.memory
 
 # B0/B4/B7 on a GPU in one table: raw ORT CUDA (and TensorRT), the service over gRPC tensors and HTTP JPEGs, 1 and N
 # workers; <= 8 min; no `install`: pip brings what is missing (EFFNET_GPU_WHEELS=DIR first). --cpu-smoke: on a CPU.
+# Its records go to a temp dir's benchmarks.jsonl (BENCH_GPU_ARGS=--out docs: into docs/benchmarks.jsonl).
 bench-gpu: ## B0/B4/B7 on a GPU host, one self-contained script
 	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(BENCH_GPU_ARGS)
 

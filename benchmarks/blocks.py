@@ -1,6 +1,6 @@
-"""What the benchmarks that own a block of docs/benchmarks.md share: their command line and writing the block in
-place (the rest of the file kept), the machine they ran on, and contenders (a service, a LitServe peer, the same work
-without a server) measured in alternating blocks, each frozen (SIGSTOP) while another runs."""
+"""What the `make bench-*` scripts share: their command line (records appended to docs/benchmarks.jsonl, the report
+rendered from them), the machine they ran on, and contenders (a service, a LitServe peer, the same work without a
+server) measured in alternating blocks, each frozen (SIGSTOP) while another runs."""
 
 from __future__ import annotations
 
@@ -21,62 +21,55 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import perf_analyzer as pa
-from benchmarks.harness import DOCS, MULTIPART_TYPE, ROOT, Process, free_port, loadgen, log, python_env, write_photo
+from benchmarks.harness import (DOCS, MULTIPART_TYPE, ROOT, Process, cpu_busy_s, free_port, loadgen, log, own_cpu_s,
+                                python_env, write_photo)
 
 GIB = 1024 * 1024  # KiB per GiB
-MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
-# Blocks other benchmark scripts own (benchmarks.precision, benchmarks.soak, benchmarks.reliability): kept as they are.
-OWNED_NAMES = ("precision", "soak", "reliability", "scaling", "quiet", "memory")
-OWNED_BLOCKS = [re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S) for name in OWNED_NAMES]
 
 
-def write_owned_block(md_path: Path, name: str, block: str) -> None:
-    """Put `block` (wrapped in <!-- name --> markers) into benchmarks.md: in place of the old one,
-    else before the manual notes. Lets a separate benchmark script own its section."""
-    block_re = OWNED_BLOCKS[OWNED_NAMES.index(name)]
-    text = md_path.read_text() if md_path.is_file() else ""
-    if block_re.search(text):
-        text = block_re.sub(lambda _: block, text)
-    elif "<!-- manual -->" in text:
-        text = text.replace("<!-- manual -->", block + "\n\n<!-- manual -->", 1)
-    else:
-        text += "\n" + block + "\n"
-    md_path.write_text(text)
+def block_main(name: str, run: Callable[[argparse.Namespace], list], window_s: float = 5.0, rounds: int = 2,
+               options: Callable[[argparse.ArgumentParser], Any] | None = None, argv: list[str] | None = None) -> int:
+    """The command line of `make bench-NAME`: a run whose records (a Bench, then what `run` returns; `run` may fill
+    plan.settings and rename plan.bench) are appended to <out>/benchmarks.jsonl, and <out>/benchmarks.md rendered from them
+    (benchmarks.report); --quick: a smoke run into --out or a temp dir, never docs/; --render: only the rendering."""
+    from benchmarks import report
+    from benchmarks.records import Bench, append
 
-
-def block_main(name: str, run: Callable[[argparse.Namespace], dict], render: Callable[[dict], str],
-               window_s: float = 5.0, rounds: int = 2, options: Callable[[argparse.ArgumentParser], Any] | None = None) -> None:
-    """The command line of a benchmark that owns a block of docs/benchmarks.md (and docs/benchmarks-NAME.json):
-    a run (or --quick: a smoke run into --out or stdout, never docs/), or --render from the saved JSON."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="folder for the JSON and the block (default: docs/)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: tiny models, short windows; never into docs/")
+    p.add_argument("--out", type=Path, default=None, help="folder of benchmarks.jsonl and .md (default docs/; --quick: a temp dir)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--window", type=float, default=None)
-    p.add_argument("--render", action="store_true", help=f"rewrite the block from docs/benchmarks-{name}.json only")
+    p.add_argument("--render", action="store_true", help="only render benchmarks.md again from benchmarks.jsonl")
     if options:
         options(p)
-    plan = p.parse_args()
-    plan.command = " ".join([f"python -m benchmarks.{name}", *sys.argv[1:]])
+    argv = sys.argv[1:] if argv is None else argv
+    plan = p.parse_args(argv)
     if plan.render:
-        block = render(json.loads((DOCS / f"benchmarks-{name}.json").read_text()))
-        write_owned_block(DOCS / "benchmarks.md", name, block)
-        print(block)
-        return
+        print(*report.render(plan.out or DOCS))
+        return 0
+    out = plan.out or (Path(tempfile.mkdtemp(prefix=f"bench-{name}-")) if plan.quick else DOCS)
+    if plan.quick and out.resolve() == DOCS.resolve():
+        raise SystemExit("--quick never writes to docs/: its numbers are meaningless")
+    plan.command = " ".join([f"python -m benchmarks.{name}", *argv])
     plan.rounds = plan.rounds or (1 if plan.quick else rounds)
     plan.window = plan.window or (2.0 if plan.quick else window_s)
     plan.warmup = 0.5 if plan.quick else 1.0
+    plan.settings, plan.bench = {}, name
+    t0, busy0, own0 = time.perf_counter(), cpu_busy_s(), own_cpu_s()
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         plan.work = Path(tmp)
-        result = run(plan)
-    result = {"command": plan.command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(), **result}
-    block = render(result)
-    out = plan.out or (None if plan.quick else DOCS)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"benchmarks-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_owned_block(out / "benchmarks.md", name, block)
-    print(block)
+        records = run(plan)
+    seconds = time.perf_counter() - t0
+    bench = Bench(name=plan.bench, command=plan.command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), machine=machine_info(),
+                  seconds=round(seconds, 1), quick=plan.quick, label=getattr(plan, "label", ""), settings=plan.settings,
+                  others_cpu_pct=round(max(0.0, 100.0 * ((cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / seconds), 1))
+    out.mkdir(parents=True, exist_ok=True)
+    append(out / "benchmarks.jsonl", f"{bench.key} {bench.date} {os.getpid()}", [bench, *records])
+    paths = report.render(out)
+    print(report.section([bench, *records]))
+    log(f"{plan.bench} took {seconds:.0f} s; wrote {', '.join(map(str, paths))}")
+    return 0
 
 
 def machine_info() -> dict:
@@ -128,13 +121,6 @@ def machine_info() -> dict:
     if env:
         info["effnet_env"] = env
     return info
-
-
-def kept_blocks(previous: str) -> str:
-    """The blocks other scripts own and the manual notes of a previous benchmarks.md, in their order: what a rewrite keeps."""
-    kept = sorted((b.start(), b.group(0)) for block_re in OWNED_BLOCKS if (b := block_re.search(previous)))
-    m = MANUAL_RE.search(previous)
-    return "\n\n".join([b for _, b in kept] + [m.group(0) if m else "<!-- manual -->\n<!-- /manual -->"])
 
 
 # --- contenders in alternating blocks ------------------------------------------------------------------------
@@ -270,7 +256,3 @@ def alternating(contenders: list[Contender], rounds: int, one: Callable[[Contend
 def median_of(windows: list[dict], key: str) -> float | None:
     values = [w[key] for w in windows if w.get(key) is not None]
     return round(statistics.median(values), 2) if values else None
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a and b else "–"

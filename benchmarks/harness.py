@@ -217,26 +217,11 @@ def write_photo(path: Path) -> Path:
 
 
 def make_inputs(work: Path, models: list[str], manifests: dict[str, dict]) -> dict[str, Path]:
-    """photo.jpg (1920x1080, quality 90) and <model>-res.jpg (crop x crop) for each model, plus each
-    as the multipart body the peers get (key `<name>:multipart`)."""
-    from PIL import Image
-    from skimage import data as skdata
+    """The photo (1920x1080, quality 90) and a JPEG at each model's crop (benchmarks.blocks.jpeg), plus each as the
+    multipart body the peers get (key `<name>:multipart`)."""
+    from benchmarks.blocks import jpeg
 
-    from benchmarks.peers.payloads import multipart_body
-
-    src = Image.fromarray(skdata.chelsea())
-    paths = {"photo": write_photo(work / "photo-1920x1080.jpg")}
-    for name in models:
-        crop = manifests[name]["preprocess"]["crop"]
-        p = work / f"{name}-{crop}px.jpg"
-        w, h = src.size  # centre square, then the model's resolution
-        s = min(w, h)
-        src.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((crop, crop), Image.Resampling.LANCZOS).save(p, quality=90)
-        paths[name] = p
-    for key in list(paths):
-        body, ctype = multipart_body(paths[key].read_bytes())
-        assert ctype == MULTIPART_TYPE
-        mp = paths[key].with_suffix(".multipart")
-        mp.write_bytes(body)
-        paths[f"{key}:multipart"] = mp
+    paths = {}
+    for key, image in [("photo", "photo"), *((m, f"{manifests[m]['preprocess']['crop']}px") for m in models)]:
+        paths[key], paths[f"{key}:multipart"] = jpeg(work, image)
     return paths

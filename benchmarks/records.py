@@ -1,6 +1,6 @@
-"""The main benchmark's results as typed records: one JSON object a line in docs/benchmarks.jsonl, each with its
-kind and the id of the run it belongs to (the run's start time). A run appends its records; the report and the
-targets read the latest run's."""
+"""Every benchmark's results as typed records: one JSON object a line in docs/benchmarks.jsonl, each with its kind
+and the id of the run it belongs to. A run appends its records, headed by a Run (`make bench`) or a Bench (every
+other `make bench-*`); the report and the targets read the latest run of each benchmark."""
 
 from __future__ import annotations
 
@@ -148,9 +148,201 @@ class PerfRow:
     rc: int = 0
 
 
-Record = Run | Model | OrtTiming | BatchTable | LoadWindow | Server | ServiceMemory | PerfRow
-KINDS: dict[str, type] = {c.__name__: c for c in (Run, Model, OrtTiming, BatchTable, LoadWindow, Server, ServiceMemory,
-                                                  PerfRow)}
+# --- the other benchmarks: a Bench heads each run; then its own kinds --------------------------------------------
+@dataclass
+class Bench:
+    """One run of `make bench-NAME`: its command, when, on what, how long, and what it was set to."""
+    name: str  # precision | memory | soak | reliability | scaling | quiet | timeline | gpu
+    command: str
+    date: str
+    machine: dict[str, Any]
+    seconds: float | None = None
+    quick: bool = False
+    label: str = ""  # timeline: its block of docs/timeline.md (before, after, ...)
+    settings: dict[str, Any] = field(default_factory=dict)
+    others_cpu_pct: float | None = None  # other processes' CPU during the run, % of one core
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.label}" if self.label else self.name
+
+
+@dataclass
+class Precision:
+    """bench-precision: one copy of a model; fp16 and int8 with effnet build's agreement gate against fp32."""
+    model: str
+    precision: str
+    size_bytes: int
+    img_per_s: dict[str, float]  # batch -> raw ORT img/s
+    agreement: float | None = None
+    max_abs_diff: float | None = None  # of the logits
+    inputs: int | None = None  # photos x views
+    images: int | None = None
+    views: int | None = None
+    top1: int | None = None  # hits on the labelled photos
+    top1_fp32: int | None = None
+    labelled: int | None = None
+    ships: bool | None = None  # at the default 99% gate
+
+
+@dataclass
+class Footprint:
+    """bench-memory: PSS and RSS (bytes) of one kind of process of the service. when: ready | peak | after."""
+    workers: int
+    when: str
+    process: str
+    pss: int
+    rss: int
+
+
+@dataclass
+class Answers:
+    """Status codes of a burst's answers (bench-memory: a burst on one model with `workers`)."""
+    workers: int
+    model: str
+    codes: dict[str, int]
+
+
+@dataclass
+class Soak:
+    """bench-memory --soak: RSS (KiB, every process) after warm-up and at the end of a long burst."""
+    loaded: list[str]
+    models: list[str]  # the burst rotates over them
+    minutes: float
+    clients: int
+    requests: int
+    errors: int
+    warm_kib: int
+    end_kib: int
+    hwm_kib: int | None = None  # the peaks (VmHWM) summed
+
+
+@dataclass
+class SoakSample:
+    """bench-memory --soak: RSS (KiB) after one segment of the burst."""
+    t_s: float
+    model: str
+    rss_kib: int
+
+
+@dataclass
+class Throughput:
+    """bench-scaling: a contender's images per second on one case: the median of its windows."""
+    case: str
+    model: str
+    image: str
+    clients: int
+    contender: str
+    img_per_s: float
+    windows: list[float]
+
+
+@dataclass
+class Latency:
+    """bench-quiet: a contender on one case, the medians over its windows."""
+    model: str
+    case: str
+    clients: int
+    contender: str
+    p50_ms: float | None
+    p99_ms: float | None
+    img_per_s: float | None
+    windows: list[dict[str, Any]]
+
+
+@dataclass
+class ClosedLoop:
+    """bench-reliability's storm: closed-loop clients over one window. window: before | storm | after."""
+    window: str
+    model: str
+    queue: int
+    clients: int
+    seconds: float
+    ok: int
+    refused: int
+    errors: int
+    goodput: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class Bursts:
+    """bench-reliability: bursts of accepted requests against a small queue; bound = (queue / batch + 2) batch times."""
+    queue: int
+    max_batch: int
+    clients: int
+    bursts: int
+    accepted: int
+    refused: int
+    p50_ms: float | None
+    p99_ms: float | None
+    batch_ms: float
+    mean_batch: float
+    bound_ms: float
+    rps_before: float
+    rps_during: float
+    rps_after: float
+
+
+@dataclass
+class Probes:
+    """bench-reliability: requests timed one at a time. scenario: stalled | v2 flood; when: quiet | held | flood;
+    what: live (/health/live) | request (a normal one). hostile: the flood's answers by body."""
+    scenario: str
+    when: str
+    what: str
+    n: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    hostile: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryBurst:
+    """bench-reliability: the memory burst's RSS (MB, every process) against the footprint and the budget."""
+    model: str
+    budget_mb: int
+    allowed_mb: int
+    loaded_mb: int
+    footprint_mb: int
+    peak_mb: int
+    after_mb: int
+    seconds: float
+    requests: dict[str, int]
+    attempts: dict[str, int]
+    final: dict[str, dict[str, int]]
+    bad_refusals: int = 0
+    warm: dict[str, int] = field(default_factory=dict)  # the full-batch warm-up's answers
+
+
+@dataclass
+class Hops:
+    """bench-timeline: one layout's request hop by hop, each hop's median in ms; the client's median untraced."""
+    layout: str
+    requests: int
+    median_ms: dict[str, float]
+    untraced_median_ms: float
+
+
+@dataclass
+class GpuRow:
+    """bench-gpu: one measurement. path: raw ORT CUDA | TensorRT fp16 | raw ORT CPU | service ...; load: batch B |
+    N clients; p50 per call (a batch for raw and gRPC, an image for HTTP); a row that could not run says why."""
+    model: str
+    path: str
+    device: str
+    load: str
+    img_per_s: float | None = None
+    p50_ms: float | None = None
+    note: str = ""
+
+
+Record = Any  # one of KINDS
+KINDS: dict[str, type] = {c.__name__: c for c in (Run, Model, OrtTiming, BatchTable, LoadWindow, Server, ServiceMemory, PerfRow,
+                                                  Bench, Precision, Footprint, Answers, Soak, SoakSample, Throughput, Latency,
+                                                  ClosedLoop, Bursts, Probes, MemoryBurst, Hops, GpuRow)}
 
 
 def append(path: Path, run_id: str, records: list[Record]) -> None:
@@ -159,23 +351,40 @@ def append(path: Path, run_id: str, records: list[Record]) -> None:
             f.write(json.dumps({"kind": type(r).__name__, "run": run_id, **asdict(r)}) + "\n")
 
 
-def latest(path: Path) -> list[Record]:
-    """The records of the last run in a JSON-lines file. Kinds and fields a run wrote that this code no longer has
-    (the phases since dropped: arena, padding, prep) are left out; they stay in the file."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise SystemExit(f"{path} holds no run")
-    last = rows[-1]["run"]
-    out = []
-    for d in rows:
-        if d["run"] == last and (kind := KINDS.get(d["kind"])) and d.get("phase", "raw") == "raw":
-            names = {f.name for f in fields(kind)}
-            out.append(kind(**{k: v for k, v in d.items() if k in names}))
+def runs(path: Path) -> dict[str, list[Record]]:
+    """The latest run of each benchmark in a JSON-lines file ("run": `make bench`; else Bench.key). Kinds and fields
+    a run wrote that this code no longer has (the phases since dropped: arena, padding, prep) are left out."""
+    groups: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.strip():
+            d = json.loads(line)
+            groups.setdefault(d["run"], []).append(d)
+    out: dict[str, list[Record]] = {}
+    for rows in groups.values():
+        recs = []
+        for d in rows:
+            if (kind := KINDS.get(d["kind"])) and d.get("phase", "raw") == "raw":
+                names = {f.name for f in fields(kind)}
+                recs.append(kind(**{k: v for k, v in d.items() if k in names}))
+        head = next((r for r in recs if isinstance(r, Run | Bench)), None)
+        if head is not None:
+            out["run" if isinstance(head, Run) else head.key] = recs
     return out
 
 
+def latest(path: Path, bench: str = "run") -> list[Record]:
+    """The records of the latest run of one benchmark."""
+    if not (recs := runs(path).get(bench)):
+        raise SystemExit(f"{path} holds no run of {bench}")
+    return recs
+
+
+def of(records: list[Record], kind: type) -> list:
+    return [r for r in records if isinstance(r, kind)]
+
+
 class Results:
-    """One run's records, with the look-ups the report and the targets make."""
+    """One run's records of `make bench`, with the look-ups the report and the targets make."""
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
@@ -186,7 +395,7 @@ class Results:
         self.head = self.run.full[0]
 
     def of(self, kind: type) -> list:
-        return [r for r in self.records if isinstance(r, kind)]
+        return of(self.records, kind)
 
     def ort(self, phase: str, model: str, session: str, batch: int) -> OrtTiming | None:
         return next((r for r in self.of(OrtTiming) if (r.phase, r.model, r.session, r.batch) == (phase, model, session, batch)),

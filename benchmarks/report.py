@@ -1,8 +1,9 @@
-"""docs/benchmarks.md (and .png) from one run's records: one template, a function a section. Everything in the
-Markdown is generated except the blocks other benchmark scripts own and the manual notes, kept from the previous
-file (benchmarks.blocks). The history across sessions is docs/benchmarks-history.md, kept by hand.
+"""docs/benchmarks.md (and .png, and the blocks of docs/timeline.md) from the records in docs/benchmarks.jsonl: one
+template, a function a section, over the latest run of each benchmark (`make bench` and every `make bench-*`). Every
+line is generated except the manual notes, kept from the previous file. The history across sessions is
+docs/benchmarks-history.md, kept by hand.
 
-    python -m benchmarks.report [--out docs]   # render again from the latest run in <out>/benchmarks.jsonl
+    python -m benchmarks.report [--out docs]   # render again from <out>/benchmarks.jsonl
     python -m benchmarks.report --models-json F  # the latest run's per-model latency for `effnet report --bench F`
 """
 
@@ -14,12 +15,15 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.blocks import kept_blocks
+from benchmarks import targets as goals
 from benchmarks.harness import DOCS
-from benchmarks.records import BatchTable, LoadWindow, OrtTiming, PerfRow, Record, Results, Server, append, latest
-from benchmarks.targets import GIB, stage_split, targets
+from benchmarks.records import (BatchTable, Bench, Bursts, ClosedLoop, Footprint, GpuRow, Hops, Latency, LoadWindow,
+                                MemoryBurst, OrtTiming, PerfRow, Precision, Probes, Record, Results, Server, Soak, SoakSample,
+                                Throughput, append, latest, of, runs)
+from benchmarks.targets import GIB, Check, stage_split, targets
 
 NOT_RUN = "Not run.\n"
+MANUAL_RE = re.compile(r"<!-- manual -->.*?<!-- /manual -->", re.S)
 CONTENDED_PCT = 20.0  # other processes' CPU during the run, % of one core, above which the doc says so
 _NUMERIC = re.compile(r"^[-+]?[\d,]*\.?\d+(?:[×%]| / [\d,.]+)?(?: \(.*\))?$|^–$")
 
@@ -231,36 +235,255 @@ def memory_section(res: Results) -> str:
             f"session warmed at its batch sizes), ORT arena `{run.ort_arena}`.\n\n" + table(["when", "RSS GiB"], rows) + "\n")
 
 
-def markdown(res: Results, precision: dict | None, png: str | None, kept: str) -> str:
+def main_sections(res: Results, precision: list[Record] | None, png: str | None, gpu: bool) -> list[str]:
     checks = targets(res, precision)
-    sections = [("Targets (issue 14)", table(["target", "status", "numbers"], [[c.goal, f"**{c.status}**", c.numbers] for c in checks]) + "\n"),
+    sections = [("Targets (issue 14)", checks_table(checks)),
                 ("1. Raw ONNX Runtime: the ceiling (default session) and the server's session", raw_section(res)),
                 ("2. The service", service_section(res)),
                 ("3. Peers", peers_section(res)),
                 ("4. perf_analyzer beside the load generator", perf_section(res)),
                 ("5. Memory", memory_section(res)),
-                ("6. Throughput and p95 latency vs MACs", f"![throughput and p95 latency vs MACs]({png})\n" if png else NOT_RUN),
-                ("GPU: unmeasured", "`make bench` measures the CPU only (ONNX Runtime providers here: "
-                 f"{', '.join(res.run.machine.get('ort_providers', []))}). The GPU figures (CUDA EP with IOBinding, TensorRT EP, b0 and b4 "
-                 "at batch 1/8/32/128, raw and through the service) need a GPU machine and are not part of this run.\n")]
-    return "\n".join(["# Benchmarks\n", "<!-- Written by `python -m benchmarks.run` (make bench) from the latest run in "
-                      "benchmarks.jsonl. Edits outside the manual markers and the owned blocks are overwritten. -->\n",
-                      header(res), *(f"## {title}\n\n{body}" for title, body in sections), kept, ""])
+                ("6. Throughput and p95 latency vs MACs", f"![throughput and p95 latency vs MACs]({png})\n" if png else NOT_RUN)]
+    if not gpu:
+        sections.append(("GPU: unmeasured", "`make bench` measures the CPU only (ONNX Runtime providers here: "
+                         f"{', '.join(res.run.machine.get('ort_providers', []))}). The GPU figures (`make bench-gpu`: raw ORT CUDA and "
+                         "TensorRT, B0/B4/B7 at batch 1..256, the service over gRPC tensors and HTTP JPEGs) need a GPU machine.\n"))
+    return [header(res), *(f"## {title}\n\n{body}" for title, body in sections)]
+
+
+# --- the other benchmarks: a section each, headed by its Bench record ---------------------------------------------
+def checks_table(checks: list[Check]) -> str:
+    return table(["goal", "status", "numbers"], [[c.goal, f"**{c.status}**", c.numbers] for c in checks]) + "\n"
+
+
+def gib(b: float, nd: int = 2) -> str:
+    return f"{b / goals.BYTES_GIB:.{nd}f}"
+
+
+def about(b: Bench, what: str) -> str:
+    """The line that says how a section's numbers were made."""
+    m = b.machine
+    quick = "> **Quick (smoke) run**: tiny models and short windows; its numbers mean nothing.\n\n" if b.quick else ""
+    return (f"{quick}`{b.command}` (`make bench-{b.name}`)" + (f" on {b.date}" if b.date else "")
+            + (f", {b.seconds:.0f} s" if b.seconds else "") + f"; {m.get('cpu')}, {m.get('cores')} cores"
+            + (f", {m['isa']}" if m.get("isa") else "")
+            + (f"; other processes used {b.others_cpu_pct:.0f}% of one core meanwhile" if b.others_cpu_pct is not None else "")
+            + f". {what}\n\n")
+
+
+def precision_section(b: Bench, recs: list[Record]) -> str:
+    rows = of(recs, Precision)
+    fp32 = {r.model: r for r in rows if r.precision == "fp32"}
+    cells, says = [], []
+    for r in rows:
+        base, gate = fp32[r.model], r.agreement is not None
+        speed = r.img_per_s["1"] / base.img_per_s["1"]
+        cells.append([r.model, r.precision, f(r.size_bytes / 1e6), f(r.img_per_s["1"]), f(r.img_per_s["8"]), f"{speed:.2f}×",
+                      f"{r.agreement:.1%} of {r.inputs} ({r.images} photos × {r.views} views)" if gate else "–",
+                      f"{r.top1}/{r.labelled} (fp32 {r.top1_fp32})" if gate else "–",
+                      "–" if r.ships is None else "yes" if r.ships else "**no**: refused"])
+        if gate:
+            why = ("ships: it passes both gates" if r.ships else f"is refused by `effnet build`: agreement {r.agreement:.1%} < 99%"
+                   if (r.agreement or 0) < 0.99 else "is refused by `effnet build`: top-1 on the photos fell")
+            says.append(f"- **{r.model} {r.precision}**: {r.size_bytes / base.size_bytes:.0%} of the fp32 file, {speed:.2f}× fp32's "
+                        f"speed at batch 1" + (" (slower)" if speed < 0.97 else " (faster)" if speed > 1.03 else "") + f"; it {why}.")
+    vnni = "no VNNI" if b.settings.get("reduce_range", True) else "VNNI"
+    return (about(b, f"ONNX Runtime {b.settings.get('onnxruntime')}, CPU execution provider. Raw `session.run` speed on the "
+                  "server's session settings; agreement = share of inputs whose top-1 class equals fp32's, on the package photos' "
+                  "seeded views; top-1 = hits on the labelled package photos.")
+            + table(["model", "precision", "file MB", "img/s batch 1", "img/s batch 8", "vs fp32 (b1)", "agreement with fp32",
+                     "top-1 on photos", "ships at the 99% gate"], cells)
+            + "\n\nWhat this run says (each line computed from the table):\n" + "\n".join(says)
+            + "\n- fp16 is meant for the CUDA provider (tensor cores); on the CPU provider ONNX Runtime has few fp16 kernels and "
+            "casts around most nodes. int8 gains on CPUs with AVX-512 VNNI or AMX; without them the u8×s8 kernels are not faster "
+            "than fp32, and 7-bit weights (`reduce_range`) are needed to avoid their 16-bit saturation, so `effnet build` uses "
+            f"7-bit weights only on CPUs without VNNI (this one: {vnni}). The int8 calibration choices were compared once "
+            "(docs/benchmarks-history.md).\n- The photo set is small: a view is a different input but not an independent photo. "
+            "For a decision that matters, give `--check-data` and `--agreement-data` a few hundred of your own photos.\n")
+
+
+def soak_section(b: Bench, recs: list[Record]) -> str:
+    s, samples = of(recs, Soak)[0], of(recs, SoakSample)
+    peak = max([x.rss_kib for x in samples], default=s.end_kib)
+    return (about(b, f"`effnet serve` with {', '.join(s.loaded)} loaded; {s.minutes:g} minutes of {s.clients} clients posting a "
+                  f"1920×1080 JPEG, in {b.settings.get('segment_s', 30):.0f}-second segments rotating over {', '.join(s.models)}: "
+                  f"{s.requests:,} answers ({s.errors} errors). RSS summed over the service's processes.")
+            + table(["RSS after warm-up", "at the end", "peak sample", "peak (VmHWM)"],
+                    [[f"{s.warm_kib / GIB:.2f} GiB", f"{s.end_kib / GIB:.2f} GiB", f"{peak / GIB:.2f} GiB",
+                      f"{s.hwm_kib / GIB:.2f} GiB" if s.hwm_kib else "–"]]) + "\n\n" + checks_table(goals.soak(recs))
+            + "\nRSS after each segment (GiB): " + ", ".join(f"{x.rss_kib / GIB:.2f} ({x.model})" for x in samples) + "\n")
+
+
+def reliability_section(b: Bench, recs: list[Record]) -> str:
+    loop = {c.window: c for c in of(recs, ClosedLoop)}
+    bu, mem = of(recs, Bursts)[0], of(recs, MemoryBurst)[0]
+    probes = [[p.scenario, p.when, "`/health/live`" if p.what == "live" else "a normal request (451×300 JPEG)", str(p.n),
+               f(p.p50_ms), f(p.p99_ms), f(p.max_ms)] for p in of(recs, Probes)]
+    return (about(b, "The scenarios and clients of `tests/reliability/` (each on its own `effnet serve`), timed: the tests assert "
+                  "what holds at any speed (refusals, bounds, nothing lost, every probe answered); these figures depend on the "
+                  "machine and on what else runs on it, so they are checked here against the targets the tests used to gate on.")
+            + checks_table(goals.reliability(recs)) + "\nProbes one at a time (ms): quiet, then with "
+            f"{b.settings.get('stalled_connections', 300)} uploads stalled after their headers (tiny), and during the hostile "
+            "/v2 flood (b0).\n\n" + table(["scenario", "when", "probe", "n", "p50", "p99", "max"], probes) + "\n\n"
+            + "\n".join(f"- **Storm, {w}**: {c.clients} clients, {c.seconds:g} s: {c.ok} answers 200, {c.refused} refusals, "
+                        f"{c.errors} errors; {c.goodput:.1f} img/s, p50 {c.p50_ms} / p99 {c.p99_ms} ms" for w, c in loop.items())
+            + f"\n- **Bursts**: {bu.bursts} of 64 accepted (after one warm-up), {bu.accepted} accepted, {bu.refused} refused; p50 "
+            f"{bu.p50_ms} ms. Throughput at the admitted concurrency: {bu.rps_before:.0f}/s before, {bu.rps_during:.0f}/s during "
+            f"(the server spends most of its time refusing a retry flood), {bu.rps_after:.0f}/s after.\n- **Memory burst**: "
+            f"{mem.seconds:g} s; {sum(mem.requests.values())} requests, {sum(mem.attempts.values())} sends with the retries "
+            f"{mem.attempts}; final answers {mem.final}; RSS {mem.loaded_mb} MB loaded, {mem.footprint_mb} MB peak after full-batch "
+            f"warm-up.\n")
+
+
+def scaling_section(b: Bench, recs: list[Record]) -> str:
+    n = b.settings["workers"]
+    cases: dict[str, dict[str, float]] = {}
+    for t in of(recs, Throughput):
+        cases.setdefault(f"{t.case} ({t.image}) | {t.clients}", {})[t.contender] = t.img_per_s
+    rows, ceilings = [], []
+    for case, v in cases.items():
+        ls = max([x for k, x in v.items() if k.startswith("LitServe")], default=None)
+        one, many, free = v.get("service, 1 worker"), v.get(f"service, {n} workers"), v.get("serverless")
+        rows.append([*case.split(" | "), *(f(x, 0) for x in (one, many, ls, free)), ratio(many, one), ratio(many, ls), ratio(many, free)])
+        if ls and free:
+            ceilings.append(f"- {case.split(' (')[0]}: the same work without a server is {free / ls:.2f}× LitServe here, so no "
+                            "server on this machine can be more than that ahead of it")
+    return (about(b, f"Images per second, median of {b.settings['rounds']} windows of {b.settings['window_s']:g} s per contender, "
+                  "measured in alternating blocks with every other contender frozen (SIGSTOP). Servers run with their defaults.")
+            + table(["case", "clients", "service, 1 worker", f"service, {n} workers", "LitServe (best of 1, 2 workers)", "serverless",
+                     f"{n} workers / 1", f"{n} workers / LitServe", f"{n} workers / serverless"], rows)
+            + "\n\n" + checks_table(goals.scaling(recs, n)) + "\n" + "\n".join(ceilings)
+            + "\n\ngRPC rows: the service's V2 gRPC endpoint with ready FP32 tensors, by Triton's perf_analyzer (batch 1, the "
+            "clients column is its concurrency); LitServe and the serverless pipeline take JPEGs only.\n\n"
+            f"Threads, as the service splits them by default with {n} workers: the engine's ONNX Runtime intra-op pool gets "
+            f"EFFNET_THREADS = the cores ({b.machine.get('cores')}); each worker decodes with cores / workers threads (at least "
+            "1) beside its event loop. That is the serverless pipeline's split (a default ORT session, which takes every core, "
+            "beside a decode pool the size of the machine): decode and inference take turns on the same cores rather than each "
+            "owning a fixed part of them, because the share each needs depends on the model (the tiny model is almost all front "
+            "end, b4 almost all inference). EFFNET_THREADS and EFFNET_DECODE_WORKERS override either side.\n")
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "–"
+
+
+def memory_default_section(b: Bench, recs: list[Record]) -> str:
+    rows, fp = [], of(recs, Footprint)
+    for w in dict.fromkeys(r.workers for r in fp):
+        at = {(r.when, r.process): r for r in fp if r.workers == w}
+        for proc in [*dict.fromkeys(p for _, p in at), "**all**"]:
+            cells = []
+            for when in ("ready", "peak", "after"):
+                mine = [r for (wh, p), r in at.items() if wh == when and proc in (p, "**all**")]
+                pss, rss = gib(sum(r.pss for r in mine)), gib(sum(r.rss for r in mine))
+                cells.append(f"**{pss}** ({rss})" if proc == "**all**" else f"{pss} ({rss})")
+            rows.append([str(w), proc, *cells])
+    return (about(b, "A repository of b0..b7 only (random weights, no batch table), every setting at its default; a burst of "
+                  f"{b.settings.get('burst', 32)} concurrent requests with a 1000×750 JPEG on each model in turn. PSS summed over "
+                  "every process of the service (shared pages counted once), GiB; RSS in brackets.")
+            + table(["workers", "process", "at ready", "peak during the bursts", "5 s after"], rows) + "\n\n"
+            + checks_table(goals.memory_default(recs))
+            + "\nThe peak is the bursts' own: b7 at batch 8 (600 px) holds its activations and ONNX Runtime's memory pattern "
+            "block while it runs; the last batch of a burst gives them back (EFFNET_ORT_SHRINK_MB, app/engine/sessions.py). "
+            "EFFNET_MAX_BATCH_B7=1 lowers the peak at some cost in b7's throughput.\n")
+
+
+QUIET_NAMES = ["service", "service, no spinning", "service, 1 process", "LitServe, 1 worker", "serverless"]
+
+
+def quiet_section(b: Bench, recs: list[Record]) -> str:
+    lat = {(r.model, r.case, r.contender): r for r in of(recs, Latency)}
+    rows, spin = [], []
+    for model, case in dict.fromkeys((r.model, r.case) for r in lat.values()):
+        on, off = lat.get((model, case, "service")), lat.get((model, case, "service, no spinning"))
+        if case == "http 32":
+            spin.append(f"- {model}: spinning within runs {on and on.img_per_s}, off {off and off.img_per_s} "
+                        f"({ratio(on and on.img_per_s, off and off.img_per_s)})")
+            continue
+        cells = [f"{f(r.p50_ms)} / {f(r.p99_ms)}" if (r := lat.get((model, case, n))) else "–" for n in QUIET_NAMES]
+        free = lat.get((model, case, "serverless"))
+        rows.append([model, f"{case} client" + "s" * (not case.endswith(" 1")), *cells, ratio(on and on.p50_ms, free and free.p50_ms)])
+    return (about(b, f"Median of {b.settings['rounds']} windows of {b.settings['window_s']:g} s per contender, in alternating blocks "
+                  f"with every other contender frozen (SIGSTOP). `service` is the default ({b.settings['workers']} workers, ORT "
+                  "spinning within runs: `EFFNET_ORT_SPINNING=auto`); the serverless pipeline decodes the same JPEG with Pillow and "
+                  "runs a default ONNX Runtime session in one process (gRPC rows: the tensor only), N images side by side then one "
+                  "batch of N.")
+            + table(["model", "case", *(f"{n} p50 / p99 ms" for n in QUIET_NAMES), "service / serverless (p50)"], rows)
+            + "\n\nSpinning under load (32 clients, images per second):\n\n" + "\n".join(spin)
+            + "\n\nGoals (issue 27):\n\n" + checks_table(goals.quiet(recs)))
+
+
+def gpu_section(b: Bench, recs: list[Record]) -> str:
+    s, rows = b.settings, of(recs, GpuRow)
+    notes = ([f"**No CUDA: {s['no_cuda']}.** The rows that need it say n/a; the others ran on the CPU."] if s.get("no_cuda") else [])
+    notes += [f"Missing (the rows that need them say n/a): {', '.join(s['missing'])}."] if s.get("missing") else []
+    notes += [f"pip could not install {', '.join(s['pip_failed'])}."] if s.get("pip_failed") else []
+    return (about(b, f"GPU {s.get('gpu') or 'none'}; onnxruntime {s.get('onnxruntime')} ({', '.join(s.get('providers', []))}); "
+                  f"gRPC: {s.get('concurrency')} requests in flight; {s.get('block'):g} s per measurement. " + " ".join(notes))
+            + table(["model", "path", "device", "batch / clients", "img/s", "p50 ms", "note"],
+                    [[r.model, r.path, r.device, r.load, f(r.img_per_s, 0), f(r.p50_ms), r.note] for r in rows]) + "\n\n"
+            + checks_table(goals.gpu(rows, s.get("goal_model", rows[0].model if rows else "?"), s.get("goal_path", "raw ORT CUDA"))))
+
+
+def timeline_block(b: Bench, recs: list[Record]) -> str:
+    layouts = of(recs, Hops)
+    s = b.settings
+    rows = [["**total (client)**" if h == "total" else h, *(f(x.median_ms[h], 2) for x in layouts)]
+            for h in [*layouts[0].median_ms]] if layouts else []
+    rows.append(["total without tracing", *(f(x.untraced_median_ms, 2) for x in layouts)])
+    return (f"<!-- timeline-{b.label} -->\n### {b.label.capitalize()}\n\n" + about(b, f"{s.get('rounds')} alternating blocks of "
+            f"{s.get('requests')} requests per layout; medians in ms.") + table(["hop", *(x.layout for x in layouts)], rows)
+            + "\n\nEach hop's median is taken on its own, so the hops need not add up to the total's median.\n"
+            f"<!-- /timeline-{b.label} -->")
+
+
+SECTIONS = {"precision": ("fp16 and int8 copies (`effnet build --precision`)", precision_section),
+            "soak": ("Memory over a long burst (`make bench-soak`)", soak_section),
+            "reliability": ("Reliability scenarios: speeds (`make bench-reliability`)", reliability_section),
+            "scaling": ("Worker processes: scaling beside the peers", scaling_section),
+            "memory": ("Memory with b0..b7 loaded (default settings)", memory_default_section),
+            "quiet": ("Latency when the service is quiet", quiet_section),
+            "gpu": ("GPU (`make bench-gpu`)", gpu_section)}
+
+
+def section(recs: list[Record]) -> str:
+    """One benchmark's section (or, for the timeline, its block of docs/timeline.md)."""
+    b = next(r for r in recs if isinstance(r, Bench))
+    if b.name == "timeline":
+        return timeline_block(b, recs)
+    title, body = SECTIONS[b.name]
+    return f"## {title}\n\n{body(b, recs)}"
+
+
+def write_block(path: Path, name: str, block: str) -> None:
+    """`block` in place of the one between the same markers in `path`, else at its end."""
+    text = path.read_text() if path.is_file() else "# One request's time, hop by hop\n"
+    marker = re.compile(rf"<!-- {name} -->.*?<!-- /{name} -->", re.S)
+    path.write_text(marker.sub(lambda _: block, text) if marker.search(text) else text.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def render(out: Path) -> list[Path]:
-    """benchmarks.md and .png in `out` from the latest run in its benchmarks.jsonl; the blocks of the old .md kept."""
+    """benchmarks.md (and .png) in `out` from the latest run of each benchmark in its benchmarks.jsonl, the manual notes of
+    the old .md kept; the timeline's blocks into timeline.md."""
     from benchmarks.report_plot import plot
 
-    res = Results(latest(out / "benchmarks.jsonl"))
+    latest_runs = runs(out / "benchmarks.jsonl")
     md, png = out / "benchmarks.md", out / "benchmarks.png"
-    try:
-        precision = json.loads((out / "benchmarks-precision.json").read_text())
-    except (OSError, ValueError):
-        precision = None
-    plotted = plot(png, res)
-    md.write_text(markdown(res, precision, png.name if plotted else None, kept_blocks(md.read_text() if md.is_file() else "")))
-    return [md] + ([png] if plotted else [])
+    parts, written = [], [md]
+    if "run" in latest_runs:
+        res = Results(latest_runs["run"])
+        if plotted := plot(png, res):
+            written.append(png)
+        parts += main_sections(res, latest_runs.get("precision"), png.name if plotted else None, "gpu" in latest_runs)
+    parts += [section(latest_runs[name]) for name in SECTIONS if name in latest_runs]
+    for key in (k for k in latest_runs if k.startswith("timeline-")):
+        write_block(out / "timeline.md", key, section(latest_runs[key]))
+        written.append(out / "timeline.md")
+    kept = MANUAL_RE.search(md.read_text() if md.is_file() else "")
+    md.write_text("\n".join(["# Benchmarks\n", "<!-- Written by `python -m benchmarks.report` (every `make bench*` runs it) from "
+                             "the latest run of each benchmark in benchmarks.jsonl. Edits outside the manual markers are "
+                             "overwritten. -->\n", *parts, kept.group(0) if kept else "<!-- manual -->\n<!-- /manual -->", ""]))
+    return list(dict.fromkeys(written))
 
 
 def write(out: Path, run_id: str, records: list[Record]) -> list[Path]:

@@ -1,7 +1,8 @@
 """`make bench-timeline`: where one request's time goes on a quiet service, hop by hop.
 
-    python -m benchmarks.timeline --label before   # -> the <!-- timeline-before --> block of docs/timeline.md
-    python -m benchmarks.timeline --quick          # smoke: few requests, printed only
+    python -m benchmarks.timeline --label before   # -> records in docs/benchmarks.jsonl, rendered into the
+                                                   #    <!-- timeline-before --> block of docs/timeline.md
+    python -m benchmarks.timeline --quick          # smoke: few requests, into a temp dir
 
 One client sends a 256 px JPEG to b0 again and again over one keep-alive connection, each request with a W3C
 `traceparent` of its own. The service runs with tracing on, exporting its spans over real OTLP/HTTP to a small
@@ -37,8 +38,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from benchmarks.blocks import Contender, alternating, cores, jpeg, machine_info, start_service
-from benchmarks.harness import DEFAULT_REPO, DOCS, QUICK_CACHE, build_models, free_port, log
+from benchmarks.blocks import Contender, alternating, block_main, cores, jpeg, start_service
+from benchmarks.harness import DEFAULT_REPO, QUICK_CACHE, build_models, free_port, log
+from benchmarks.records import Hops
 
 HOPS = ["to the app", "body", "open", "admission", "decode", "queue", "inference", "wake-ups and trips", "answer",
         "rest in the app", "write + read"]
@@ -142,8 +144,9 @@ def hops(spans: list[tuple[str, int, int]], t0: int, t1: int) -> dict[str, float
     return out
 
 
-def run(plan: argparse.Namespace) -> dict:
+def run(plan: argparse.Namespace) -> list[Hops]:
     repo = QUICK_CACHE if plan.quick else DEFAULT_REPO
+    plan.requests = plan.requests or (10 if plan.quick else 100)
     build_models(repo, ["b0"], allow_build=True)
     image = jpeg(plan.work, "256px")[0].read_bytes()
     collector = Collector()
@@ -166,73 +169,29 @@ def run(plan: argparse.Namespace) -> dict:
     finally:
         for c in started:
             c.stop()
-    result: dict = {"machine": machine_info(), "requests_per_block": plan.requests, "rounds": plan.rounds,
-                    "before": str(plan.before) if plan.before else None, "layouts": {}}
+    plan.settings = {"requests": plan.requests, "rounds": plan.rounds, "before": str(plan.before) if plan.before else None}
+    out = []
     for label in [layout + suffix for layout, _ in layouts for suffix, _ in trees]:
         done = [r for block in rows[label] for r in block]
         collector.wait_for([t for t, _, _ in done])
         per = [h for t, t0, t1 in done if (h := hops(collector.spans.get(t, []), t0, t1)) is not None]
         untraced = [(t1 - t0) / 1e6 for block in rows[label + ", untraced"] for _, t0, t1 in block]
-        result["layouts"][label] = {
-            "requests": len(per),
-            "median_ms": {h: statistics.median(p[h] for p in per) for h in HOPS + ["total"]},
-            "untraced_median_ms": statistics.median(untraced),
-        }
-    return result
+        out.append(Hops(label, len(per), {h: statistics.median(p[h] for p in per) for h in HOPS + ["total"]},
+                        statistics.median(untraced)))
+    return out
 
 
-def render(result: dict, label: str, command: str) -> str:
-    m = result["machine"]
-    lines = [f"<!-- timeline-{label} -->", f"### {label.capitalize()}", "",
-             f"`{command}`: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; {result['rounds']} alternating blocks of "
-             f"{result['requests_per_block']} requests per layout; medians in ms.", ""]
-    names = list(result["layouts"])
-    lines.append("| hop | " + " | ".join(names) + " |")
-    lines.append("| --- |" + " ---: |" * len(names))
-    for h in HOPS + ["total"]:
-        cells = [f"{result['layouts'][n]['median_ms'][h]:.2f}" for n in names]
-        lines.append(f"| {'**total (client)**' if h == 'total' else h} | " + " | ".join(cells) + " |")
-    lines.append("| total without tracing | " + " | ".join(
-        f"{result['layouts'][n]['untraced_median_ms']:.2f}" for n in names) + " |")
-    lines += ["", "Each hop's median is taken on its own, so the hops need not add up to the total's median.",
-              f"<!-- /timeline-{label} -->"]
-    return "\n".join(lines)
-
-
-def write_block(path: Path, label: str, block: str) -> None:
-    import re
-
-    text = path.read_text() if path.is_file() else "# One request's time, hop by hop\n\n"
-    pattern = re.compile(rf"<!-- timeline-{label} -->.*?<!-- /timeline-{label} -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def main() -> None:
-    import json
-    import tempfile
-
-    p = argparse.ArgumentParser()
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", default="current", help="the block of docs/timeline.md to write (before, after, ...)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: few requests, printed only")
-    p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--requests", type=int, default=None, help="requests per block (default 100; --quick 10)")
     p.add_argument("--before", type=Path, default=None,
                    help="a checkout of an earlier commit (git worktree add DIR COMMIT): its service is measured "
                         "beside this one's, alternating, as '(before)'")
-    plan = p.parse_args()
-    plan.requests = plan.requests or (10 if plan.quick else 100)
-    plan.rounds = plan.rounds or (1 if plan.quick else 3)
-    with tempfile.TemporaryDirectory(prefix="bench-timeline-") as tmp:
-        plan.work = Path(tmp)
-        result = run(plan)
-    command = "python -m benchmarks.timeline " + " ".join(sys.argv[1:])
-    block = render(result, plan.label, command.strip())
-    if not plan.quick:
-        (DOCS / f"timeline-{plan.label}.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_block(DOCS / "timeline.md", plan.label, block)
-    print(block)
+
+
+def main() -> int:
+    return block_main("timeline", run, rounds=3, options=options)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.records import KINDS, LoadWindow, Results, Server, latest
+from benchmarks.records import (Bench, Bursts, ClosedLoop, LoadWindow, MemoryBurst, Probes, Results, Run, Server, Soak,
+                                append, latest, of)
 from benchmarks.report import models_json
 from benchmarks.targets import targets
 
@@ -28,13 +29,20 @@ SECTIONS = [
     "## GPU: unmeasured",
 ]
 MANUAL = "<!-- manual -->\n## Build time\n\nkept by hand\n<!-- /manual -->"
-OWNED = "<!-- soak -->\n## Soak\n\nwritten by make bench-soak\n<!-- /soak -->"
+MAIN_KINDS = {"Run", "Model", "OrtTiming", "BatchTable", "LoadWindow", "Server", "ServiceMemory", "PerfRow"}
+
+
+def soak_run(out: Path) -> None:
+    """Another benchmark's run in the same benchmarks.jsonl: its section is rendered beside the main run's."""
+    append(out / "benchmarks.jsonl", "soak", [Bench("soak", "python -m benchmarks.memory --soak", "2026-12-05", {}),
+                                              Soak(["b0"], ["b0"], 10.0, 16, 8144, 0, 1_435_620, 1_483_412)])
 
 
 def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "benchmarks.md").write_text(f"# old report\n\n{OWNED}\n\n{MANUAL}\n\nold tail\n")
+    (out / "benchmarks.md").write_text(f"# old report\n\n{MANUAL}\n\nold tail\n")
+    soak_run(out)
     docs_before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ["PYTHONPATH"]]))  # conftest: the checkout's app
     r = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
@@ -46,7 +54,8 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
         assert section in md, f"missing section {section!r}"
     assert "Not run." not in md
     assert "`python -m benchmarks.run --quick --out " in md, "the command that produced the doc is missing"
-    assert MANUAL in md and OWNED in md, "the manual section or another script's block was not kept"
+    assert MANUAL in md, "the manual section was not kept"
+    assert "## Memory over a long burst (`make bench-soak`)" in md and "8,144 answers" in md, "another benchmark's run"
     assert "old tail" not in md
     assert "![throughput and p95 latency vs MACs](benchmarks.png)" in md
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,7 +63,8 @@ def test_quick_run_writes_every_section(tmp_path: Path) -> None:
     assert "[benchmarks-history.md](benchmarks-history.md)" in md
 
     res = Results(latest(out / "benchmarks.jsonl"))
-    assert {type(r).__name__ for r in res.records} == set(KINDS), "a kind of record is missing"
+    assert {type(r).__name__ for r in res.records} == MAIN_KINDS, "a kind of record is missing"
+    assert isinstance(res.run, Run)
     # The ceiling: raw ORT's default session at batch 1 and 8 for every matrix model.
     for name in res.run.full:
         assert res.ort("raw", name, "default", 1) and res.ort("raw", name, "default", 8), name
@@ -92,23 +102,23 @@ def test_batch_table_merges(tmp_path: Path) -> None:
     assert read_batch_table(tmp_path, "cuda") == {"b0": 32}
 
 
-def test_reliability_bench_quick_run_writes_its_block(tmp_path: Path) -> None:
-    """`python -m benchmarks.reliability --quick`: every scenario on the tiny model, its block written next to
-    what benchmarks.md already holds, never to docs/."""
-    (tmp_path / "benchmarks.md").write_text(f"# report\n\n{OWNED}\n\n{MANUAL}\n")
+def test_reliability_bench_quick_run_writes_its_records_and_section(tmp_path: Path) -> None:
+    """`python -m benchmarks.reliability --quick`: every scenario on the tiny model, its records appended next to what
+    benchmarks.jsonl already holds and its section rendered with the others', never into docs/."""
+    (tmp_path / "benchmarks.md").write_text(f"# report\n\n{MANUAL}\n")
+    soak_run(tmp_path)
     docs_before = {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ["PYTHONPATH"]]))  # conftest: the checkout's app
     r = subprocess.run([sys.executable, "-m", "benchmarks.reliability", "--quick", "--out", str(tmp_path)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     md = (tmp_path / "benchmarks.md").read_text()
-    assert OWNED in md and MANUAL in md
-    assert md.index("<!-- reliability -->") < md.index("<!-- manual -->") and "<!-- /reliability -->" in md
-    assert f"`python -m benchmarks.reliability --quick --out {tmp_path}`" in md
-    data = json.loads((tmp_path / "benchmarks-reliability.json").read_text())
-    assert data["storm"]["storm"]["ok"] > 0 and data["bursts"]["accepted"] > 0
-    assert data["floods"]["v2_flood"]["flood"]["n"] > 0 and data["floods"]["stalled"]["held"]["live"]["n"] > 0
+    assert MANUAL in md and "## Memory over a long burst" in md
+    assert md.index("## Reliability scenarios") < md.index("<!-- manual -->")
+    assert f"`python -m benchmarks.reliability --quick --out {tmp_path}`" in md and "Quick (smoke) run" in md
+    recs = latest(tmp_path / "benchmarks.jsonl", "reliability")
+    assert {c.window for c in of(recs, ClosedLoop)} == {"before", "storm", "after"} and of(recs, ClosedLoop)[1].ok > 0
+    assert of(recs, Bursts)[0].accepted > 0 and all(p.n > 0 for p in of(recs, Probes)) and len(of(recs, Probes)) == 6
     # quick: one request per memory-burst client, every one answered 200 in the end
-    assert data["memory"]["final"] == {"big": {"200": 16}, "bomb": {"200": 4}, "parts": {"200": 2}}, data["memory"]
+    assert of(recs, MemoryBurst)[0].final == {"big": {"200": 16}, "bomb": {"200": 4}, "parts": {"200": 2}}, recs
     assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").glob("benchmarks*")} == docs_before
-
