@@ -116,7 +116,7 @@ bench-scaling: install system-deps $(PERF_ANALYZER) ## workers 1 and N against t
 	$(PY) -m benchmarks.scaling
 
 # Latency when the service is quiet (1 and 4 clients, b0 and lite0, HTTP JPEGs and gRPC tensors) against the same
-# work without a server and LitServe, spinning on and off; about 6 minutes.
+# work without a server and LitServe, spinning on and off; about 10 minutes (4 rounds of 3 s windows per contender).
 bench-quiet: install system-deps $(PERF_ANALYZER) ## latency at 1 and 4 clients against no server
 	$(PY) -m benchmarks.quiet
 

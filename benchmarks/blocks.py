@@ -207,7 +207,8 @@ def jpeg(work: Path, image: str) -> tuple[Path, Path]:
 
 def window(c: Contender, model: str, repo: Path, case: str, clients: int, image: Path, body: Path, plan,
            latency: bool = False) -> dict:
-    """One window of a contender: {"img_per_s", "p50_ms", "p99_ms"}. case "grpc ...": the service's gRPC tensors by
+    """One window of a contender: {"img_per_s", "p50_ms", "p99_ms", "cores"} (cores: the CPU its process group kept busy,
+    HTTP windows of servers only). case "grpc ...": the service's gRPC tensors by
     perf_analyzer (batch 1, `clients` in flight); else HTTP JPEGs by the load generator (the service gets the raw
     body, LitServe the multipart one). The serverless pipeline: its throughput, or with `latency`, one request of
     `clients` images at a time (gRPC: the tensors ready)."""
@@ -226,8 +227,11 @@ def window(c: Contender, model: str, repo: Path, case: str, clients: int, image:
     else:
         service = c.name.startswith("service")
         out = loadgen(c.proc.base + (f"/classify?model={model}" if service else "/predict"), image if service else body,
-                      clients, plan.window, plan.warmup, 5.0, content_type="image/jpeg" if service else MULTIPART_TYPE)
-    return {k: out.get(k) for k in keys}
+                      clients, plan.window, plan.warmup, 5.0, content_type="image/jpeg" if service else MULTIPART_TYPE,
+                      server_pgid=c.proc.pid)
+        if out.get("server_cpu_pct") is not None:
+            out["cores"] = round(out["server_cpu_pct"] / 100.0, 2)
+    return {k: out.get(k) for k in (*keys, "cores")}
 
 
 def alternating(contenders: list[Contender], rounds: int, one: Callable[[Contender], Any], label: str) -> dict[str, list]:

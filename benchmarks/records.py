@@ -235,6 +235,7 @@ class Throughput:
     contender: str
     img_per_s: float
     windows: list[float]
+    cores: float | None = None  # the CPU the server's processes kept busy (median over its windows; HTTP only)
 
 
 @dataclass

@@ -338,22 +338,31 @@ def reliability_section(b: Bench, recs: list[Record]) -> str:
 def scaling_section(b: Bench, recs: list[Record]) -> str:
     n = b.settings["workers"]
     cases: dict[str, dict[str, float]] = {}
+    busy: dict[str, dict[str, float | None]] = {}
     for t in of(recs, Throughput):
         cases.setdefault(f"{t.case} ({t.image}) | {t.clients}", {})[t.contender] = t.img_per_s
-    rows, ceilings = [], []
+        busy.setdefault(f"{t.case} ({t.image}) | {t.clients}", {})[t.contender] = t.cores
+    rows, ceilings, machine_cores = [], [], b.machine.get("cores") or n
     for case, v in cases.items():
         ls = max([x for k, x in v.items() if k.startswith("LitServe")], default=None)
         one, many, free = v.get("service, 1 worker"), v.get(f"service, {n} workers"), v.get("serverless")
-        rows.append([*case.split(" | "), *(f(x, 0) for x in (one, many, ls, free)), ratio(many, one), ratio(many, ls), ratio(many, free)])
+        c1, cn = busy[case].get("service, 1 worker"), busy[case].get(f"service, {n} workers")
+        rows.append([*case.split(" | "), *(f(x, 0) for x in (one, many, ls, free)), ratio(many, one), ratio(many, ls), ratio(many, free),
+                     f"{c1:.2f} / {cn:.2f}" if c1 and cn else "–"])
+        name = case.split(' (')[0]
+        if c1:
+            ceilings.append(f"- {name}: one worker already kept {c1:.2f} of the {machine_cores} cores busy (its decode threads and ORT's "
+                            f"run beside its event loop), so {n} workers can be at most {machine_cores / c1:.2f}× it on this machine")
         if ls and free:
-            ceilings.append(f"- {case.split(' (')[0]}: the same work without a server is {free / ls:.2f}× LitServe here, so no "
+            ceilings.append(f"- {name}: the same work without a server is {free / ls:.2f}× LitServe here, so no "
                             "server on this machine can be more than that ahead of it")
     return (about(b, f"Images per second, median of {b.settings['rounds']} windows of {b.settings['window_s']:g} s per contender, "
                   "measured in alternating blocks with every other contender frozen (SIGSTOP). Servers run with their defaults.")
             + table(["case", "clients", "service, 1 worker", f"service, {n} workers", "LitServe (best of 1, 2 workers)", "serverless",
-                     f"{n} workers / 1", f"{n} workers / LitServe", f"{n} workers / serverless"], rows)
+                     f"{n} workers / 1", f"{n} workers / LitServe", f"{n} workers / serverless", f"cores busy, 1 / {n} workers"], rows)
             + "\n\n" + checks_table(goals.scaling(recs, n)) + "\n" + "\n".join(ceilings)
-            + "\n\ngRPC rows: the service's V2 gRPC endpoint with ready FP32 tensors, by Triton's perf_analyzer (batch 1, the "
+            + "\n\nCores busy: the CPU time of every process of the service over the window, divided by its length (HTTP rows; "
+            "the load generator's own CPU is not in it).\n\ngRPC rows: the service's V2 gRPC endpoint with ready FP32 tensors, by Triton's perf_analyzer (batch 1, the "
             "clients column is its concurrency); LitServe and the serverless pipeline take JPEGs only.\n\n"
             f"Threads, as the service splits them by default with {n} workers: the engine's ONNX Runtime intra-op pool gets "
             f"EFFNET_THREADS = the cores ({b.machine.get('cores')}); each worker decodes with cores / workers threads (at least "

@@ -24,7 +24,8 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from benchmarks.blocks import SERVERLESS, Contender, alternating, block_main, cores, jpeg, start_litserve, start_service, window
+from benchmarks.blocks import (SERVERLESS, Contender, alternating, block_main, cores, jpeg, median_of, start_litserve,
+                               start_service, window)
 from benchmarks.harness import DEFAULT_REPO, QUICK_CACHE, build_models
 from benchmarks.records import Throughput
 
@@ -36,12 +37,12 @@ class Case:
     image: str  # "NNpx" (a centre square at that size) or "photo" (1920x1080)
     clients: int
     contenders: list[str]
-    rows: dict[str, list[float]] = field(default_factory=dict)
+    rows: dict[str, list[dict]] = field(default_factory=dict)  # contender -> its windows (blocks.window)
 
 
 def measure(case: Case, contenders: list[Contender], repo, plan: argparse.Namespace) -> None:
     image, body = jpeg(plan.work, case.image)
-    one = lambda c: window(c, case.model, repo, case.key, case.clients, image, body, plan)["img_per_s"] or 0.0  # noqa: E731
+    one = lambda c: window(c, case.model, repo, case.key, case.clients, image, body, plan)  # noqa: E731
     case.rows = alternating(contenders, plan.rounds, one, case.key)
 
 
@@ -71,7 +72,8 @@ def run(plan: argparse.Namespace) -> list[Throughput]:
             for c in started.values():
                 c.stop()
     plan.settings = {"workers": n, "rounds": plan.rounds, "window_s": plan.window}
-    return [Throughput(c.key, c.model, c.image, c.clients, k, round(statistics.median(v), 1), [round(x, 1) for x in v])
+    return [Throughput(c.key, c.model, c.image, c.clients, k, round(statistics.median(w["img_per_s"] or 0.0 for w in v), 1),
+                       [round(w["img_per_s"] or 0.0, 1) for w in v], median_of(v, "cores"))
             for c in cases for k, v in c.rows.items()]
 
 
