@@ -24,7 +24,7 @@ from effnet_serve.api.tracing import RequestTracing, client_request_id
 from effnet_serve.core import tracing
 from effnet_serve.core.config import Settings
 from prerequisites import require_module
-from serving_helpers import TEST_WORKERS, LiveServer, encode, live_server, make_live_server, photo
+from serving_helpers import LiveServer, encode, live_server, make_live_server, photo
 
 KEY = {"X-API-Key": "k3y"}
 JPEG = {"Content-Type": "image/jpeg"}
@@ -340,9 +340,8 @@ def test_a_classify_request_is_one_span_tree(traced, exporter):
     assert root.attributes["http.request.method"] == "POST" and root.attributes["url.path"] == "/classify"
 
     by_name = {s.name: s for s in children}
-    # With worker processes, stage one of admission is a round trip of its own (`open`).
-    split = ["open"] if TEST_WORKERS > 1 else []
-    assert sorted(by_name) == sorted(["admission", "answer", "body", "decode", "inference", "queue", "submit", *split])
+    # With worker processes too: a request alone in its worker asks for both stages of admission in one message.
+    assert sorted(by_name) == sorted(["admission", "answer", "body", "decode", "inference", "queue", "submit"])
     for s in children:  # every one a direct child of the request, inside it
         assert s.parent.span_id == root.context.span_id
         assert root.start_time <= s.start_time <= s.end_time <= root.end_time, s.name
@@ -381,9 +380,7 @@ def test_a_v2_tensor_request_is_traced(traced, exporter):
     assert r.status_code == 200, r.text
     root, children = _trace_of(exporter, "trace-v2")
     assert root.attributes["effnet.model"] == "tiny" and root.attributes["effnet.images"] == 1
-    split = ["open"] if TEST_WORKERS > 1 else []
-    assert sorted(s.name for s in children) == sorted(["admission", "answer", "body", "inference", "parse", "queue",
-                                                       "submit", *split])
+    assert sorted(s.name for s in children) == sorted(["admission", "answer", "body", "inference", "parse", "queue", "submit"])
 
 
 def test_a_refused_request_has_its_status_and_no_inference(traced, exporter):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from effnet_serve.core.config import Settings
-from effnet_serve.core.errors import BadRequest, Overloaded, Unavailable, UnknownModel
+from effnet_serve.core.errors import BadRequest, ImageError, Overloaded, Unavailable, UnknownModel
 from effnet_serve.engine.link import shm
 from effnet_serve.engine.link.client import RemotePlane
 from effnet_serve.engine.link.server import EngineServer
@@ -157,6 +157,7 @@ def test_a_worker_that_goes_away_gives_back_what_it_held(repo, tmp_path):
 
     async def main():
         async with engine_with_workers(settings_for(repo, max_queue=3), tmp_path) as (plane, server, (w0, w1)):
+            w0.admit_alone = False  # open and reserve apart, so that it can die between two of them
             call = w0.open(w0.find("fake"))
             await call.__aenter__()
             await w0._call("reserve", call.tid, 3, call.view.version)  # all of the queue, and then it dies
@@ -332,5 +333,93 @@ def test_images_a_worker_decoded_are_recorded_as_in_one_process(repo, tmp_path):
             async with w0.open(w0.find("fake")) as call:
                 await call.tensors([x])  # ready tensors: nothing decoded, nothing recorded
             assert decode._sum.get() == pytest.approx(r.decode_s) and len(plane.stats.fresh("fake")) == 1
+
+    asyncio.run(main())
+
+
+def test_a_lone_request_asks_for_both_stages_at_once_and_is_recorded_as_any_other(repo, tmp_path):
+    """Nothing else in flight in the worker: open and reserve go as one message (admit), the decode meanwhile. The
+    answer equals the three-step one, the call is counted (200), and nothing is left held: no ticket, no room,
+    no arena space. A bad image is counted too (400), after the admission."""
+    jpeg = encode(photo((120, 90), seed=5))
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, server, (w0, w1)):
+            sent: list[str] = []
+            put = w0._link.put
+            w0._link.put = lambda m: (sent.append(m[2]) if m[0] == "call" else None, put(m))[1]
+            (one,) = await _classify(w0, [jpeg])
+            assert sent == ["admit", "submit"]  # two round trips, the first beside the decode
+            w1.admit_alone = False
+            (three,) = await _classify(w1, [jpeg])
+            np.testing.assert_allclose(one.probs, three.probs, rtol=1e-6)
+            batcher = plane.registry.entries["fake"].batcher
+            session = next(s for s in server.sessions if s.arena == w0.arena.name)
+            await settle(lambda: plane.metrics.requests.labels("fake", "200")._value.get() == 2)
+            await settle(lambda: not session.tickets)
+            assert plane.inflight["fake"] == 0 and batcher.room.reserved == 0
+            assert w0.arena.used == 0 and w0.in_flight == 0
+            with pytest.raises(ImageError) as bad:
+                await _classify(w0, [b"not an image"])
+            assert bad.value.status == 400
+            await settle(lambda: plane.metrics.requests.labels("fake", "400")._value.get() == 1)
+            await settle(lambda: not session.tickets and batcher.room.reserved == 0)
+            assert plane.inflight["fake"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_lone_request_refused_by_the_engine_answers_the_refusal_not_its_decode(repo, tmp_path):
+    """A full queue refuses a lone request (503 with Retry-After) though its body, decoded meanwhile, is no image:
+    the engine's stage one comes first, as it does on the three-step path."""
+    s = settings_for(repo, max_queue=2, admission_wait_ms=50)
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, server, (w0, w1)):
+            room = plane.registry.entries["fake"].batcher.room
+            with room.reserve(2):  # the whole queue, held
+                with pytest.raises(Overloaded) as full:
+                    await _classify(w0, [b"not an image at all"])
+            assert full.value.status == 503 and int(full.value.headers["Retry-After"]) >= 1
+            await settle(lambda: plane.inflight["fake"] == 0)
+            assert plane.metrics.requests.labels("fake", "400")._value.get() == 0
+
+    asyncio.run(main())
+
+
+def test_a_lone_request_whose_client_leaves_is_let_go_by_the_engine(repo, tmp_path):
+    """Cancelled while its image waits in the engine for a batch: the engine drops it before inference, counts it
+    as 499, and the worker's arena space comes back."""
+    s = settings_for(repo, max_batch=4, batch_wait="always", max_delay_ms=1000)
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, server, (w0, _w1)):
+            task = asyncio.ensure_future(_classify(w0, [encode(photo((40, 40)))]))
+            batcher = plane.registry.entries["fake"].batcher
+            await settle(lambda: batcher.depth == 1)  # queued, waiting for a batch that will not fill
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await settle(lambda: plane.metrics.requests.labels("fake", "499")._value.get() == 1)
+            await settle(lambda: w0.arena.used == 0)
+            assert plane.inflight["fake"] == 0 and batcher.room.reserved == 0
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_decoded_for_another_version_decodes_again_for_the_one_that_runs(repo, tmp_path):
+    """The engine runs another version than the worker's view, prepared differently (another crop): the answer
+    comes from the version that ran, on the image prepared for it, counted once."""
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, server, (w0, _w1)):
+            view = w0.find("fake")
+            from dataclasses import replace
+            old = view.manifest.model_copy(update={"preprocess": view.manifest.preprocess.model_copy(update={"crop": 16, "resize": 18})})
+            w0._views["fake"] = replace(view, version="an-older-one", manifest=old)
+            (r,) = await _classify(w0, [encode(photo((50, 50)))])
+            assert r.version == view.version
+            await settle(lambda: plane.metrics.requests.labels("fake", "200")._value.get() == 1)
+            assert plane.inflight["fake"] == 0
 
     asyncio.run(main())

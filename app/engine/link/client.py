@@ -5,6 +5,13 @@ model come from the last state the engine pushed (app/engine/link/server.py). A 
 trips (open, reserve, submit) and one message without an answer (close); its images are decoded here,
 between reserve and submit, and cross to the engine in this worker's shared-memory arena.
 
+A request that finds nothing else in flight in its worker asks for both stages at once (`admit`) once its
+body is in, and decodes while the answer comes: on a quiet service each round trip is a wake-up of two
+processes, and open and reserve were most of what two workers added to one process's latency. Its body is
+read before stage one (which a worker with nothing else in flight can afford), but nothing of it is used
+before the engine admitted it: a refusal is the answer even when the decode failed, and a decode made
+for a version the engine then says it does not run is made again.
+
 If the engine goes away, every call waiting on it fails with 503 at once and readiness turns false; the
 supervisor (app/supervisor.py) then stops the service, so that the orchestrator restarts it.
 """
@@ -56,6 +63,8 @@ class RemotePlane:
         self._pending: dict[int, asyncio.Future] = {}
         self._link: Link | None = None
         self.lost = False
+        self.in_flight = 0  # RemoteCalls open in this worker: one alone asks for both stages at once (module docstring)
+        self.admit_alone = True  # False: every call takes open and reserve apart (tests of those steps)
 
     # --- the link --------------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> None:
@@ -216,11 +225,28 @@ class RemoteCall:
         self.plane, self.view, self.arrived, self.timeout_s = plane, view, arrived, timeout_s
         self.tid: int | None = None
         self._skipped = 0
+        self._alone = False  # nothing else in flight here when it began: both stages at once, later (module docstring)
+
+    def _elapsed(self) -> float:
+        return asyncio.get_running_loop().time() - self.arrived
 
     async def __aenter__(self) -> RemoteCall:
         plane = self.plane
-        elapsed = asyncio.get_running_loop().time() - self.arrived
-        mid, fut = plane._request("open", self.view.name, elapsed, self.timeout_s, self.view.version)
+        plane.in_flight += 1
+        if plane.in_flight == 1 and plane.admit_alone:
+            self._alone = True
+            return self
+        try:
+            await self._open()
+        except BaseException:
+            plane.in_flight -= 1
+            raise
+        return self
+
+    async def _open(self) -> None:
+        plane = self.plane
+        self._alone = False
+        mid, fut = plane._request("open", self.view.name, self._elapsed(), self.timeout_s, self.view.version)
         try:
             with tracing.span("open"):  # a round trip to the engine: stage one of admission
                 self.tid, fresh = await asyncio.shield(fut)
@@ -231,9 +257,15 @@ class RemoteCall:
             fut.add_done_callback(plane._close_late)
             raise
         self.view = plane._current(self.view, fresh)
-        return self
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._alone and exc is not None and not isinstance(exc, (asyncio.CancelledError, ClientGone)):
+                # It failed here before the engine heard of it (a body that does not parse, say): a refusal the
+                # engine has (draining, not ready, full) is still the answer, and the call is counted either way.
+                await self._open()
+        finally:
+            self.plane.in_flight -= 1
         if self.tid is None:
             return
         if isinstance(exc, (asyncio.CancelledError, ClientGone)):  # 499 in the engine's metrics, not 500
@@ -249,7 +281,29 @@ class RemoteCall:
         tracing.annotate(images=n, version=self.view.version)
         return self.view
 
+    def _admit(self, n: int) -> tuple[int, asyncio.Future]:
+        """Both stages in one message (the module docstring): the request's id and the answer to come."""
+        self._alone = False
+        return self.plane._request("admit", self.view.name, self._elapsed(), self.timeout_s, self.view.version, n)
+
+    async def _admitted(self, mid: int, fut: asyncio.Future, n: int) -> ModelView:
+        plane = self.plane
+        try:
+            with tracing.span("admission", images=n):  # one round trip: both stages of admission
+                self.tid, fresh = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            plane._tell("drop", mid)
+            fut.add_done_callback(plane._close_late)
+            raise
+        self.view = plane._current(self.view, fresh)
+        tracing.annotate(images=n, version=self.view.version)
+        return self.view
+
     async def images(self, data: list[bytes]) -> list[ImageResult]:
+        if self._alone and len(data) <= (self.view.max_batch or 1):  # decoding early is for what one batch takes
+            return await self._images_alone(data)
+        if self._alone:
+            await self._open()
         view = await self._reserve(len(data))
         plane = self.plane
         try:
@@ -261,7 +315,36 @@ class RemoteCall:
             raise
         return await self._submit([p.tensor for p in prepared], [(p.decode_s, p.preprocess_s) for p in prepared])
 
+    async def _images_alone(self, data: list[bytes]) -> list[ImageResult]:
+        view, n = self.view, len(data)
+        mid, fut = self._admit(n)
+        decoding = asyncio.ensure_future(self._decode(view, data))
+        try:
+            admitted = await self._admitted(mid, fut, n)
+        except BaseException:  # refused (or the client left): that is the answer, whatever the decode gives
+            decoding.cancel()
+            decoding.add_done_callback(_retrieve)
+            raise
+        try:
+            prepared = await decoding
+        except asyncio.CancelledError:
+            self._skipped += n
+            raise
+        if admitted.spec.preprocess != view.spec.preprocess:  # the engine runs a version prepared differently
+            prepared = await self._decode(admitted, data)
+        return await self._submit([p.tensor for p in prepared], [(p.decode_s, p.preprocess_s) for p in prepared])
+
+    async def _decode(self, view: ModelView, data: list[bytes]) -> list:
+        plane = self.plane
+        return await decode_all(plane.decode_pool, data, view.spec.preprocess, plane.settings.max_image_pixels,
+                                plane.memory, view.name, plane.settings.max_request_pixels)
+
     async def tensors(self, xs: list[np.ndarray]) -> list[ImageResult]:
+        if self._alone and len(xs) <= (self.view.max_batch or 1):
+            await self._admitted(*self._admit(len(xs)), len(xs))
+            return await self._submit(xs, None)
+        if self._alone:
+            await self._open()
         await self._reserve(len(xs))
         return await self._submit(xs, None)
 
@@ -312,6 +395,12 @@ class RemoteCall:
         ]
         tracing.batch_spans(submitted, results, model=view.name, model_version=view.version)
         return results
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """A decode nobody waits for any more: its outcome is read, so that asyncio does not log it as lost."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _abandoned(fut: asyncio.Future, arena: Arena, held: list[tuple[int, int]]) -> None:

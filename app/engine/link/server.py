@@ -1,7 +1,8 @@
 """The engine's side of the link: one session per worker process, each serving the data plane's verbs.
 
 A worker's request goes through the same `Call` as in a single process (app/engine/dataplane.py), in the
-same order, one verb per step: `open` (stage one), `reserve` (stage two, before the worker decodes),
+same order, one verb per step: `open` (stage one), `reserve` (stage two, before the worker decodes; `admit`
+is both at once, for a worker with nothing else in flight),
 `submit` (the tensors, read from the worker's arena, batched with every other worker's), `close` (status
 and duration recorded once). So admission, queue room, deadlines and metrics mean what they mean in one
 process, and batches form across workers.
@@ -146,7 +147,7 @@ class EngineServer:
                 task = asyncio.get_running_loop().create_task(self._answer(s, mid, verb, args))
                 s.tasks.add(task)
                 task.add_done_callback(s.tasks.discard)
-                if verb == "open":  # its client may leave while it waits for room: see "drop"
+                if verb in ("open", "admit"):  # its client may leave while it waits for room: see "drop"
                     s.opening[mid] = task
                     task.add_done_callback(functools.partial(_forget_opening, s.opening, mid))
             elif kind == "tell":
@@ -238,6 +239,17 @@ class EngineServer:
         s.tickets[tid] = _Ticket(call)
         return tid, self._view_unless_known(call, known)
 
+    async def admit(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: str | None, n: int):
+        """open and reserve in one message, for a worker with nothing else in flight that decodes meanwhile
+        (client.py, RemoteCall): the ticket, and the view if another version. A refused reservation closes the
+        call here, since the worker never learns its ticket."""
+        tid, fresh = await self.open(s, name, elapsed_s, timeout_s, known)
+        try:
+            return tid, await self.reserve(s, tid, n, known) or fresh
+        except BaseException as exc:
+            self._close(s, tid, ClientGone("the client went away") if isinstance(exc, asyncio.CancelledError) else exc, 0)
+            raise
+
     async def reserve(self, s: _Session, tid: int, n: int, known: str | None):
         t = s.tickets[tid]
         t.task = asyncio.current_task()  # a close while it waits cancels it (its room goes back)
@@ -293,5 +305,5 @@ class EngineServer:
 
 
 VERBS = {name: getattr(EngineServer, name) for name in (
-    "hello", "open", "reserve", "submit", "route_info", "index", "load", "unload", "metrics_text", "view",
+    "hello", "open", "admit", "reserve", "submit", "route_info", "index", "load", "unload", "metrics_text", "view",
 )}
