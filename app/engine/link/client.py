@@ -247,9 +247,14 @@ class RemoteCall:
         plane = self.plane
         self._alone = False
         mid, fut = plane._request("open", self.view.name, self._elapsed(), self.timeout_s, self.view.version)
+        with tracing.span("open"):  # a round trip to the engine: stage one of admission
+            await self._ticket(mid, fut)
+
+    async def _ticket(self, mid: int, fut: asyncio.Future) -> None:
+        """The engine's answer to an open (or admit): this call's ticket, and the view it runs on."""
+        plane = self.plane
         try:
-            with tracing.span("open"):  # a round trip to the engine: stage one of admission
-                self.tid, fresh = await asyncio.shield(fut)
+            self.tid, fresh = await asyncio.shield(fut)
         except asyncio.CancelledError:
             # The client left while the engine waits for room on its behalf: it stops waiting, and a call it
             # opened in the same instant is closed as soon as its answer arrives.
@@ -287,15 +292,8 @@ class RemoteCall:
         return self.plane._request("admit", self.view.name, self._elapsed(), self.timeout_s, self.view.version, n)
 
     async def _admitted(self, mid: int, fut: asyncio.Future, n: int) -> ModelView:
-        plane = self.plane
-        try:
-            with tracing.span("admission", images=n):  # one round trip: both stages of admission
-                self.tid, fresh = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            plane._tell("drop", mid)
-            fut.add_done_callback(plane._close_late)
-            raise
-        self.view = plane._current(self.view, fresh)
+        with tracing.span("admission", images=n):  # one round trip: both stages of admission
+            await self._ticket(mid, fut)
         tracing.annotate(images=n, version=self.view.version)
         return self.view
 
