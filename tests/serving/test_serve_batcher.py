@@ -350,6 +350,7 @@ def test_clients_answered_together_are_batched_together_again():
     model = Recorder(gate)
 
     async def main():
+        loop = asyncio.get_running_loop()
         b = Batcher("m", model, max_batch=8, max_delay_s=5.0, max_queue=100)
         b.start()
 
@@ -366,13 +367,16 @@ def test_clients_answered_together_are_batched_together_again():
         await asyncio.sleep(0.01)
         assert b.depth == 2
         gate.set()
+        t0 = loop.time()
         sizes = await asyncio.gather(*first, *second)
+        waited = loop.time() - t0
         await b.stop()
-        return sizes
+        return sizes, waited
 
-    sizes = run(main())
+    sizes, waited = run(main())
     assert model.shapes == [2, 4]  # not [2, 2, 2]: the queued pair waited for the pair just answered
     assert sizes == [[2, 4], [2, 4], [4], [4]]
+    assert waited < 2.5  # and no longer than for them: the delay is 5 s (a bound, not a speed goal)
 
 
 def test_after_a_run_the_queue_waits_for_the_answered_clients_at_most_the_delay():
