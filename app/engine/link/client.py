@@ -303,11 +303,8 @@ class RemoteCall:
         if self._alone:
             await self._open()
         view = await self._reserve(len(data))
-        plane = self.plane
         try:
-            prepared = await decode_all(plane.decode_pool, data, view.spec.preprocess,
-                                        plane.settings.max_image_pixels, plane.memory, view.name,
-                                        plane.settings.max_request_pixels)
+            prepared = await self._decode(view, data)
         except asyncio.CancelledError:
             self._skipped += len(data)
             raise
@@ -396,7 +393,7 @@ class RemoteCall:
 
 
 def _retrieve(fut: asyncio.Future) -> None:
-    """A decode nobody waits for any more: its outcome is read, so that asyncio does not log it as lost."""
+    """A future nobody waits for any more: its outcome is read, so that asyncio does not log it as lost."""
     if not fut.cancelled():
         fut.exception()
 
@@ -404,8 +401,7 @@ def _retrieve(fut: asyncio.Future) -> None:
 def _abandoned(fut: asyncio.Future, arena: Arena, held: list[tuple[int, int]]) -> None:
     """The engine answered a submit nobody waits for any more: its space goes back, its answer is dropped."""
     _free(arena, held)
-    if not fut.cancelled():
-        fut.exception()  # retrieved, so that asyncio does not log it as lost
+    _retrieve(fut)
 
 
 def _free(arena: Arena, held: list[tuple[int, int]]) -> None:
