@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing.connection
 import os
 import signal
 
@@ -85,6 +86,12 @@ def test_close_leaves_no_worker_process_behind_even_one_that_cannot_take_the_sto
     for p in processes:
         os.kill(p.pid, signal.SIGSTOP)
     worker.close()
-    for p in processes:
-        p.join(timeout=10)
-        assert not p.is_alive(), "the JSON worker outlived close()"
+    # Each process's sentinel is ready once it has died, whoever reaps it: the executor's own thread joins
+    # these processes too, and is_alive() reads "alive" when that thread reaped it first (seen once in CI).
+    try:
+        for p in processes:
+            assert multiprocessing.connection.wait([p.sentinel], timeout=10), "the JSON worker outlived close()"
+    finally:  # a failure must not leave a stopped child for pytest's exit to wait on forever
+        for p in processes:
+            if p.exitcode is None:
+                p.kill()
