@@ -154,12 +154,13 @@ class Reservation:
     def __init__(self, batcher: Batcher, room: QueueRoom, n: int) -> None:
         self._batcher, self._room, self._left = batcher, room, n
 
-    async def submit(self, xs, arrived: float | None = None, timeout_s: float | None = None):
+    async def submit(self, xs, arrived: float | None = None, timeout_s: float | None = None, done=None):
+        """`done`: a hook per image for the inference thread (batcher.py, `_Item.done`)."""
         if len(xs) > self._left:
             raise ValueError(f"{len(xs)} images submitted on a reservation of {self._left}")
         self._left -= len(xs)
         self._room.reserved -= len(xs)
-        return await self._batcher.enqueue_reserved(xs, arrived, timeout_s)
+        return await self._batcher.enqueue_reserved(xs, arrived, timeout_s, done)
 
     def release(self) -> None:
         if self._left:

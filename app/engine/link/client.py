@@ -12,6 +12,9 @@ read before stage one (which a worker with nothing else in flight can afford), b
 before the engine admitted it: a refusal is the answer even when the decode failed, and a decode made
 for a version the engine then says it does not run is made again.
 
+A submit's answer usually comes over a second channel, straight from the engine's inference thread
+(answers.py): the worker's `Inbox`, read on this loop like the link.
+
 If the engine goes away, every call waiting on it fails with 503 at once and readiness turns false; the
 supervisor (app/supervisor.py) then stops the service, so that the orchestrator restarts it.
 """
@@ -36,6 +39,7 @@ from ...core.limits import cores
 from ...core.errors import ApiError, ClientGone, OverBudget, Unavailable, UnknownModel
 from ..batcher import softmax
 from ..facade import ImageResult, ModelView, Readiness, RouteInfo
+from .answers import Inbox
 from .server import State
 from .shm import Arena, ArenaFull
 from .wire import Link, LinkClosed
@@ -62,6 +66,7 @@ class RemotePlane:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._link: Link | None = None
+        self.inbox: Inbox | None = None  # direct answers from the engine's inference threads (answers.py)
         self.lost = False
         self.in_flight = 0  # RemoteCalls open in this worker: one alone asks for both stages at once (module docstring)
         self.admit_alone = True  # False: every call takes open and reserve apart (tests of those steps)
@@ -79,11 +84,19 @@ class RemotePlane:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.05)
-        self._apply(await self._call("hello", os.getpid(), self.arena.name))
+        inbox = Inbox.listen(os.path.dirname(self.socket_path))
+        self._apply(await self._call("hello", os.getpid(), self.arena.name, inbox.path if inbox else None))
+        if inbox is not None:
+            if inbox.accept(self._on_message):
+                self.inbox = inbox
+            else:
+                inbox.close()
 
     async def close(self) -> None:
         if self._link is not None:
             self._link.close()
+        if self.inbox is not None:
+            self.inbox.close()
 
     def _on_message(self, message: tuple) -> None:
         kind = message[0]

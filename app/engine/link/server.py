@@ -7,6 +7,9 @@ is both at once, for a worker with nothing else in flight),
 and duration recorded once). So admission, queue room, deadlines and metrics mean what they mean in one
 process, and batches form across workers.
 
+A submit is answered by the inference thread that ran its images, straight to the worker (answers.py), unless
+something went wrong; the loop then answers it here, and does every submit's bookkeeping after the answer.
+
 A request whose client leaves is let go wherever it waits: an `open` still waiting for room is dropped
 ("drop"), a reserve or submit still waiting is cancelled when its call is closed, so no room is ever
 granted to a call nobody will use.
@@ -31,12 +34,20 @@ from typing import Any
 from ...core.errors import ClientGone, ShuttingDown
 from ..dataplane import Call, DataPlane, view_of
 from ..facade import ModelView, Readiness
+from .answers import Answer, Outbox
 from .shm import Regions
 from .wire import Link, LinkClosed, safe_exception
 
 log = logging.getLogger("effnet.engine")
 
 PUSH_EVERY_S = 0.05  # how stale a worker's view of readiness and models may get
+
+
+class _Answered(Exception):
+    """A submit the inference thread already answered: the loop must not answer it again."""
+
+
+ANSWERED = object()  # what a verb returns when its answer already left (answers.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,13 @@ class _Ticket:
     call: Call
     room: Any = None  # the Reservation, once reserved
     task: asyncio.Task | None = None  # the reserve or submit in progress (a close cancels it)
+    answer: Answer | None = None  # the submit's, once it is queued
+
+    def cancel(self) -> None:
+        """Stop a reserve or submit that waits. A submit the inference thread answered is not waiting: its
+        task only records what ran (the routing sample, the stage metrics) and must finish."""
+        if self.task is not None and not (self.answer is not None and self.answer.sent):
+            self.task.cancel()
 
 
 def _forget_opening(opening: dict[int, asyncio.Task], mid: int, _task: asyncio.Task) -> None:
@@ -74,6 +92,7 @@ class _Session:
     link: Link
     arena: str | None = None
     worker_pid: int | None = None
+    outbox: Outbox | None = None  # the worker's answer channel (answers.py), when it has one
     tickets: dict[int, _Ticket] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
     opening: dict[int, asyncio.Task] = field(default_factory=dict)  # message id -> an `open` still waiting
@@ -176,15 +195,22 @@ class EngineServer:
             log.info("worker %s left", s.worker_pid)
         if s.arena is not None:
             self.regions.detach(s.arena)
+        if s.outbox is not None:
+            s.outbox.close()
 
     async def _answer(self, s: _Session, mid: int, verb: str, args: tuple) -> None:
         try:
-            value = await VERBS[verb](self, s, *args)
+            # submit alone needs the message's id: the inference thread may answer it (answers.py)
+            value = await (self.submit(s, *args, mid=mid) if verb == "submit" else VERBS[verb](self, s, *args))
+        except _Answered:
+            return
         except asyncio.CancelledError:
             s.send(("err", mid, ShuttingDown("the engine dropped the request")))
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
             s.send(("err", mid, safe_exception(exc)))
+            return
+        if value is ANSWERED:
             return
         try:
             s.send(("ok", mid, value))
@@ -197,8 +223,8 @@ class EngineServer:
             self._close(s, *args)
         elif verb == "cancel":
             t = s.tickets.get(args[0])
-            if t is not None and t.task is not None:
-                t.task.cancel()
+            if t is not None:
+                t.cancel()
         elif verb == "drop":  # an `open` whose client left: out of the line for room (recorded as 499)
             task = s.opening.pop(args[0], None)
             if task is not None:
@@ -217,8 +243,7 @@ class EngineServer:
         t = s.tickets.pop(tid, None)
         if t is None:
             return
-        if t.task is not None:  # a reserve or submit still waiting: it would hold room for nobody
-            t.task.cancel()
+        t.cancel()  # a reserve or submit still waiting: it would hold room for nobody
         if t.room is not None:
             t.room.release()
         if skipped:
@@ -226,8 +251,11 @@ class EngineServer:
         t.call._close(exc)
 
     # --- verbs ---------------------------------------------------------------------------
-    async def hello(self, s: _Session, worker_pid: int, arena: str) -> State:
+    async def hello(self, s: _Session, worker_pid: int, arena: str, answers: str | None = None) -> State:
+        """`answers`: the worker's listener for direct answers, connected before this answer leaves."""
         s.worker_pid, s.arena = worker_pid, arena
+        if answers is not None and s.outbox is None:
+            s.outbox = Outbox.connect(answers)
         return state_of(self.plane)
 
     async def open(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: str | None):
@@ -265,23 +293,32 @@ class EngineServer:
         return None if call.entry.version == known else view_of(call.entry)
 
     async def submit(self, s: _Session, tid: int, inputs: list[tuple[int, tuple]], outputs: list[int],
-                     prep: list[tuple[float, float]] | None):
+                     prep: list[tuple[float, float]] | None, *, mid: int | None = None):
         t = s.tickets[tid]
         call, room = t.call, t.room
         arena = s.arena
         assert arena is not None  # hello, the session's first message, named it
         xs = [self.regions.array(arena, off, shape) for off, shape in inputs]
+        if s.outbox is not None and mid is not None:
+            classes = len(call.entry.spec.labels)  # what the worker made room for (a model with other rows: the loop says)
+            t.answer = Answer(mid, [self.regions.array(arena, off, (classes,)) for off in outputs], s.outbox)
         t.task = asyncio.current_task()
         try:
-            results = await room.submit(xs, call.arrived, call._timeout())
+            results = await room.submit(xs, call.arrived, call._timeout(), t.answer.hooks() if t.answer else None)
+        except BaseException:
+            if t.answer is not None and not t.answer.claim():
+                raise _Answered from None
+            raise
         finally:
             t.task = None
-        classes = results[0].logits.shape[0]
-        for off, r in zip(outputs, results):
-            self.regions.array(arena, off, (classes,))[:] = r.logits
+        answered = t.answer is not None and not t.answer.claim()
+        if not answered:
+            classes = results[0].logits.shape[0]
+            for off, r in zip(outputs, results):
+                self.regions.array(arena, off, (classes,))[:] = r.logits
         if prep is not None:
             call.record_prepared(call.entry.name, prep, results)
-        return [(r.queue_s, r.inference_s, r.batch_size) for r in results]
+        return ANSWERED if answered else [(r.queue_s, r.inference_s, r.batch_size) for r in results]
 
     async def route_info(self, s: _Session):
         return await self.plane.route_info()
