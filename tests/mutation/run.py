@@ -79,6 +79,7 @@ MODULES: dict[str, Module] = {
             "tests/serving/test_serve_batcher.py",
             "tests/serving/test_serve_batcher_mutants.py",
             "tests/serving/test_serve_devices.py",
+            "tests/serving/test_serve_answers.py",  # the inference thread's hooks and the room they free
         ),
     ),
     "manifest": Module(
@@ -106,6 +107,10 @@ MODULES: dict[str, Module] = {
             "tests/family/test_model_control.py",  # reloads: new work follows an entry's successor
             "tests/serving/test_serve_workers_link.py",  # the verbs as worker processes drive them
         ),
+    ),
+    "answers": Module(
+        "app/engine/link/answers.py",
+        ("tests/serving/test_serve_answers.py", "tests/serving/test_serve_workers_link.py"),
     ),
 }
 

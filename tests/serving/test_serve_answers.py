@@ -94,6 +94,7 @@ def test_the_channel_carries_whole_messages_and_refuses_what_does_not_fit(tmp_pa
         assert sorted(m[1] for m in got) == sorted(left)  # each whole, none twice, none that was refused
         assert all(m[2] == [m[1] % 100] * 50 for m in got) and inbox.received == len(left)
         outbox.close()
+        assert not outbox.send(("ok", 2, None))  # a closed channel refuses, and the loop answers
         inbox.close()
 
     asyncio.run(main())

@@ -40,10 +40,14 @@ MAX_DATAGRAM = 64 * 1024  # an answer is ~30 bytes per image; anything bigger go
 
 
 class Outbox:
-    """The engine's end of one worker's channel: non-blocking sends from any thread."""
+    """The engine's end of one worker's channel: non-blocking sends from any thread. A lock keeps `close` (the
+    loop, when the worker leaves) from releasing the descriptor while a thread sends on it: the number could
+    belong to another file by the time the send runs."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def connect(cls, path: str) -> Outbox | None:
@@ -62,14 +66,19 @@ class Outbox:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         if len(data) > MAX_DATAGRAM:
             return False
-        try:
-            self._sock.send(data, socket.MSG_DONTWAIT)
-        except OSError:
-            return False
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                self._sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                return False
         return True
 
     def close(self) -> None:
-        self._sock.close()
+        with self._lock:
+            self._closed = True
+            self._sock.close()
 
 
 class Answer:
