@@ -637,3 +637,24 @@ def test_new_work_follows_a_reload_to_the_successor(setup, tmp_path):
     new.batcher = None  # unloaded
     assert plane.current(old) is newest
     assert plane.current(newest) is newest
+
+
+def test_a_requests_images_share_one_pixel_allowance(tmp_path):
+    """EFFNET_MAX_REQUEST_PIXELS counts all of a request's images together: each of two 64x64 images (4096 px)
+    fits in 6000 pixels, both do not (413 before their pixels are decoded)."""
+    from effnet_serve.core.errors import PayloadTooLarge
+    from effnet_serve.engine.dataplane import decode_all
+    from effnet_serve.engine.memory import MemoryBudget
+
+    pp = load_manifest(write_model(tmp_path, "fake", crop=32, resize=36)).preprocess
+    data = [encode(photo((64, 64), seed=i), "PNG") for i in range(2)]
+
+    async def main(request_pixels):
+        with ThreadPoolExecutor(2) as pool:
+            return await decode_all(pool, data, pp, 10**7, MemoryBudget(256 << 20), "fake", request_pixels)
+
+    assert len(asyncio.run(main(None))) == 2
+    assert len(asyncio.run(main(4096 * 2))) == 2
+    with pytest.raises(PayloadTooLarge) as caught:
+        asyncio.run(main(6000))
+    assert caught.value.status == 413

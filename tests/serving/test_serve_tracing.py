@@ -349,7 +349,7 @@ def test_a_classify_request_is_one_span_tree(traced, exporter):
     submit = by_name["submit"]
     assert submit.start_time <= by_name["queue"].start_time and by_name["inference"].end_time <= submit.end_time
     assert by_name["body"].attributes["effnet.bytes"] == len(jpeg)
-    assert by_name["decode"].attributes["effnet.images"] == 1
+    assert by_name["decode"].attributes["effnet.images"] == 1 and by_name["decode"].attributes["effnet.model"] == "tiny"
     inference = by_name["inference"]
     assert inference.attributes["effnet.model"] == "tiny" and inference.attributes["effnet.model_version"] == version
     assert inference.attributes["effnet.batch_size"] == 1 and inference.attributes["effnet.images"] == 1

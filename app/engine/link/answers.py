@@ -47,7 +47,6 @@ class Outbox:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._lock = threading.Lock()
-        self._closed = False
 
     @classmethod
     def connect(cls, path: str) -> Outbox | None:
@@ -67,17 +66,14 @@ class Outbox:
         if len(data) > MAX_DATAGRAM:
             return False
         with self._lock:
-            if self._closed:
-                return False
             try:
                 self._sock.send(data, socket.MSG_DONTWAIT)
-            except OSError:
+            except OSError:  # a full buffer, a worker gone, or closed here (the socket forgot its descriptor)
                 return False
         return True
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
             self._sock.close()
 
 
@@ -99,7 +95,7 @@ class Answer:
     def _image_done(self, i: int, row: np.ndarray, queue_s: float, inference_s: float, batch: int) -> None:
         out = self.outputs[i]
         with self._lock:
-            if self._claimed_by is not None or row.shape != out.shape:  # the loop answers (another shape: it says why)
+            if self._claimed_by is not None or row.shape != out.shape:  # the loop answers (another shape: as before)
                 return
             out[:] = row
             self._meta[i] = (queue_s, inference_s, batch)
