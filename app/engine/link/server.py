@@ -44,10 +44,7 @@ PUSH_EVERY_S = 0.05  # how stale a worker's view of readiness and models may get
 
 
 class _Answered(Exception):
-    """A submit the inference thread already answered: the loop must not answer it again."""
-
-
-ANSWERED = object()  # what a verb returns when its answer already left (answers.py)
+    """A submit the inference thread already answered (answers.py): the loop must not answer it again."""
 
 
 @dataclass(frozen=True)
@@ -210,8 +207,6 @@ class EngineServer:
         except BaseException as exc:  # noqa: BLE001 - every failure is the caller's answer
             s.send(("err", mid, safe_exception(exc)))
             return
-        if value is ANSWERED:
-            return
         try:
             s.send(("ok", mid, value))
         except Exception as exc:  # noqa: BLE001 - an answer that cannot cross: the caller must still hear
@@ -318,7 +313,9 @@ class EngineServer:
                 self.regions.array(arena, off, (classes,))[:] = r.logits
         if prep is not None:
             call.record_prepared(call.entry.name, prep, results)
-        return ANSWERED if answered else [(r.queue_s, r.inference_s, r.batch_size) for r in results]
+        if answered:
+            raise _Answered
+        return [(r.queue_s, r.inference_s, r.batch_size) for r in results]
 
     async def route_info(self, s: _Session):
         return await self.plane.route_info()
