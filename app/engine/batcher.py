@@ -347,7 +347,7 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(Result(row, queue_s, seconds, n, lrow))
 
-    def _infer(self, x: np.ndarray, batch: Sequence[_Item] = (), started: float = 0.0) -> tuple[np.ndarray, float, np.ndarray]:
+    def _infer(self, x: np.ndarray, batch: Sequence[_Item], started: float) -> tuple[np.ndarray, float, np.ndarray]:
         t0 = time.perf_counter()
         logits = self.run(x)
         seconds = time.perf_counter() - t0
