@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from .app import create_app
 from .http_protocol import bounded_http
 from ..core.config import Settings
+from ..core.log_limits import limit_client_triggered_logs
 from ..core.malloc import tune_malloc
 
 log = logging.getLogger("effnet.server")
@@ -93,7 +94,7 @@ def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.C
     tls: dict[str, Any] = {}
     if settings.tls_cert is not None and settings.tls_key is not None:  # HTTPS (gRPC uses the same files)
         tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app, host=host, port=port, workers=1, timeout_graceful_shutdown=math.ceil(settings.drain_s),
         log_level="info", access_log=False, lifespan="on",
         # Requests in progress: beyond this, new requests get uvicorn's 503 at once. Connections between
@@ -103,6 +104,8 @@ def _config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.C
         timeout_keep_alive=settings.keepalive_s,  # type: ignore[arg-type]  # uvicorn's call_later takes a float
         **tls,
     )
+    limit_client_triggered_logs()  # after uvicorn.Config, which configures uvicorn's loggers
+    return config
 
 
 def _quiet_signals() -> None:

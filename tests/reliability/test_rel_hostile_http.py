@@ -9,6 +9,8 @@
 * /v2/repository/* bodies go through the bounded body reader: 413 past the limit (declared or streamed),
   408 for a stalled one, in every control mode and before the 403 of load/unload.
 * The access log: a request id or a path cannot forge fields or lines.
+* Libraries' logs: bytes that are not HTTP and malformed multipart bodies, sent again and again, leave a few
+  lines per process, not one per request (app/core/log_limits.py).
 * TLS: with EFFNET_TLS_CERT/KEY the HTTP port speaks HTTPS only.
 
 The head tests run the real `effnet serve` (app/api/server.py's uvicorn config), with EFFNET_WORKERS set
@@ -35,6 +37,7 @@ from reliability_helpers import ServerProcess, check_error, read_response, recor
 from serving_helpers import TEST_WORKERS, make_live_server
 
 from effnet_serve.core.config import Settings
+from effnet_serve.core.log_limits import BURST
 
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
 LIVE = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -239,6 +242,32 @@ def test_the_access_log_cannot_be_forged(small_bodies, caplog):
     for line in lines:  # one `status=` and one `model=` each, the server's own
         assert line.count("status=") == 1 and line.count("model=") == 1 and "\n" not in line, line
     assert any(line.startswith("GET /status%3D500%20model%3Db7 model=- status=404 ") for line in lines), lines
+
+
+
+NOT_HTTP = b"NOT HTTP\x00\r\n\r\n"
+BAD_MULTIPART = b"--x\r\nGarbage\r\n\r\n"  # python-multipart: "Found invalid character 13 in header at 12"
+
+
+def test_a_client_cannot_write_a_log_line_per_bad_request(tiny_repo, tmp_path):
+    log_path = tmp_path / "server.log"
+    with server_process(_env(tiny_repo), log_path) as srv:
+        for _ in range(40):  # uvicorn logs each one ("Invalid HTTP request received.") and closes it
+            with _connect(srv.port) as sock:
+                sock.sendall(NOT_HTTP)
+                assert _closed_within(sock, 30)
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            for _ in range(40):
+                r = client.post("/classify", content=BAD_MULTIPART,
+                                headers={"content-type": "multipart/form-data; boundary=x"})
+                assert r.status_code == 400, r.text
+                assert check_error(r.status_code, r.headers, r.content)["message"] == "malformed multipart body"
+            assert client.get("/health/live").status_code == 200
+    log = log_path.read_text(errors="replace")
+    processes = max(1, TEST_WORKERS)  # each process keeps its own count
+    for line in ("Invalid HTTP request received", "Found invalid character"):
+        # The operator still sees that it happens: the first lines are kept.
+        assert 1 <= log.count(line) <= BURST * processes, (line, log.count(line), log[-3000:])
 
 
 # --- TLS --------------------------------------------------------------------------------------
