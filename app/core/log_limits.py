@@ -1,7 +1,8 @@
 """A bound on the log lines a client can make a library write.
 
 Some libraries log a warning for each bad input they see: uvicorn logs "Invalid HTTP request received." for
-every connection that sends bytes which are not HTTP, and python-multipart logs each malformed body. A client
+every connection that sends bytes which are not HTTP, and python-multipart logs each malformed body. So do
+we, for a V2 JSON body that breaks the parser in a way it did not foresee (app/api/v2/json_worker.py). A client
 could send those as fast as it can, and each costs it a few bytes while it costs us a line in the logs. The
 client already learns what was wrong (a 400, or a closed connection), and our access log records each request
 that reached the app. So these loggers keep a few lines per message in each window, and the next line let
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 
 # Loggers that write a line per bad input from a client (checked by tests/reliability/test_rel_hostile_logs.py).
-CLIENT_TRIGGERED = ("uvicorn.error", "python_multipart.multipart")
+CLIENT_TRIGGERED = ("uvicorn.error", "python_multipart.multipart", "effnet.v2")
 BURST = 5  # lines of one message per window
 WINDOW_S = 60.0
 
@@ -54,7 +55,8 @@ class RepeatLimit(logging.Filter):
 
 def limit_client_triggered_logs(burst: int = BURST, window_s: float = WINDOW_S) -> None:
     """Puts one RepeatLimit on each logger of CLIENT_TRIGGERED; again, it replaces the one there. Call after
-    uvicorn has configured its logging (uvicorn.Config does that)."""
+    uvicorn has configured its logging (uvicorn.Config does that), and in every process that parses client
+    bytes (the JSON worker's too)."""
     for name in CLIENT_TRIGGERED:
         logger = logging.getLogger(name)
         for old in [f for f in logger.filters if isinstance(f, RepeatLimit)]:

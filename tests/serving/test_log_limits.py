@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from effnet_serve.api.v2.json_worker import JsonWorker
 from effnet_serve.core.log_limits import CLIENT_TRIGGERED, RepeatLimit, limit_client_triggered_logs
 
 
@@ -73,3 +74,17 @@ def test_the_limit_is_put_once_on_each_logger_a_client_can_reach(client_loggers)
     finally:
         logger.removeHandler(handler)
     assert len(seen) == 2
+
+
+def limits_on(name: str) -> list[str]:
+    return [type(f).__name__ for f in logging.getLogger(name).filters]
+
+
+def test_the_json_worker_process_limits_its_logs_too():
+    """Big V2 JSON bodies are parsed in a process of their own (app/api/v2/json_worker.py), whose logging
+    starts afresh: the limit is put on there as it starts."""
+    worker = JsonWorker()
+    try:
+        assert worker._running_pool().submit(limits_on, "effnet.v2").result(timeout=120) == ["RepeatLimit"]
+    finally:
+        worker.close()

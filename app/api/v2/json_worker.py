@@ -25,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .codec import InferInput, parse_infer
 from ...core.errors import ApiError, BadRequest, Overloaded, Unavailable
+from ...core.log_limits import limit_client_triggered_logs
 from ...engine.manifest import Manifest
 
 log = logging.getLogger("effnet.v2")
@@ -133,7 +134,8 @@ class JsonWorker:
     def _running_pool(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=limit_client_triggered_logs)
             return self._pool
 
     def close(self) -> None:
