@@ -237,10 +237,16 @@ def _fp32_rows(t, name, shape, size, raw, manifest: Manifest, max_images: int) -
             raise BadRequest(f"input {name!r}: {size} bytes of binary data for {count} FP32 values")
         x = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     else:
+        numbers = BadRequest(f"input {name!r}: 'data' must hold numbers, flat or nested as its shape")
         try:  # nested as the shape, or flat: numpy walks it in C
-            x = np.asarray(t["data"], dtype=np.float32).reshape(-1)
+            values = np.asarray(t["data"])
         except (TypeError, ValueError):
-            raise BadRequest(f"input {name!r}: 'data' must hold numbers, flat or nested as its shape") from None
+            raise numbers from None
+        # Only numbers: asked for float32 straight away, numpy would turn a null into NaN (an answer of nulls,
+        # with 200), read "1.5" as text into 1.5, and true as 1.
+        if values.dtype.kind not in "iuf":
+            raise numbers
+        x = values.astype(np.float32).reshape(-1)
         if x.size != count:
             raise BadRequest(f"input {name!r}: {x.size} values in 'data' for shape {shape}")
     # NaN and infinities are passed on, as Triton does: perf_analyzer's default random input is arbitrary
