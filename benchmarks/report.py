@@ -142,12 +142,12 @@ def service_section(res: Results) -> str:
            "gRPC's). *ORT, raw*: the default session's CPU per image at batch 1 / 8 in the raw phase.\n"]
     rows = []
     for w in service:
-        if not (sp := stage_split(w)):
+        if not (split := stage_split(w)):
             continue
-        outside = {k: v for k, v in sp.items() if k != "ORT"}
+        ort, outside = split
         raw = " / ".join(f(t.cpu_ms_per_img) for b in (1, 8) if (t := res.ort("raw", w.model, "default", b)))
         rows.append([w.model, w.input, w.body, str(w.clients), f(w.server_cpu_ms_per_img), *(f(v) for v in outside.values()),
-                     f(sum(outside.values())), f(sp["ORT"]), raw or "–", max(outside, key=outside.__getitem__)])
+                     f(sum(outside.values())), f(ort), raw or "–", max(outside, key=outside.__getitem__)])
     out.append(table(["model", "input", "body", "N", "server CPU ms/img", "HTTP + answer", "decode", "preprocess", "engine loop",
                       "other", "outside ORT", "ORT", "ORT, raw b1 / b8", "largest outside ORT"], rows) + "\n")
     over = []

@@ -14,14 +14,13 @@ VS_CEILING = {"b0": 0.90, "b4": 0.95}  # (1) service / raw ORT default session a
 VS_LITSERVE = {"model-res": 1.2, "photo": 2.0}  # (2)
 RSS_LIMIT_GIB = 2.5  # (3)
 P50_SLACK_MS = 2.0  # (4)
-ORT_STAGES = ("inference threads", "ORT workers")
 
 
 @dataclass
 class Check:
     goal: str
-    status: str  # met | missed | unmeasured | reported
-    numbers: str
+    status: str = "unmeasured"  # met | missed | unmeasured | reported
+    numbers: str = "not in this run"
 
 
 def verdict(ok: bool) -> str:
@@ -48,7 +47,7 @@ def vs_ceiling(res: Results) -> list[Check]:
         w = res.service(m, "model-res", res.top_n)
         ref, where = ceiling(res, m, w) if w else (None, "")
         if not w or not w.img_per_s or not ref:
-            out.append(Check(goal, "unmeasured", "not in this run"))
+            out.append(Check(goal))
             continue
         mp = res.service(m, "model-res", res.top_n, "multipart")
         extra = f"; multipart body {mp.img_per_s:.1f} img/s = {mp.img_per_s / ref:.2f}" if mp and mp.img_per_s else ""
@@ -64,7 +63,7 @@ def vs_litserve(res: Results) -> list[Check]:
         goal = f"(2) {res.head}: ≥ {limit:g}× the LitServe peer on {label}, {res.top_n} clients"
         s, p = res.service(res.head, kind, res.top_n, "multipart"), res.window("litserve", res.head, kind, res.top_n)
         if not s or not p or not s.img_per_s or not p.img_per_s:
-            out.append(Check(goal, "unmeasured", "not in this run"))
+            out.append(Check(goal))
             continue
         out.append(Check(goal, verdict(s.img_per_s / p.img_per_s >= limit),
                          f"{s.img_per_s:.1f} vs {p.img_per_s:.1f} img/s = **{s.img_per_s / p.img_per_s:.2f}×** (the same multipart body)"))
@@ -91,7 +90,7 @@ def p50_one_client(res: Results) -> list[Check]:
         goal = f"(4) {m}: p50 at 1 client ≤ raw batch-1 latency (default session) + {P50_SLACK_MS:g} ms, model-resolution JPEGs"
         w = res.service(m, "model-res", 1)
         if not w or w.p50_ms is None or w.raw_batch != 1 or w.raw_ms_p50 is None:
-            out.append(Check(goal, "unmeasured", "not in this run"))
+            out.append(Check(goal))
             continue
         limit = w.raw_ms_p50 + P50_SLACK_MS
         out.append(Check(goal, verdict(w.p50_ms <= limit),
@@ -100,26 +99,26 @@ def p50_one_client(res: Results) -> list[Check]:
     return out
 
 
-def stage_split(w: LoadWindow) -> dict[str, float] | None:
-    """CPU ms per image by stage, the decode pool split into decode and preprocess by their wall times."""
+def stage_split(w: LoadWindow) -> tuple[float, dict[str, float]] | None:
+    """CPU ms per image: ORT's, and by stage outside it, the decode pool split into decode and preprocess by wall time."""
     st, t = w.stage_cpu_ms, w.timing_ms
     if not st:
         return None
     d, p = t.get("decode", 0.0), t.get("preprocess", 0.0)
     share = d / (d + p) if d + p > 0 else 0.5
-    return {"HTTP + answer (event loop)": st["event loop"], "decode": st["decode pool"] * share,
-            "preprocess": st["decode pool"] * (1 - share), "engine loop (batching, link)": st.get("engine loop", 0.0),
-            "other threads": st["other"], "ORT": sum(st[k] for k in ORT_STAGES)}
+    outside = {"HTTP + answer (event loop)": st["event loop"], "decode": st["decode pool"] * share,
+               "preprocess": st["decode pool"] * (1 - share), "engine loop (batching, link)": st.get("engine loop", 0.0),
+               "other threads": st["other"]}
+    return st["inference threads"] + st["ORT workers"], outside
 
 
 def outside_ort(res: Results) -> list[Check]:
     parts = []
     for kind in ("model-res", "photo"):
         w = res.service(res.head, kind, res.top_n)
-        sp = stage_split(w) if w else None
-        if w and sp and w.server_cpu_ms_per_img:
-            outside = {k: v for k, v in sp.items() if k != "ORT"}
-            parts.append(f"{kind}: {w.server_cpu_ms_per_img:.1f} ms/img in all, ORT {sp['ORT']:.1f}, outside ORT "
+        if w and w.server_cpu_ms_per_img and (split := stage_split(w)):
+            ort, outside = split
+            parts.append(f"{kind}: {w.server_cpu_ms_per_img:.1f} ms/img in all, ORT {ort:.1f}, outside ORT "
                          f"**{sum(outside.values()):.1f}** (" + ", ".join(f"{k} {v:.1f}" for k, v in outside.items())
                          + f"); largest: **{max(outside, key=outside.__getitem__)}**")
     return [Check(f"(5) CPU time per image outside ORT, per stage ({res.head}, {res.top_n} clients)",
@@ -202,10 +201,9 @@ def scaling(recs: list[Record], workers: int) -> list[Check]:
         rows = [t for t in of(recs, Throughput) if t.case == case]
         mine = next((t.img_per_s for t in rows if t.contender == f"service, {workers} workers"), None)
         base = max((t.img_per_s for t in rows if t.contender.startswith(baseline)), default=None)
-        check = Check(f"{case}: {workers} workers ≥ {goal:g}× {baseline}", "unmeasured", "not in this run")
-        if mine and base:
-            check.status, check.numbers = verdict(mine / base >= goal), f"{mine:.0f} vs {base:.0f} img/s = **{mine / base:.2f}×**"
-        out.append(check)
+        what = f"{case}: {workers} workers ≥ {goal:g}× {baseline}"
+        out.append(Check(what, verdict(mine / base >= goal), f"{mine:.0f} vs {base:.0f} img/s = **{mine / base:.2f}×**")
+                   if mine and base else Check(what))
     return out
 
 
@@ -219,7 +217,7 @@ def quiet(recs: list[Record]) -> list[Check]:
             goal = f"{model}, {case.split()[1]} client{'s' * (case != 'http 1')}: {'median' if what == 'p50_ms' else 'p99'} ≤ {limit:g}× serverless median"
             got = getattr(svc, what) if svc else None
             if not got or not base or not base.p50_ms:
-                out.append(Check(goal, "unmeasured", "not in this run"))
+                out.append(Check(goal))
                 continue
             x, how = paired(svc.windows, base.windows, what)
             x = x or got / base.p50_ms
