@@ -56,26 +56,24 @@ def header(res: Results) -> str:
              f"- **Date**: {run.started} → {run.finished} (measured run {run.run_s:.0f} s; building missing models beforehand "
              f"{run.build_s:.0f} s" + (f", PyTriton venv {run.pytriton_setup_s:.0f} s" if run.pytriton_setup_s is not None else "") + ")",
              f"- **Machine**: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB RAM; {m.get('platform')}"
-             + (f"; ISA: {m['isa']}" if m.get("isa") else "")]
-    if len(run.loadavg) == 2:
-        lines.append(f"- **Load**: 1-minute load average {run.loadavg[0]:.2f} at the start, {run.loadavg[1]:.2f} at the end; other "
-                     f"processes' CPU during the run {others:.0f}% of one core (the machine's busy time less this run's)")
-    lines.append(f"- **Versions**: Python {m.get('python')}, "
-                 + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v))
-    if m.get("git"):
-        lines.append(f"- **Code**: git {m['git']}")
-    if m.get("effnet_env"):
-        lines.append("- **EFFNET_* environment**: " + ", ".join(f"`{k}={v}`" for k, v in sorted(m["effnet_env"].items())))
-    lines += [f"- **Models**: {', '.join(run.models)} (random weights: the speed of real ones); matrix: {', '.join(run.full)}; "
-              f"loaded in the service: {', '.join(run.loaded)}; repository `{run.repo}`",
-              f"- **Method**: everything in one run on one machine, so ratios hold where absolute times drift. Load windows "
-              f"{run.window_s:g} s after {run.warmup_s:g} s of warm-up; raw ORT {run.raw_s:g} s per batch size. The load generator "
-              "(`benchmarks/loadgen.py`) runs in its own process: N closed-loop clients on keep-alive connections (raw asyncio "
-              "streams), each sending its next request when the previous answer is in.",
-              "- **Records**: every run's numbers are typed records appended to `benchmarks.jsonl` (`benchmarks/records.py`); "
-              "this file renders the latest. What each change bought, session by session: "
-              "[benchmarks-history.md](benchmarks-history.md), kept by hand.\n"]
-    return "\n".join(notes + lines)
+             + (f"; ISA: {m['isa']}" if m.get("isa") else ""),
+             f"- **Load**: 1-minute load average {run.loadavg[0]:.2f} at the start, {run.loadavg[1]:.2f} at the end; other "
+             f"processes' CPU during the run {others:.0f}% of one core (the machine's busy time less this run's)"
+             if len(run.loadavg) == 2 else None,
+             f"- **Versions**: Python {m.get('python')}, " + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v),
+             f"- **Code**: git {m['git']}" if m.get("git") else None,
+             "- **EFFNET_* environment**: " + ", ".join(f"`{k}={v}`" for k, v in sorted(m["effnet_env"].items()))
+             if m.get("effnet_env") else None,
+             f"- **Models**: {', '.join(run.models)} (random weights: the speed of real ones); matrix: {', '.join(run.full)}; "
+             f"loaded in the service: {', '.join(run.loaded)}; repository `{run.repo}`",
+             f"- **Method**: everything in one run on one machine, so ratios hold where absolute times drift. Load windows "
+             f"{run.window_s:g} s after {run.warmup_s:g} s of warm-up; raw ORT {run.raw_s:g} s per batch size. The load generator "
+             "(`benchmarks/loadgen.py`) runs in its own process: N closed-loop clients on keep-alive connections (raw asyncio "
+             "streams), each sending its next request when the previous answer is in.",
+             "- **Records**: every run's numbers are typed records appended to `benchmarks.jsonl` (`benchmarks/records.py`); "
+             "this file renders the latest. What each change bought, session by session: "
+             "[benchmarks-history.md](benchmarks-history.md), kept by hand.\n"]
+    return "\n".join(notes + [line for line in lines if line])  # None: a line this run has nothing for
 
 
 def raw_section(res: Results) -> str:
@@ -92,7 +90,7 @@ def raw_section(res: Results) -> str:
                      *(f"{s[b].img_per_s / d[b].img_per_s:.2f}" if d[b] and s.get(b) else "–" for b in (1, 8)),
                      " / ".join(f(d[b].cpu_ms_per_img) for b in (1, 8) if d[b]),
                      f"{mod.best_batch}" + ("" if mod.best_batch_written else " (not written)")])
-    bt = next(iter(res.of(BatchTable)), None)
+    bt = next(iter(res.of(BatchTable)), BatchTable("?", "?", {}))
     return (f"*Default session* (the ceiling): `onnxruntime.InferenceSession(path, providers=[\"CPUExecutionProvider\"])` with "
             f"`intra_op_num_threads={run.threads}` (the service's thread count) and nothing else set: ORT's arena per session, "
             f"memory patterns and spinning at their defaults. *Server's session*: `app.engine.sessions.create_session` as the "
@@ -102,8 +100,8 @@ def raw_section(res: Results) -> str:
             + table(["model", "px", "GMACs", "default b1", "default b8", *(f"server's b{b}" for b in sizes),
                      "server's ÷ default b1", "server's ÷ default b8", "ORT CPU ms/img, default b1 / b8", "best batch (server's)"], rows)
             + f"\n\nBest batch = the smallest size of the server's session within 3% of its highest throughput. Written to "
-            f"`{bt.path if bt else '?'}` under `\"{bt.device if bt else '?'}\"` (merged with what was there), which the server reads "
-            f"at start-up: {json.dumps(bt.written if bt else {})}. A model measured only at batch 1 and 2 gets an entry only when "
+            f"`{bt.path}` under `\"{bt.device}\"` (merged with what was there), which the server reads "
+            f"at start-up: {json.dumps(bt.written)}. A model measured only at batch 1 and 2 gets an entry only when "
             "batch 2 is already slower. *ORT CPU ms/img*: this process's CPU time over the timed runs per image (both ORT threads).\n")
 
 
@@ -337,16 +335,14 @@ def reliability_section(b: Bench, recs: list[Record]) -> str:
 
 def scaling_section(b: Bench, recs: list[Record]) -> str:
     n = b.settings["workers"]
-    cases: dict[str, dict[str, float]] = {}
-    busy: dict[str, dict[str, float | None]] = {}
+    cases: dict[str, dict[str, Throughput]] = {}
     for t in of(recs, Throughput):
-        cases.setdefault(f"{t.case} ({t.image}) | {t.clients}", {})[t.contender] = t.img_per_s
-        busy.setdefault(f"{t.case} ({t.image}) | {t.clients}", {})[t.contender] = t.cores
+        cases.setdefault(f"{t.case} ({t.image}) | {t.clients}", {})[t.contender] = t
     rows, ceilings, machine_cores = [], [], b.machine.get("cores") or n
-    for case, v in cases.items():
-        ls = max([x for k, x in v.items() if k.startswith("LitServe")], default=None)
-        one, many, free = v.get("service, 1 worker"), v.get(f"service, {n} workers"), v.get("serverless")
-        c1, cn = busy[case].get("service, 1 worker"), busy[case].get(f"service, {n} workers")
+    for case, by in cases.items():
+        ls = max([t.img_per_s for k, t in by.items() if k.startswith("LitServe")], default=None)
+        one, many, free = (by[k].img_per_s if k in by else None for k in ("service, 1 worker", f"service, {n} workers", "serverless"))
+        c1, cn = (by[k].cores if k in by else None for k in ("service, 1 worker", f"service, {n} workers"))
         rows.append([*case.split(" | "), *(f(x, 0) for x in (one, many, ls, free)), ratio(many, one), ratio(many, ls), ratio(many, free),
                      f"{c1:.2f} / {cn:.2f}" if c1 and cn else "–"])
         name = case.split(' (')[0]
