@@ -110,7 +110,8 @@ MODULES: dict[str, Module] = {
     ),
     "answers": Module(
         "app/engine/link/answers.py",
-        ("tests/serving/test_serve_answers.py", "tests/serving/test_serve_workers_link.py"),
+        ("tests/serving/test_serve_answers.py", "tests/serving/test_serve_answers_races.py",
+         "tests/serving/test_serve_workers_link.py"),
     ),
 }
 

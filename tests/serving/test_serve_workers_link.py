@@ -209,6 +209,7 @@ def test_arena_space_is_first_fit_and_merges_back(tmp_path):
         x = arena.array(arena.alloc(12), (3,))
         x[:] = [1, 2, 3]
         assert list(np.ndarray((3,), np.float32, arena.shm.buf, 0)) == [1, 2, 3]
+        del x  # an array of the arena holds its mapping (shm.float32_view): close() would leave it mapped
     finally:
         arena.close()
     assert not Path("/dev/shm", arena.name).exists()

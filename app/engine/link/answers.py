@@ -103,8 +103,12 @@ class Answer:
             if self._left == 0:
                 # Claimed before the send: the worker may answer back (close the call) before this thread runs again.
                 self._claimed_by = "thread"
-                if not self.outbox.send(("ok", self.mid, self._meta)):
-                    self._claimed_by = None
+                sent = False
+                try:
+                    sent = self.outbox.send(("ok", self.mid, self._meta))
+                finally:  # refused, or raised (the batcher logs it): the loop answers
+                    if not sent:
+                        self._claimed_by = None
 
     def claim(self) -> bool:
         """For the engine's loop: True when it is to answer (the thread has not), and from now on only it."""

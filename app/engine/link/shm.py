@@ -36,6 +36,16 @@ def segment_name(service_pid: int, worker_pid: int) -> str:
     return f"{PREFIX}-{service_pid}-{worker_pid}"
 
 
+def float32_view(shm: SharedMemory, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 array of `shape` at `offset` in `shm`, where it lies. np.frombuffer holds a buffer export on
+    the mapping for as long as the array (or a view of it) lives, so `shm.close()` raises BufferError until then;
+    np.ndarray(buffer=shm.buf) holds none with numpy 2, and a close would leave the array on unmapped memory
+    (the engine then dies of SIGSEGV as soon as it touches it)."""
+    buf = shm.buf
+    assert buf is not None  # only closed mappings have none, and none of ours is used once closed
+    return np.frombuffer(buf, np.float32, int(np.prod(shape)), offset).reshape(shape)
+
+
 def _forget(shm: SharedMemory) -> None:
     """Keep multiprocessing's resource tracker out of it (see the module docstring)."""
     try:
@@ -124,7 +134,7 @@ class Arena:
             free.insert(lo, (start, end - start))
 
     def array(self, offset: int, shape: tuple[int, ...]) -> np.ndarray:
-        return np.ndarray(shape, dtype=np.float32, buffer=self.shm.buf, offset=offset)
+        return float32_view(self.shm, offset, shape)
 
     def close(self) -> None:
         try:
@@ -139,8 +149,11 @@ class Regions:
 
     def __init__(self) -> None:
         self._maps: dict[str, SharedMemory] = {}
+        self._lingering: list[SharedMemory] = []  # detached, still mapped while an array of them lives
 
     def array(self, name: str, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+        if self._lingering:
+            self._sweep()
         shm = self._maps.get(name)
         if shm is None:
             shm = self._maps[name] = SharedMemory(name=name)
@@ -148,12 +161,22 @@ class Regions:
         nbytes = int(np.prod(shape)) * 4
         if offset < 0 or offset + nbytes > shm.size:
             raise ValueError(f"a tensor at {offset}+{nbytes} lies outside arena {name} ({shm.size} bytes)")
-        return np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset)
+        return float32_view(shm, offset, shape)  # holds the mapping while a batch uses it (detach)
 
     def detach(self, name: str) -> None:
+        """A worker left. Its mapping goes once no array of it is left: a batch that holds one may still be
+        running (a lone image is read where it lies, and the inference thread writes logits into the arena)."""
         shm = self._maps.pop(name, None)
         if shm is not None:
+            self._lingering.append(shm)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Unmap the detached arenas no array points into any more."""
+        still = []
+        for m in self._lingering:
             try:
-                shm.close()
-            except BufferError:  # a batch still reads from it; the mapping goes when that array does
-                pass
+                m.close()
+            except BufferError:  # still in use: tried again on the next array or detach
+                still.append(m)
+        self._lingering = still
