@@ -191,6 +191,21 @@ def test_when_the_engine_is_gone_workers_answer_503_and_are_not_ready(repo, tmp_
     asyncio.run(main())
 
 
+def test_a_link_lost_between_admission_and_submit_leaves_no_arena_space_held(repo, tmp_path):
+    """The worker writes the tensors into its arena before it sends the submit; when that send finds the link
+    gone, the space goes back at once (nobody will read it, and the worker goes on serving its 503s)."""
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (_, _server, (w0, _w1)):
+            x = np.ones((3, 32, 32), np.float32)
+            with pytest.raises(Unavailable):
+                async with w0.open(w0.find("fake")) as call:
+                    await call._admitted(*call._admit(1), 1)  # the engine admitted it
+                    w0._on_lost(None)  # then the link drops
+                    await call._submit([x], None)
+            assert w0.arena.used == 0
+
+    asyncio.run(main())
+
 def test_arena_space_is_first_fit_and_merges_back(tmp_path):
     arena = shm.Arena(f"effnet-shm-test{os.getpid()}-alloc", 1 << 16)
     try:

@@ -376,7 +376,11 @@ class RemoteCall:
         except ArenaFull as exc:
             _free(arena, held)
             raise OverBudget(str(exc), retry_after=1) from None
-        _, fut = plane._request("submit", self.tid, inputs, outputs, prep)
+        try:
+            _, fut = plane._request("submit", self.tid, inputs, outputs, prep)
+        except BaseException:  # the engine is gone (503): nobody will read the space
+            _free(arena, held)
+            raise
         try:
             with tracing.span("submit"):  # the trip to the engine, its queue and run, and the way back
                 submitted = tracing.now_ns()
