@@ -82,7 +82,8 @@ def _worker_dies_mid_run(mode: str, tmp_path: Path) -> subprocess.CompletedProce
     import os
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", WORKER_DIES_MID_RUN, mode, str(tmp_path)], env=env, cwd=HERE,
+    # From the root, as the suite runs: in a mutation copy, mutmut's trampolines find their configuration there.
+    return subprocess.run([sys.executable, "-c", WORKER_DIES_MID_RUN, mode, str(tmp_path)], env=env, cwd=HERE.parent.parent,
                           capture_output=True, text=True, timeout=120)
 
 
