@@ -23,7 +23,9 @@ Design choices, each for a failure we want to rule out:
   batching needs no waiting there either. Reserved images that never arrive (the request
   failed or was cancelled) give their room back when the reservation closes.
 * After a run, when requests queued during it leave a partial batch, the collector first waits (at
-  most the delay, counted from the run's end) for as many images as the run just answered: closed-loop
+  most the delay, counted from the run's end) for as many images as the run just answered (images of a
+  request with some still queued are not answered: a lone request split over two runs does not wait for
+  itself): closed-loop
   clients answered together send again together. Without it, clients that once fall into two groups
   stay in two: each group queues during the other's run, and the model runs two half batches per round
   (measured: b0, 4 clients, 2 workers, batches of 2.2 on average and 8 ms of queueing, against 3.9 and
@@ -78,6 +80,7 @@ class _Item:
     enqueued_pc: float  # time.perf_counter(): uvloop's loop.time() has millisecond resolution, too coarse for queue_s
     deadline: float  # loop.time() after which the answer is no longer worth computing
     done: ImageDone | None = None  # called in the inference thread once it ran (module docstring)
+    request: object | None = None  # shared by the images of one request (enqueue_reserved): who is answered
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -198,7 +201,8 @@ class Batcher:
         deadline = (now if arrived is None else arrived) + timeout
         t = time.perf_counter()
         hooks = done if done is not None else [None] * len(xs)
-        items = [_Item(x, loop.create_future(), now, t, deadline, hook) for x, hook in zip(xs, hooks, strict=True)]
+        request = object()
+        items = [_Item(x, loop.create_future(), now, t, deadline, hook, request) for x, hook in zip(xs, hooks, strict=True)]
         self._items.extend(items)
         self.observer.depth(len(self._items))
         self._wakeup.set()
@@ -337,7 +341,12 @@ class Batcher:
             self.room.grant()  # the batch's images are answered (or failed): their room is free
         self.batches_run += 1
         if 0 < len(self._items) < self.max_batch:  # requests queued during the run: see _collect
-            self._regroup = (loop.time(), n)
+            # Answered are the images whose request is complete: a request split over runs (more images than
+            # the batch took) still has images queued, and its client cannot send again before they run.
+            waiting = {i.request for i in self._items}
+            answered = sum(1 for i in batch if i.request is None or i.request not in waiting)
+            if answered:
+                self._regroup = (loop.time(), answered)
         cost = seconds / n
         self.per_image_s = cost if not self.per_image_s else (1 - COST_SMOOTHING) * self.per_image_s + COST_SMOOTHING * cost
         self.observer.ran(n, seconds)

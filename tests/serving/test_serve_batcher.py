@@ -411,3 +411,26 @@ def test_after_a_run_the_queue_waits_for_the_answered_clients_at_most_the_delay(
     assert waited >= delay * 0.8  # it gave the answered client its chance ...
     assert waited < delay + 5.0  # ... and not for ever (generous: a bound, not a speed goal)
     assert alone[0].batch_size == 1 and alone_s < delay * 0.8
+
+
+@pytest.mark.parametrize("pad, images, shapes", [(False, 3, [2, 1]), (True, 10, [8, 2])])
+def test_a_lone_request_split_over_two_runs_does_not_wait_for_itself(pad, images, shapes):
+    """A request with more images than one run takes (3 without padding: runs of 2 then 1; 10 with batches of
+    8) on an idle model: the images left after the first run are the rest of the same request, whose client is
+    not answered yet and cannot send again. They run at once, not after the delay (5 s here) spent waiting for
+    "the clients the run answered"."""
+    model = Recorder()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = Batcher("m", model, max_batch=8, max_delay_s=5.0, max_queue=100, pad=pad)
+        b.start()
+        t0 = loop.time()
+        out = await b.submit([img(i) for i in range(images)])
+        took = loop.time() - t0
+        await b.stop()
+        return out, took
+
+    out, took = run(main(), limit_s=20.0)
+    assert model.shapes == shapes and [int(np.argmax(r.probs)) for r in out] == [i % 10 for i in range(images)]
+    assert took < 2.5  # not the 5 s delay
