@@ -103,7 +103,9 @@ class QueueRoom:
             raise
 
     def _leave(self, waiter: _Waiter) -> None:
-        """Out of the line; room granted in the same instant the caller gave up goes back."""
+        """Out of the line; room granted in the same instant the caller gave up goes back. A reserver that
+        leaves the head of its line lets the ones behind it have the room that is free now (the line is served
+        in order: they may have waited for room that was there only because it was in their way)."""
         f = waiter.future
         if f.done() and not f.cancelled() and f.exception() is None:
             if isinstance(f.result(), Reservation):
@@ -112,7 +114,10 @@ class QueueRoom:
             f.cancel()
         line = self._reservers if waiter.n else self._peekers
         if waiter in line:
+            was_first = line[0] is waiter
             line.remove(waiter)
+            if was_first and waiter.n:
+                self.grant()
 
     def grant(self) -> None:
         """Room may have freed: hand it to the reservers in order, then wake stage-one waiters, newest first,

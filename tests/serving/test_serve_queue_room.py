@@ -140,3 +140,33 @@ def test_a_gated_request_does_not_queue_behind_the_line_again_while_there_is_roo
         return in_line
 
     assert run(main()) == 2
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_reserver_that_leaves_the_head_of_the_line_lets_the_one_behind_it_have_the_free_room(how):
+    """Room for the second reserver all along (2 of 4 held, it wants 1), but the first (wants 3) is ahead of it
+    and may not be overtaken. When the first gives up (its wait ends, or its client leaves), the second gets
+    the room at once, not an Overloaded at the end of its own wait: nothing else (no batch, no release) would
+    hand the room out on a quiet queue."""
+    async def main():
+        b = Batcher("m", model, max_queue=4)
+        hold = b.reserve(2)  # two images still being decoded, say
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(b.room.reserve_within(3, 0.1 if how == "timeout" else 5.0))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(b.room.reserve_within(1, 3.0))
+        await asyncio.sleep(0.01)
+        assert b.room.waiting == 2
+        t0 = loop.time()
+        if how == "cancel":
+            first.cancel()
+        outcome = (await asyncio.gather(first, return_exceptions=True))[0]
+        room = await second
+        waited = loop.time() - t0
+        room.release()
+        hold.release()
+        return outcome, waited, b.queued, b.room.waiting
+
+    outcome, waited, queued, waiting = run(main())
+    assert isinstance(outcome, Overloaded if how == "timeout" else asyncio.CancelledError)
+    assert waited < 1.0 and queued == 0 and waiting == 0
