@@ -139,6 +139,11 @@ class DataPlane:
             entry = entry.successor
         return entry
 
+    def moved_on(self, entry: ModelEntry) -> bool:
+        """Whether a request that was waiting for room in `entry`'s queue when it closed goes on to the successor:
+        a reload swapped the model (not an unload, not a shutdown). Nothing of it was queued there yet."""
+        return not self.draining and entry.successor is not None
+
     def queue_drain_ms(self, entry: ModelEntry) -> float:
         """How long an image arriving now would wait before its inference starts, from the queue as it is."""
         b = entry.batcher
@@ -181,9 +186,15 @@ class DataPlane:
         get (draining, not ready, a queue that stays full for the admission wait), recorded; else None."""
         entry = self.current(self._live(target))
         try:
-            self.check_admissible(entry)
-            await entry.room.wait_for_room(self.admission_wait_s(entry))
-            return None
+            while True:
+                self.check_admissible(entry)
+                try:
+                    await entry.room.wait_for_room(self.admission_wait_s(entry))
+                    return None
+                except ShuttingDown:
+                    if not self.moved_on(entry):
+                        raise
+                    entry = self.current(entry)
         except ApiError as exc:
             if isinstance(exc, Overloaded):
                 self.stats.refused(entry.name)
@@ -225,10 +236,16 @@ class Call:
         plane, name = self.plane, self.entry.name
         plane.inflight[name] = plane.inflight.get(name, 0) + 1
         try:
-            self.entry = plane.current(self.entry)
-            plane.check_admissible(self.entry)
-            # The admission gate (app/api/gate.py) has queued this request fairly already, if it could.
-            await self.entry.room.wait_for_room(self._wait_left(), in_line=False)
+            while True:
+                self.entry = plane.current(self.entry)
+                plane.check_admissible(self.entry)
+                try:
+                    # The admission gate (app/api/gate.py) has queued this request fairly already, if it could.
+                    await self.entry.room.wait_for_room(self._wait_left(), in_line=False)
+                    break
+                except ShuttingDown:
+                    if not plane.moved_on(self.entry):
+                        raise
         except BaseException as exc:
             self._close(exc)
             raise
@@ -265,13 +282,18 @@ class Call:
             raise BadRequest(f"at most {limit} images per request")
 
     async def _reserve(self, n: int):
-        # Reloaded while this request was being read: the old version takes no new work, its successor does.
-        self.entry = self.plane.current(self.entry)
-        tracing.annotate(images=n, version=self.entry.version)  # for the access log and the request span
-        if self.entry.batcher is None:  # unloaded meanwhile
-            self.plane.check_admissible(self.entry)
-        with tracing.span("admission", images=n):
-            return await self.entry.room.reserve_within(n, self._wait_left())
+        while True:
+            # Reloaded while this request was being read: the old version takes no new work, its successor does.
+            self.entry = self.plane.current(self.entry)
+            tracing.annotate(images=n, version=self.entry.version)  # for the access log and the request span
+            if self.entry.batcher is None:  # unloaded meanwhile
+                self.plane.check_admissible(self.entry)
+            try:
+                with tracing.span("admission", images=n):
+                    return await self.entry.room.reserve_within(n, self._wait_left())
+            except ShuttingDown:
+                if not self.plane.moved_on(self.entry):
+                    raise
 
     async def reserve(self, n: int):
         """Stage two alone, for a worker process that decodes the images itself (app/engine/link): queue room
