@@ -264,15 +264,18 @@ class Call:
                 plane.metrics.request_refused(name, exc.reject_reason)
             if isinstance(exc, Overloaded):
                 plane.stats.refused(name)
-                # When to come back: no sooner than the full queue would have drained.
-                told = int(exc.headers.get("Retry-After", "1"))
-                exc.headers = {**exc.headers, "Retry-After": str(max(told, plane.retry_after_s(self.entry)))}
+                self._advise(exc)
         elif isinstance(exc, (ClientGone, asyncio.CancelledError)):
             status = "499"  # nginx's "client closed request": nobody reads the answer
         else:
             status = "500"
         plane.inflight[name] -= 1
         plane.metrics.request_finished(name, status, time.perf_counter() - self.started)
+
+    def _advise(self, exc: Overloaded) -> None:
+        """When to come back (Retry-After): no sooner than the full queue would have drained."""
+        told = int(exc.headers.get("Retry-After", "1"))
+        exc.headers = {**exc.headers, "Retry-After": str(max(told, self.plane.retry_after_s(self.entry)))}
 
     def _check_count(self, n: int) -> None:
         limit = self.plane.settings.max_queue
@@ -299,7 +302,13 @@ class Call:
         """Stage two alone, for a worker process that decodes the images itself (app/engine/link): queue room
         for n images (a Reservation to submit them on), or a refusal."""
         self._check_count(n)
-        return await self._reserve(n)
+        try:
+            return await self._reserve(n)
+        except Overloaded as exc:
+            # The worker answers its client with this copy before it tells the engine to close the call (where
+            # _close would say when to come back, too late for the answer).
+            self._advise(exc)
+            raise
 
     def record_prepared(self, name: str, prep: list[tuple[float, float]], results: list[Result]) -> None:
         """What images() records about images a worker decoded: (decode_s, preprocess_s) each, with its answer."""

@@ -447,3 +447,29 @@ def test_a_worker_that_decoded_for_another_version_decodes_again_for_the_one_tha
             assert plane.inflight["fake"] == 0
 
     asyncio.run(main())
+
+
+def test_a_refused_reservation_says_when_to_come_back_as_in_one_process(repo, tmp_path):
+    """Stage two refused (three steps: room when opened, none for the images): Retry-After is the time the full
+    queue takes to drain, as in one process, not the refusal's default of 1 s (the engine's call records the
+    refusal only when the worker closes it, after the worker has answered its client)."""
+    s = settings_for(repo, max_queue=4, admission_wait_ms=50)
+    x = np.zeros((3, 32, 32), np.float32)
+
+    async def main():
+        async with engine_with_workers(s, tmp_path) as (plane, _, (w0, _w1)):
+            w0.admit_alone = False
+            batcher = plane.registry.entries["fake"].batcher
+            batcher.per_image_s = 0.6  # 4 images take 2.4 s: come back in 3
+            told = {}
+            with batcher.reserve(3):  # open finds room; two images do not fit
+                for who, p in (("one process", plane), ("worker", w0)):
+                    with pytest.raises(Overloaded) as err:
+                        async with p.open(p.find("fake")) as call:
+                            await call.tensors([x, x])
+                    told[who] = err.value.headers["Retry-After"]
+            await settle(lambda: plane.inflight["fake"] == 0)
+            return told
+
+    told = asyncio.run(main())
+    assert told == {"one process": "3", "worker": "3"}
