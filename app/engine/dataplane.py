@@ -383,4 +383,5 @@ def view_of(entry: ModelEntry) -> ModelView:
         name=entry.name, status=entry.status, reason=entry.reason, version=entry.version, manifest=entry.manifest,
         provider=entry.provider, max_batch=entry.max_batch,
         batch_sizes=tuple(b.sizes) if b is not None and entry.status == "ready" else None, drift=entry.drift,
+        revision=entry.revision,
     )

@@ -82,6 +82,8 @@ class ModelView:
     max_batch: int | None = None
     batch_sizes: tuple[int, ...] | None = None  # the batch shapes it runs; None unless it serves
     drift: str | None = None  # serving, but its files on disk failed to load: why (registry.ModelEntry.drift)
+    revision: int | None = None  # which load of the model (registry.ModelEntry.revision): the same version may
+    # come back with another manifest
 
     @property
     def spec(self) -> Manifest:

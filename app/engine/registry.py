@@ -18,9 +18,10 @@ appears in the repository later: see `Registry.ready`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +40,8 @@ Status = Literal["loading", "ready", "unavailable"]
 
 
 UNLOADED = "unloaded"  # the reason of a model stopped on request (not a failure: readiness ignores it)
+
+_revisions = itertools.count(1)
 
 
 class NoSuchModel(ControlError):
@@ -59,6 +62,9 @@ class ModelEntry:
     successor: ModelEntry | None = None  # set when a reload replaced this entry
     declared: str | None = None  # the version its manifest declares, once the manifest is read (loaded or not)
     drift: str | None = None  # serving, but the files on disk failed to load as its successor: why
+    # Which entry and manifest a copy of it (a worker's view) is of, growing with each: a reload of a corrected
+    # manifest beside the same ONNX file keeps the version but changes labels or preprocessing (link/server.py).
+    revision: int = field(default_factory=lambda: next(_revisions))
 
     @property
     def spec(self) -> Manifest:
@@ -178,6 +184,7 @@ class Registry:
         onnx_path = verify_onnx(entry.folder, manifest)
         device = resolve_device(self.settings.device)
         entry.manifest = manifest
+        entry.revision = next(_revisions)  # another manifest: a worker's copy of the entry before this is stale
         crop = manifest.preprocess.crop
         profile = BatchProfile(manifest.onnx.input.name, (3, crop, crop), self._max_batch(entry.name, "cuda", tables))
         entry.session = create_session(

@@ -162,7 +162,7 @@ def test_a_worker_that_goes_away_gives_back_what_it_held(repo, tmp_path):
             w0.admit_alone = False  # open and reserve apart, so that it can die between two of them
             call = w0.open(w0.find("fake"))
             await call.__aenter__()
-            await w0._call("reserve", call.tid, 3, call.view.version)  # all of the queue, and then it dies
+            await w0._call("reserve", call.tid, 3, call.view.revision)  # all of the queue, and then it dies
             room = plane.registry.entries["fake"].batcher.room
             assert room.reserved == 3
             w0._link.abort()  # as a SIGKILL would leave the socket
@@ -440,7 +440,7 @@ def test_a_worker_that_decoded_for_another_version_decodes_again_for_the_one_tha
             view = w0.find("fake")
             from dataclasses import replace
             old = view.manifest.model_copy(update={"preprocess": view.manifest.preprocess.model_copy(update={"crop": 16, "resize": 18})})
-            w0._views["fake"] = replace(view, version="an-older-one", manifest=old)
+            w0._views["fake"] = replace(view, version="an-older-one", revision=-1, manifest=old)
             (r,) = await _classify(w0, [encode(photo((50, 50)))])
             assert r.version == view.version
             await settle(lambda: plane.metrics.requests.labels("fake", "200")._value.get() == 1)
@@ -473,3 +473,36 @@ def test_a_refused_reservation_says_when_to_come_back_as_in_one_process(repo, tm
 
     told = asyncio.run(main())
     assert told == {"one process": "3", "worker": "3"}
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_a_reload_of_a_corrected_manifest_beside_the_same_onnx_file_reaches_the_workers(repo, tmp_path, alone):
+    """Labels and normalisation are the manifest's: a reload of a corrected manifest beside the same ONNX file
+    keeps the version (its sha256) and changes the answers. A worker serves what one process serves: at once (the
+    engine's answer to admission says which load the call runs on) and in its copy of the state (pushed)."""
+    import json
+    jpeg = encode(photo((60, 60), seed=7))
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, server, (w0, w1)):
+            for w in (w0, w1):
+                w.admit_alone = alone
+            (before,) = await _classify(w0, [jpeg])
+            path = repo / "fake" / "manifest.json"
+            m = json.loads(path.read_text())
+            m["labels"] = [f"renamed {i}" for i in range(len(m["labels"]))]
+            m["preprocess"]["mean"] = [0.0, 0.0, 0.0]
+            path.write_text(json.dumps(m))
+            await plane.registry.load("fake")  # a reload, as a load request or a poll would make it
+            async with plane.open(plane.find("fake")) as call:
+                (local,) = await call.images([jpeg])
+            assert local.version == before.version and local.labels[0] == "renamed 0"
+            assert not np.allclose(local.logits, before.logits, rtol=1e-3)  # another mean: other answers
+            (now,) = await _classify(w1, [jpeg])  # maybe before the next state push
+            await settle(lambda: all(w.find("fake").manifest.labels[0] == "renamed 0" for w in (w0, w1)), 3.0)
+            (later,) = await _classify(w0, [jpeg])
+            for r in (now, later):
+                assert r.version == local.version and r.labels[0] == "renamed 0"
+                np.testing.assert_allclose(r.logits, local.logits, rtol=1e-5, atol=1e-5)
+
+    asyncio.run(main())

@@ -223,10 +223,13 @@ class RemotePlane:
         self._tell("close", opened.result()[0], ClientGone("the client went away"), 0)
 
     def _current(self, view: ModelView, fresh: ModelView | None) -> ModelView:
-        """The view the engine says the call runs on: `fresh` when the engine sent one (another version)."""
+        """The view the engine says the call runs on: `fresh` when the engine sent one (another load of the model).
+        It replaces this worker's copy only when it is a later load (revisions only grow): a call that runs on
+        the version a reload replaced must not set a copy the state push already brought forward back to it."""
         if fresh is None:
             return view
-        if self._views.get(fresh.name) is None or self._views[fresh.name].version != fresh.version:
+        cached = self._views.get(fresh.name)
+        if cached is None or (cached.revision or 0) < (fresh.revision or 0):
             self._views[fresh.name] = fresh  # ahead of the next state push
         return fresh
 
@@ -259,7 +262,7 @@ class RemoteCall:
     async def _open(self) -> None:
         plane = self.plane
         self._alone = False
-        mid, fut = plane._request("open", self.view.name, self._elapsed(), self.timeout_s, self.view.version)
+        mid, fut = plane._request("open", self.view.name, self._elapsed(), self.timeout_s, self.view.revision)
         with tracing.span("open"):  # a round trip to the engine: stage one of admission
             await self._ticket(mid, fut)
 
@@ -294,7 +297,7 @@ class RemoteCall:
 
     async def _reserve(self, n: int) -> ModelView:
         with tracing.span("admission", images=n):  # a round trip: queue room in the engine
-            fresh = await self.plane._call("reserve", self.tid, n, self.view.version)
+            fresh = await self.plane._call("reserve", self.tid, n, self.view.revision)
         self.view = self.plane._current(self.view, fresh)
         tracing.annotate(images=n, version=self.view.version)
         return self.view
@@ -302,7 +305,7 @@ class RemoteCall:
     def _admit(self, n: int) -> tuple[int, asyncio.Future]:
         """Both stages in one message (the module docstring): the request's id and the answer to come."""
         self._alone = False
-        return self.plane._request("admit", self.view.name, self._elapsed(), self.timeout_s, self.view.version, n)
+        return self.plane._request("admit", self.view.name, self._elapsed(), self.timeout_s, self.view.revision, n)
 
     async def _admitted(self, mid: int, fut: asyncio.Future, n: int) -> ModelView:
         with tracing.span("admission", images=n):  # one round trip: both stages of admission

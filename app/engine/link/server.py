@@ -56,9 +56,10 @@ class State:
     default_model: str | None
 
     def key(self) -> tuple:
-        """What tells two states apart (manifests change only with the version)."""
+        """What tells two states apart (a manifest changes only with a new load: the revision)."""
         return (self.readiness, self.default_model,
-                tuple((v.name, v.status, v.reason, v.version, v.provider, v.max_batch, v.batch_sizes, v.drift)
+                tuple((v.name, v.status, v.reason, v.version, v.provider, v.max_batch, v.batch_sizes, v.drift,
+                       v.revision)
                       for v in self.views))
 
 
@@ -253,7 +254,7 @@ class EngineServer:
             s.outbox = Outbox.connect(answers)
         return state_of(self.plane)
 
-    async def open(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: str | None):
+    async def open(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: int | None):
         plane = self.plane
         arrived = asyncio.get_running_loop().time() - max(0.0, elapsed_s)
         call = plane.open(plane.entry(name), arrived, timeout_s)
@@ -262,18 +263,20 @@ class EngineServer:
         s.tickets[tid] = _Ticket(call)
         return tid, self._view_unless_known(call, known)
 
-    async def admit(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: str | None, n: int):
+    async def admit(self, s: _Session, name: str, elapsed_s: float, timeout_s: float | None, known: int | None, n: int):
         """open and reserve in one message, for a worker with nothing else in flight that decodes meanwhile
-        (client.py, RemoteCall): the ticket, and the view if another version. A refused reservation closes the
+        (client.py, RemoteCall): the ticket, and the view if another load. A refused reservation closes the
         call here, since the worker never learns its ticket."""
-        tid, fresh = await self.open(s, name, elapsed_s, timeout_s, known)
+        tid, _ = await self.open(s, name, elapsed_s, timeout_s, known)
         try:
-            return tid, await self.reserve(s, tid, n, known) or fresh
+            # The view of the entry the reservation holds (a reload may have moved the call on since open): None
+            # when that is the worker's own, whatever open's entry was.
+            return tid, await self.reserve(s, tid, n, known)
         except BaseException as exc:
             self._close(s, tid, ClientGone("the client went away") if isinstance(exc, asyncio.CancelledError) else exc, 0)
             raise
 
-    async def reserve(self, s: _Session, tid: int, n: int, known: str | None):
+    async def reserve(self, s: _Session, tid: int, n: int, known: int | None):
         t = s.tickets[tid]
         t.task = asyncio.current_task()  # a close while it waits cancels it (its room goes back)
         try:
@@ -283,9 +286,10 @@ class EngineServer:
         return self._view_unless_known(t.call, known)
 
     @staticmethod
-    def _view_unless_known(call: Call, known: str | None) -> ModelView | None:
-        """The model's view when the worker's copy is of another version (a reload), else None."""
-        return None if call.entry.version == known else view_of(call.entry)
+    def _view_unless_known(call: Call, known: int | None) -> ModelView | None:
+        """The model's view when the worker's copy is of another load (a reload: another version, or the same
+        one with another manifest), else None. `known`: the revision of the worker's copy."""
+        return None if call.entry.revision == known else view_of(call.entry)
 
     async def submit(self, s: _Session, tid: int, inputs: list[tuple[int, tuple]], outputs: list[int],
                      prep: list[tuple[float, float]] | None, *, mid: int | None = None):
