@@ -506,3 +506,23 @@ def test_a_reload_of_a_corrected_manifest_beside_the_same_onnx_file_reaches_the_
                 np.testing.assert_allclose(r.logits, local.logits, rtol=1e-5, atol=1e-5)
 
     asyncio.run(main())
+
+
+def test_a_lone_request_on_a_view_from_before_the_model_loaded_is_served(repo, tmp_path):
+    """The worker's state still says the model is loading (no manifest: the engine pushes its state every 50 ms)
+    while the engine serves it already: a lone request is admitted and answered, as on the three-step path, not
+    refused with "model fake is not loaded" by an early decode that had nothing to decode for."""
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, server, (w0, _w1)):
+            from dataclasses import replace
+            view = w0.find("fake")
+            # as the state said while it loaded: the copy of an earlier revision, without a manifest
+            w0._views["fake"] = replace(view, status="loading", version=None, manifest=None, max_batch=None,
+                                        batch_sizes=None, provider=None, revision=-1)
+            (r,) = await _classify(w0, [encode(photo((50, 50)))])
+            assert r.version == view.version and r.labels == view.manifest.labels
+            await settle(lambda: plane.metrics.requests.labels("fake", "200")._value.get() == 1)
+            assert plane.inflight["fake"] == 0 and w0.arena.used == 0
+
+    asyncio.run(main())

@@ -314,7 +314,9 @@ class RemoteCall:
         return self.view
 
     async def images(self, data: list[bytes]) -> list[ImageResult]:
-        if self._alone and len(data) <= (self.view.max_batch or 1):  # decoding early is for what one batch takes
+        # Decoding early is for what one batch takes, and needs a manifest: this worker's view of a model may be
+        # from before it loaded (the engine's state comes every PUSH_EVERY_S), and the engine may run it by now.
+        if self._alone and self.view.manifest is not None and len(data) <= (self.view.max_batch or 1):
             return await self._images_alone(data)
         if self._alone:
             await self._open()
