@@ -106,6 +106,7 @@ MODULES: dict[str, Module] = {
             "tests/family/test_cascade.py",
             "tests/family/test_model_control.py",  # reloads: new work follows an entry's successor
             "tests/serving/test_serve_workers_link.py",  # the verbs as worker processes drive them
+            "tests/serving/test_serve_reload_admission.py",  # waiting for room across a reload
         ),
     ),
     "answers": Module(

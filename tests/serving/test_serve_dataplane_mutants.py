@@ -8,7 +8,9 @@ top-k order, and the deadline a client may shorten.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,7 +21,7 @@ from effnet_serve.core import tracing
 from effnet_serve.core.config import Settings
 from effnet_serve.core.errors import BadRequest, ClientGone, DeadlineExceeded, Overloaded, ShuttingDown, Unavailable, UnknownModel
 from effnet_serve.engine.batcher import Batcher
-from effnet_serve.engine.dataplane import DataPlane, ImageResult, Prediction
+from effnet_serve.engine.dataplane import DataPlane, ImageResult, Prediction, view_of
 from effnet_serve.engine.manifest import load_manifest
 from effnet_serve.engine.metrics import Metrics
 from effnet_serve.engine.registry import Registry
@@ -658,3 +660,83 @@ def test_a_requests_images_share_one_pixel_allowance(tmp_path):
     with pytest.raises(PayloadTooLarge) as caught:
         asyncio.run(main(6000))
     assert caught.value.status == 413
+
+
+# --- survivors of the rerun after the second review (docs/testing.md) -------------------------------------
+class SpanNames(RecordingSink):
+    """Also keeps the spans a request opens itself (`with tracing.span(...)`), with their attributes."""
+
+    def span(self, name, attrs):
+        self.recorded.append((name, dict(attrs)))
+        return tracing.OFF
+
+
+def test_the_admission_span_says_how_many_images_it_reserves_for(setup):
+    plane, entry, _, _ = setup()
+    sink = SpanNames()
+
+    async def main():
+        with tracing.begin(tracing.RequestTrace("r2"), sink):
+            async with plane.open(entry) as call:
+                return await call.images([WHITE, BLACK, WHITE])
+
+    run(main(), entry)
+    assert ("admission", {"images": 3}) in sink.recorded
+
+
+def test_opening_a_call_refuses_what_the_plane_would_refuse(setup):
+    """Stage one in the call itself (the path a worker's `open` takes, with no gate before it): draining is
+    refused there."""
+    plane, entry, _, _ = setup()
+
+    async def main():
+        plane.draining = True
+        with pytest.raises(ShuttingDown):
+            async with plane.open(entry):
+                pass
+        plane.draining = False
+        async with plane.open(entry):
+            return "opened"
+
+    assert run(main(), entry) == "opened"
+
+
+def test_a_view_of_a_model_the_registry_no_longer_has_lists_the_available(setup):
+    """A front end's view may outlive its model (a rename of the folder, a poll): the refusal names what is
+    there, as a lookup by name does."""
+    plane, entry, _, _ = setup()
+    view = dataclasses.replace(view_of(entry), name="gone")
+
+    async def main():
+        with pytest.raises(UnknownModel) as exc:
+            plane.open(view)
+        return exc.value
+
+    refused = run(main())
+    assert refused.status == 404 and refused.extra["available"] == ["fake"]
+
+
+def test_route_info_carries_each_models_recent_median(setup):
+    plane, entry, _, _ = setup()
+
+    async def main():
+        for _ in range(6):
+            async with plane.open(entry) as call:
+                await call.images([WHITE])
+        return await plane.route_info()
+
+    info = run(main(), entry)["fake"]
+    assert info.p50_ms is not None and info.p50_ms == plane.stats.p50_ms("fake")
+
+
+def test_each_answer_names_its_weights_and_the_provider_that_ran_it(setup):
+    plane, entry, _, _ = setup()
+    entry.session = types.SimpleNamespace(provider="CPUExecutionProvider")  # what the provider is read from
+
+    async def main():
+        async with plane.open(entry) as call:
+            return await call.images([WHITE])
+
+    (out,) = run(main(), entry)
+    assert out.pretrained is entry.spec.weights.pretrained is False  # write_model's manifest: random weights
+    assert out.provider == "CPUExecutionProvider"

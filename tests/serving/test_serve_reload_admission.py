@@ -104,3 +104,26 @@ def test_an_unload_still_refuses_the_requests_waiting_for_room(repo):
 
     outcome = asyncio.run(main())
     assert isinstance(outcome, (ShuttingDown, Unavailable)) and outcome.status == 503
+
+
+def test_the_gate_waiting_for_room_when_a_reload_swaps_the_model_lets_the_request_in_on_the_new_version(repo):
+    """The same in the admission gate (app/api/gate.py, DataPlane.refusal), where an HTTP request in one process
+    waits its turn before it opens its call."""
+    s = settings_for(repo, max_queue=1, admission_wait_ms=20_000, drain_s=5.0)
+
+    async def main():
+        async with running_plane(s, decode_workers=1) as plane:
+            await settle(lambda: plane.registry.loaded)
+            old = plane.registry.entries["fake"]
+            held = old.batcher.reserve(1)  # full
+            waiting = asyncio.ensure_future(plane.refusal(plane.find("fake")))
+            await settle(lambda: old.batcher.room.waiting == 1)
+            new = await plane.registry.load("fake")
+            try:
+                return await asyncio.wait_for(waiting, 10), new
+            finally:
+                held.release()
+
+    refusal, new = asyncio.run(main())
+    assert refusal is None, f"refused by the reload: {refusal!r}"
+    assert new.successor is None
