@@ -713,7 +713,7 @@ def test_a_view_of_a_model_the_registry_no_longer_has_lists_the_available(setup)
         return exc.value
 
     refused = run(main())
-    assert refused.status == 404 and refused.extra["available"] == ["fake"]
+    assert refused.status == 404 and str(refused) == "unknown model" and refused.extra["available"] == ["fake"]
 
 
 def test_route_info_carries_each_models_recent_median(setup):
