@@ -379,6 +379,15 @@ def photo(size: tuple[int, int] = (320, 240), seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
 
 
+async def settle(check, timeout_s: float = 10.0) -> None:
+    """Wait until check() holds, for what happens a moment after the call that caused it (a message without
+    an answer, a state push): polled every 10 ms, failed after timeout_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < deadline, "did not happen"
+        await asyncio.sleep(0.01)
+
 
 @contextlib.contextmanager
 def queue_held(srv: LiveServer, model: str, images: int) -> Iterator[None]:
