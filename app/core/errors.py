@@ -121,6 +121,14 @@ class ShuttingDown(Unavailable):
     code, reject_reason = "shutting_down", "shutting_down"
 
 
+class VersionStopped(ShuttingDown):
+    """The model version a request waited on stopped under it, the server going on: an unload, or a reload's
+    swap. A ShuttingDown to the data plane, which moves a request still waiting for room on to a reload's
+    successor (dataplane.py, `moved_on`); to the client, the model's unavailability and what happened."""
+
+    code, reject_reason = "model_unavailable", "unavailable"
+
+
 class NotReady(Unavailable):
     """/health/ready while the models it waits for do not all serve yet."""
 

@@ -137,10 +137,11 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
-    async def stop(self, drain_s: float = 0.0) -> None:
-        """Refuse new work, give queued items up to drain_s to finish, fail the rest."""
+    async def stop(self, drain_s: float = 0.0, refusal: Callable[[], ShuttingDown] | None = None) -> None:
+        """Refuse new work, give queued items up to drain_s to finish, fail the rest with `refusal()` (default:
+        the server's shutdown; an unload or a reload says so instead)."""
         self._closing = True
-        self.room.close()
+        self.room.close(refusal)
         deadline = time.monotonic() + drain_s
         while (self._items or self._busy or self.room.reserved) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -154,9 +155,11 @@ class Batcher:
         while self._items:
             item = self._items.popleft()
             if not item.future.done():
-                item.future.set_exception(ShuttingDown("the server is shutting down"))
+                item.future.set_exception(self.room.refusal())
         self.observer.depth(0)
-        self._executor.shutdown(wait=True)
+        # A run the drain did not wait for ends in its thread, not on the loop: a drain shorter than one b7
+        # batch must not stall every other model and connection of the process until that batch is done.
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
     def warm_up(self, shape: Sequence[int]) -> None:
         """Run each batch shape once (blocking, call from a thread) so readiness means fast."""
@@ -193,7 +196,7 @@ class Batcher:
         their answers."""
         # Room reserved before stop() began is honoured while the drain runs; after it, nothing is taken.
         if self._closing and self._task is None:
-            raise ShuttingDown("the server is shutting down")
+            raise self.room.refusal()
         loop = asyncio.get_running_loop()
         now = loop.time()
         # The client's own deadline can only shorten the server's.
@@ -327,7 +330,7 @@ class Batcher:
         except asyncio.CancelledError:  # stop() gave up draining: nobody must wait forever
             for item in batch:
                 if not item.future.done():
-                    item.future.set_exception(ShuttingDown("the server is shutting down"))
+                    item.future.set_exception(self.room.refusal())
             raise
         except Exception as exc:  # noqa: BLE001 - the model's failure is this batch's only
             log.error("model %s failed on a batch of %d: %s: %s", self.name, n, type(exc).__name__, exc)

@@ -42,6 +42,8 @@ class QueueRoom:
         self._queued_items = queued_items
         self.reserved = 0
         self.closing = False
+        # what a request refused by a closed room gets (close() may say why): the server's shutdown by default
+        self.refusal: Callable[[], ShuttingDown] = lambda: ShuttingDown("the server is shutting down")
         self._reservers: collections.deque[_Waiter] = collections.deque()  # stage two
         self._peekers: collections.deque[_Waiter] = collections.deque()  # stage one
 
@@ -59,7 +61,7 @@ class QueueRoom:
     def reserve(self, n: int) -> Reservation:
         """All n slots now, or Overloaded."""
         if self.closing:
-            raise ShuttingDown("the server is shutting down")
+            raise self.refusal()
         if self.used + n > self.capacity:
             raise self._full(self._batcher.name)
         self.reserved += n
@@ -82,7 +84,7 @@ class QueueRoom:
         `in_line=False`: a request that has already waited its turn (the admission gate) does not queue
         behind the others again while there is room."""
         if self.closing:
-            raise ShuttingDown("the server is shutting down")
+            raise self.refusal()
         if self.used < self.capacity and (not in_line or not self.waiting):  # nobody ahead in either line
             return
         if timeout <= 0:
@@ -129,7 +131,7 @@ class QueueRoom:
                 self._reservers.popleft()
             elif self.closing:
                 self._reservers.popleft()
-                w.future.set_exception(ShuttingDown("the server is shutting down"))
+                w.future.set_exception(self.refusal())
             elif self.used + w.n <= self.capacity:
                 self._reservers.popleft()
                 self.reserved += w.n
@@ -142,12 +144,15 @@ class QueueRoom:
             if w.future.done():
                 continue
             if self.closing:
-                w.future.set_exception(ShuttingDown("the server is shutting down"))
+                w.future.set_exception(self.refusal())
                 continue
             w.future.set_result(None)
             free -= 1
 
-    def close(self) -> None:
+    def close(self, refusal: Callable[[], ShuttingDown] | None = None) -> None:
+        """Take nothing more; every waiter gets `refusal()` (default: the server's shutdown)."""
+        if refusal is not None:
+            self.refusal = refusal
         self.closing = True
         self.grant()
 

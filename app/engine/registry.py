@@ -18,6 +18,7 @@ appears in the repository later: see `Registry.ready`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import re
@@ -28,7 +29,7 @@ from typing import Literal
 from .batcher import Batcher
 from .queue_room import QueueRoom
 from ..core.config import Settings, read_batch_table
-from ..core.errors import ControlError, Unavailable
+from ..core.errors import ControlError, Unavailable, VersionStopped
 from .facade import index_state, loaded_manifest
 from .manifest import MANIFEST_FILE, NAME_PATTERN, Manifest, ManifestError, load_manifest, verify_onnx
 from .observe import Observer
@@ -296,14 +297,20 @@ class Registry:
             batcher, entry.batcher = entry.batcher, None
             self.observer.model_stopped(name)
             if batcher is not None:
-                await batcher.stop(self.settings.drain_s)
+                await batcher.stop(self.settings.drain_s, lambda: VersionStopped(
+                    f"model {name!r} was unloaded before this request ran", retry_after=30, reason=UNLOADED))
             entry.session = None
 
     def _retire(self, old: ModelEntry) -> None:
         """Let the replaced version finish what it holds, then stop it, in the background."""
         if old.batcher is None:
             return
-        task = asyncio.get_running_loop().create_task(old.batcher.stop(self.settings.drain_s), name=f"retire-{old.name}")
+        # Its waiters for room go on to the successor (DataPlane.moved_on); what is still queued when the drain
+        # ends is refused with this, a retry reaching the new version.
+        stopped = functools.partial(VersionStopped, f"model {old.name!r} was reloaded and the version this request "
+                                    f"was queued on stopped before running it (EFFNET_DRAIN_S); retry", retry_after=1)
+        task = asyncio.get_running_loop().create_task(old.batcher.stop(self.settings.drain_s, stopped),
+                                                      name=f"retire-{old.name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

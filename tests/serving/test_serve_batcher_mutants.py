@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from effnet_serve.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown
+from effnet_serve.core.errors import DeadlineExceeded, InferenceFailed, ShuttingDown, VersionStopped
 from effnet_serve.engine.batcher import Batcher
 from effnet_serve.engine.observe import BatchObserver
 from test_serve_batcher import Recorder, img, run
@@ -244,6 +244,65 @@ def test_stop_without_drain_fails_the_batch_inside_the_model_and_the_queue_with_
     out = run(main())
     assert all(isinstance(e, ShuttingDown) and e.status == 503 and str(e) == "the server is shutting down" for e in out)
     assert model.shapes == [1]  # the queued two never reached the model
+
+
+def test_stop_waits_for_the_batch_inside_the_model_without_holding_the_event_loop():
+    """A drain shorter than one run (a b7 batch takes seconds on a CPU): the batch's clients are refused at
+    once, and while stop() waits for the model's thread the loop goes on serving every other model and
+    connection of the process. Here the loop itself lets the model finish: a stop() that blocked the loop
+    would never let it (the model gives up after 10 s and the test fails)."""
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    async def main():
+        b = Batcher("m", model, max_batch=1, max_delay_s=0.0, max_queue=10)
+        b.start()
+        inside = asyncio.ensure_future(b.submit([img(3)]))
+        await asyncio.sleep(0.05)  # in the model, which waits for the gate
+        stopping = asyncio.ensure_future(b.stop())
+        (refused,) = await asyncio.gather(inside, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        still_waiting = not stopping.done()
+        gate.set()
+        await asyncio.wait_for(stopping, 5)
+        return refused, still_waiting
+
+    refused, still_waiting = run(main(), limit_s=20)
+    assert isinstance(refused, ShuttingDown)
+    assert still_waiting  # stop() returns only once the thread is done with its batch (the session may close)
+    assert model.shapes == [1]
+
+
+def test_stop_gives_its_own_refusal_to_the_queued_and_to_the_waiting_for_room():
+    """An unload or a reload stops a model while the server goes on: what it refuses says so, not "the server
+    is shutting down" (registry.py passes the refusal)."""
+    gate = threading.Event()
+    model = Recorder(gate)
+
+    def unloaded():
+        return VersionStopped("model 'm' was unloaded before this request ran", retry_after=30)
+
+    async def main():
+        b = Batcher("m", model, max_batch=1, max_delay_s=0.0, max_queue=2)
+        b.start()
+        inside = asyncio.ensure_future(b.submit([img(3)]))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit([img(4)]))  # the queue is full now: one running, one queued
+        await asyncio.sleep(0)
+        waiting = asyncio.ensure_future(b.room.reserve_within(1, 10.0))
+        peeking = asyncio.ensure_future(b.room.wait_for_room(10.0))
+        await asyncio.sleep(0.01)
+        assert b.room.waiting == 2
+        stopping = asyncio.ensure_future(b.stop(0.0, unloaded))
+        out = await asyncio.gather(inside, queued, waiting, peeking, return_exceptions=True)
+        gate.set()
+        await stopping
+        after = await asyncio.gather(b.room.wait_for_room(1.0), return_exceptions=True)
+        return out + after
+
+    for e in run(main(), limit_s=20):
+        assert isinstance(e, VersionStopped) and e.status == 503, e
+        assert str(e) == "model 'm' was unloaded before this request ran" and e.headers["Retry-After"] == "30"
 
 
 def test_an_idle_batcher_stops_at_once_and_names_its_task():

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from effnet_serve.core.config import Settings
-from effnet_serve.core.errors import ShuttingDown, Unavailable
+from effnet_serve.core.errors import Unavailable
 from effnet_serve.engine.runtime import running_plane
-from serving_helpers import write_model
+from serving_helpers import settle, write_model
 
 
 @pytest.fixture
@@ -28,14 +28,6 @@ def settings_for(repo: Path, **kw) -> Settings:
     base = dict(repository=repo, models=["fake"], default_model="fake", grpc_port=0, threads=1, decode_workers=1,
                 access_log=False)
     return Settings(**{**base, **kw})
-
-
-async def settle(check, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < deadline, "did not happen"
-        await asyncio.sleep(0.01)
 
 
 def test_requests_waiting_for_room_when_a_reload_swaps_the_model_are_served_by_the_new_version(repo):
@@ -80,7 +72,7 @@ def test_requests_waiting_for_room_when_a_reload_swaps_the_model_are_served_by_t
 
 
 def test_an_unload_still_refuses_the_requests_waiting_for_room(repo):
-    """Nothing to follow: they are refused (503), not left waiting."""
+    """Nothing to follow: they are refused (503), not left waiting, and told the model was unloaded."""
     s = settings_for(repo, max_queue=1, admission_wait_ms=20_000, drain_s=0.5)
     x = np.zeros((3, 32, 32), np.float32)
 
@@ -103,7 +95,11 @@ def test_an_unload_still_refuses_the_requests_waiting_for_room(repo):
             return outcome
 
     outcome = asyncio.run(main())
-    assert isinstance(outcome, (ShuttingDown, Unavailable)) and outcome.status == 503
+    # The model's unavailability and why, not the server's shutdown (the server goes on)
+    assert isinstance(outcome, Unavailable) and outcome.status == 503 and outcome.code == "model_unavailable"
+    assert str(outcome) == "model 'fake' was unloaded before this request ran"
+    assert outcome.reject_reason == "unavailable" and outcome.body()["error"]["reason"] == "unloaded"
+    assert outcome.headers["Retry-After"] == "30"
 
 
 def test_the_gate_waiting_for_room_when_a_reload_swaps_the_model_lets_the_request_in_on_the_new_version(repo):
