@@ -110,6 +110,12 @@ class DataPlane:
     def note_escalations(self, cascade: str, from_model: str, to_model: str, n: int) -> None:
         self.metrics.escalated(cascade, from_model, to_model, n)
 
+    def note_client_left(self, name: str, seconds: float) -> None:
+        """A worker's request whose client left before the worker asked for admission (a lone request asks once
+        its body is read: link/client.py): a 499, as a call closed that way is counted in one process."""
+        if name in self.registry.entries:  # a name from a worker's copy of the state, not any string
+            self.metrics.request_finished(name, "499", max(0.0, seconds))
+
     async def metrics_text(self) -> bytes:
         return self.metrics.render()
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from effnet_serve.core.config import Settings
-from effnet_serve.core.errors import BadRequest, ImageError, Overloaded, Unavailable, UnknownModel
+from effnet_serve.core.errors import BadRequest, ClientGone, ImageError, Overloaded, Unavailable, UnknownModel
 from effnet_serve.engine.link import shm
 from effnet_serve.engine.link.client import RemotePlane
 from effnet_serve.engine.link.server import EngineServer
 from effnet_serve.engine.memory import MemoryBudget, SharedBudget, SharedUploadCount, UploadCount
 from effnet_serve.engine.runtime import running_plane
-from serving_helpers import encode, photo, write_model
+from serving_helpers import encode, photo, settle, write_model
 
 
 def settings_for(repo: Path, **kw) -> Settings:
@@ -61,15 +61,6 @@ async def engine_with_workers(settings: Settings, sock_dir: Path, workers: int =
             await server.close()
             for a in arenas:
                 a.close()
-
-
-async def settle(check, timeout_s: float = 10.0) -> None:
-    """Wait until check() holds: `close` is a message without an answer, handled a moment later."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < deadline, "did not happen"
-        await asyncio.sleep(0.01)
 
 
 async def _classify(client, data: list[bytes], name: str = "fake"):
@@ -427,6 +418,29 @@ def test_a_lone_request_whose_client_leaves_is_let_go_by_the_engine(repo, tmp_pa
             await settle(lambda: plane.metrics.requests.labels("fake", "499")._value.get() == 1)
             await settle(lambda: w0.arena.used == 0)
             assert plane.inflight["fake"] == 0 and batcher.room.reserved == 0
+
+    asyncio.run(main())
+
+
+def test_a_lone_request_whose_client_leaves_before_its_body_is_read_is_counted_as_499(repo, tmp_path):
+    """A lone request asks the engine for admission only once its body is read (the decode runs beside that
+    question). Its client leaving before that is a 499 all the same, as the call one process opens before
+    reading the body is counted; a model name the engine does not have makes no series."""
+
+    async def main():
+        async with engine_with_workers(settings_for(repo), tmp_path) as (plane, server, (w0, _w1)):
+            for gone in (ClientGone("the client went away"), asyncio.CancelledError()):
+                with pytest.raises(type(gone)):
+                    async with w0.open(w0.find("fake")):
+                        raise gone  # the body's read failed: the client went away
+            await settle(lambda: plane.metrics.requests.labels("fake", "499")._value.get() == 2)
+            w0._tell("note_client_left", "no-such-model", 0.1)
+            (done,) = await _classify(w0, [encode(photo((40, 40)))])  # after the tell on the same link
+            assert done.model == "fake"
+            text = (await w0.metrics_text()).decode()
+            assert "no-such-model" not in text
+            assert 'effnet_requests_total{model="fake",status="499"} 2.0' in text
+            assert plane.inflight["fake"] == 0
 
     asyncio.run(main())
 

@@ -281,7 +281,11 @@ class RemoteCall:
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         try:
-            if self._alone and exc is not None and not isinstance(exc, (asyncio.CancelledError, ClientGone)):
+            if self._alone and isinstance(exc, (asyncio.CancelledError, ClientGone)):
+                # Its client left before the engine heard of it (during the body, say): nothing to answer, but
+                # counted as one process counts a call closed that way.
+                self.plane._tell("note_client_left", self.view.name, self._elapsed())
+            elif self._alone and exc is not None:
                 # It failed here before the engine heard of it (a body that does not parse, say): a refusal the
                 # engine has (draining, not ready, full) is still the answer, and the call is counted either way.
                 await self._open()

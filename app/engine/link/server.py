@@ -232,6 +232,8 @@ class EngineServer:
             self.plane.note_auto_routed(*args)
         elif verb == "note_escalations":
             self.plane.note_escalations(*args)
+        elif verb == "note_client_left":
+            self.plane.note_client_left(*args)
         else:
             log.warning("worker %s sent an unknown message %r", s.worker_pid, verb)
 
