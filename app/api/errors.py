@@ -54,6 +54,11 @@ def error_response(exc: ApiError | ClientGone) -> Response:
 Style = Literal["json", "v2"]
 
 
+def style_for(path: str) -> Style:
+    """The V2 protocol's error shape under /v2 (its clients decode `error` as a string), the JSON API's elsewhere."""
+    return "v2" if path == "/v2" or path.startswith("/v2/") else "json"
+
+
 def v2_response(exc: ApiError) -> JSONResponse:
     """The V2 protocol's error answer (KServe, Triton): {"error": "message"}."""
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
@@ -96,9 +101,11 @@ def install_handlers(app: FastAPI) -> None:
         return _json(422, "validation_error", "request parameters are invalid", details=details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         message = exc.detail if isinstance(exc.detail, str) else code
+        if style_for(request.url.path) == "v2":  # a path or method /v2 does not have (404, 405)
+            return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
         return _json(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import send_error
+from .errors import send_error, style_for
 from ..core.errors import Unauthenticated
 
 
@@ -57,4 +57,4 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self._exempt(scope.get("path", "")) or self._authorised(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        await send_error(send, Unauthenticated())
+        await send_error(send, Unauthenticated(), style_for(scope.get("path", "")))

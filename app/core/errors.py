@@ -86,6 +86,12 @@ class RequestTimeout(ApiError):
         super().__init__(message, headers={"Connection": "close"}, **extra)
 
 
+class NotImplementedHere(ApiError):
+    """A method of the protocol this service does not serve (gRPC's UNIMPLEMENTED)."""
+
+    status, code = 501, "not_implemented"
+
+
 class UnsupportedMediaType(ApiError):
     status, code, reject_reason = 415, "unsupported_media_type", "unsupported_media_type"
 

@@ -136,6 +136,8 @@ def test_every_rpc_needs_the_key_exactly_where_its_http_twin_does(tiny_family_re
                 else:
                     assert code == grpc.StatusCode.UNAUTHENTICATED, (twin.rpc, metadata, code, details)
                     assert r.status_code == 401, (twin.path, metadata, r.status_code, r.text)
+                    # in the V2 protocol's shape, as every /v2 error: KServe's clients decode `error` as a string
+                    assert r.json() == {"error": "missing or wrong API key"}, r.text
                     assert KEY not in str(details) and KEY not in r.text  # the key is never echoed
 
         # Nothing refused had any effect: no reload, no unload, no inference.

@@ -302,6 +302,120 @@ def test_a_malformed_or_missing_message_is_invalid_argument(tiny_family_repo):
         assert sum(g.calls for g in guards(srv)) == 0 and srv.plane.memory.used == 0
 
 
+@pytest.mark.parametrize("flood", ["inputs", "bytes_elements"])
+def test_a_message_of_millions_of_tiny_fields_is_refused_before_it_is_parsed(tiny_family_repo, flood):
+    """A field costs two bytes on the wire and an object once parsed: 19 MB of empty `inputs` entries parsed into
+    ~650 MB (the reviewer's measure), and 10 M empty BYTES elements took seconds of the event loop to refuse.
+    Counted from the bytes first (app/api/grpc/message_limits.py), such a message is refused INVALID_ARGUMENT
+    saying so, the server's peak memory does not grow by the parse, and the next call is served."""
+    if flood == "inputs":
+        one = pb.ModelInferRequest()
+        one.inputs.add().parameters["a"].bool_param = True
+        piece = one.SerializeToString()
+        message = pb.ModelInferRequest(model_name="tiny").SerializeToString() + piece * ((19 << 20) // len(piece))
+    else:
+        req = pb.ModelInferRequest(model_name="tiny")
+        req.inputs.add(name="images", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b""] * 5_000_000)
+        message = req.SerializeToString()
+    with serve(tiny_family_repo, max_body_mb=24) as srv, grpc.insecure_channel(
+            f"127.0.0.1:{grpc_port(srv)}", options=[("grpc.max_send_message_length", 32 << 20)]) as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ModelInfer(infer_request(), timeout=60).outputs  # warm
+        raw = ch.unary_unary(INFER, request_serializer=lambda m: m, response_deserializer=lambda b: b)
+        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from now (the server is in here)
+        before = peak_rss()
+        with pytest.raises(grpc.RpcError) as e:
+            raw(message, timeout=120)
+        grown = peak_rss() - before
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert "strings, tensors and sub-messages" in e.value.details()
+        if not getattr(srv, "apps", None):  # with worker processes the parse would happen in another process
+            assert grown < 96 << 20, f"one {len(message) >> 20} MB message took the peak RSS up {grown >> 20} MB"
+        assert stub.ModelInfer(infer_request(), timeout=60).outputs
+
+
+PROBES_CLIENT = r"""
+import sys, grpc
+from concurrent.futures import ThreadPoolExecutor
+size = 16 << 20
+head = bytes([0x7A, 0x80, 0x80, 0x80, 0x08])  # field 15, length-delimited, 16 MiB: a field no probe has
+junk = head + bytes(size)
+with grpc.insecure_channel(sys.argv[1], options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    live = ch.unary_unary("/inference.GRPCInferenceService/ServerLive", request_serializer=lambda m: m,
+                          response_deserializer=lambda b: b)
+    def call(_):
+        try:
+            live(junk, timeout=120)
+            return "OK"
+        except grpc.RpcError as exc:
+            return exc.code().name
+    with ThreadPoolExecutor(24) as pool:
+        print(",".join(pool.map(call, range(24))))
+"""
+
+
+def test_probes_carrying_big_messages_hold_nothing(tiny_family_repo):
+    """ServerLive and ServerReady take no call slot (so busy slots cannot fail them): they must not read a
+    message either, or each would hold up to EFFNET_MAX_BODY_MB outside every bound (24 probes of 16 MB once
+    took the server's peak RSS up 620 MB past a 32 MB budget). They answer without it."""
+    with serve(tiny_family_repo, max_connections=4, max_inflight_mb=32, max_body_mb=20) as srv:
+        target = f"127.0.0.1:{grpc_port(srv)}"
+        with grpc.insecure_channel(target) as ch:  # warm: the first call's one-off costs
+            assert service_pb2_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=30).live
+        Path("/proc/self/clear_refs").write_text("5")
+        before = peak_rss()
+        out = subprocess.run([sys.executable, "-c", PROBES_CLIENT, target], capture_output=True, text=True,
+                             timeout=300)
+        grown = peak_rss() - before
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [",".join(["OK"] * 24)]
+        if not getattr(srv, "apps", None):  # the probes are served in this process
+            assert grown < 128 << 20, f"24 probes of 16 MB took the peak RSS up {grown >> 20} MB"
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise RuntimeError("no VmHWM")
+
+
+def test_methods_not_served_are_unimplemented_need_the_key_and_log_nothing(tiny_family_repo, caplog):
+    """The protocol's methods this server does not implement (ModelStreamInfer, ModelStatistics, shared memory,
+    trace) once fell through to the generated base class, which raises: grpc.aio logged an ERROR traceback per
+    call, and ModelStreamInfer, streaming, passed the guard without its key. Now the key first, then
+    UNIMPLEMENTED, and no log line a client can repeat."""
+    import logging
+
+    caplog.set_level(logging.ERROR)
+    with serve(tiny_family_repo, api_key=KEY) as srv, grpc.insecure_channel(f"127.0.0.1:{grpc_port(srv)}") as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        key = (("x-api-key", KEY),)
+
+        def code(call) -> grpc.StatusCode:
+            try:
+                call()
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        def stream(metadata=()):
+            return list(stub.ModelStreamInfer(iter([infer_request()]), metadata=metadata, timeout=30))
+
+        assert code(stream) == grpc.StatusCode.UNAUTHENTICATED
+        assert code(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny"), timeout=30)) \
+            == grpc.StatusCode.UNAUTHENTICATED
+        for _ in range(10):
+            assert code(lambda: stream(key)) == grpc.StatusCode.UNIMPLEMENTED
+            assert code(lambda: stub.ModelStatistics(pb.ModelStatisticsRequest(name="tiny"), metadata=key,
+                                                     timeout=30)) == grpc.StatusCode.UNIMPLEMENTED
+            assert code(lambda: stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), metadata=key,
+                                                              timeout=30)) == grpc.StatusCode.UNIMPLEMENTED
+        assert stub.ModelInfer(infer_request(), metadata=key, timeout=60).outputs  # served as before
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[:2]
+
+
 # --- idle and old connections ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("limit", ["grpc_idle_s", "grpc_max_age_s"])
 def test_idle_and_old_connections_are_closed(tiny_family_repo, limit):

@@ -160,6 +160,11 @@ def test_raw_http_json_variants(family_server, reference):
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
         r = c.get("/v2/models/tiny/bogus")
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
+        r = c.put("/v2/models/tiny/infer", content=b"{}")  # a method the route does not have: Starlette's 405
+        assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}, r.text
+        r = c.get("/v2/nothing/here")
+        assert r.status_code == 404 and r.json() == {"error": "no such endpoint: /v2/nothing/here"}, r.text
+        assert c.get("/classify").json()["error"]["code"] == "method_not_allowed"  # the JSON API keeps its shape
         assert c.get("/v2/health/live").json() == {"live": True}
         assert c.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
         metrics = c.get("/metrics").text

@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,6 +158,28 @@ def test_decompressed_bytes_are_charged_and_given_back():
     # Exactly one piece long, then more: zlib may keep output back when a piece fills to the byte.
     exact = bytes(1 << 20) + b"tail"
     assert decode_content(gzip.compress(exact), "gzip", 20 << 20) == exact
+
+
+def test_every_gzip_member_is_inflated_and_a_cut_or_padded_stream_is_refused():
+    """A gzip body may be several members one after another (RFC 1952 2.2; gzip, curl and Triton's server
+    inflate them all): once only the first was, and the request silently lost the rest. A stream cut before its
+    checksum was taken as whole. Each now: all members (at most MAX_GZIP_MEMBERS), or a 400 saying why."""
+    from effnet_serve.api.v2.codec import MAX_GZIP_MEMBERS
+
+    assert decode_content(gzip.compress(b'{"inputs": [') + gzip.compress(b"]}"), "gzip", 1 << 20) == b'{"inputs": []}'
+    big = bytes(3 << 20) + b"end"  # members of several pieces each
+    assert decode_content(gzip.compress(big) + gzip.compress(big), "gzip", 20 << 20) == big + big
+    with pytest.raises(BadRequest, match="ends before its stream does"):
+        decode_content(gzip.compress(b"x" * 10_000)[:-8], "gzip", 1 << 20)  # no CRC32 and length trailer
+    with pytest.raises(BadRequest, match="ends before its stream does"):
+        decode_content(b"", "gzip", 1 << 20)
+    with pytest.raises(BadRequest, match="after the end of its deflate stream"):
+        decode_content(zlib.compress(b"{}") + b"junk", "deflate", 1 << 20)
+    with pytest.raises(BadRequest, match="not valid gzip data"):
+        decode_content(gzip.compress(b"{}") + b"junk", "gzip", 1 << 20)
+    assert decode_content(gzip.compress(b"") * MAX_GZIP_MEMBERS, "gzip", 1 << 20) == b""
+    with pytest.raises(BadRequest, match=f"more than {MAX_GZIP_MEMBERS} gzip members"):
+        decode_content(gzip.compress(b"") * (MAX_GZIP_MEMBERS + 1), "gzip", 1 << 20)
 
 
 def test_a_gzip_tensor_is_charged_at_its_decompressed_size(tiny_repo):

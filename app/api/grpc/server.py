@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .interceptors import Guard
 from .servicer import InferenceServicer
@@ -77,7 +77,9 @@ class GrpcServer:
         settings = plane.settings
         self.address = address(settings.grpc_host or host, settings.grpc_port)
         self.credentials = server_credentials(settings)
-        self.guard = Guard(plane, InferenceServicer.health_paths())
+        service = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        self.guard = Guard(plane, InferenceServicer.health_paths(), {m.name: m.input_type for m in service.methods},
+                           InferenceServicer.served())
         self.server = grpc.aio.server(
             interceptors=[self.guard],
             options=transport_options(settings, shared_port),

@@ -40,6 +40,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """The RPCs that follow an HTTP path's key exemption (the probes), and that path."""
         return {name: m.http_path for name, m in vars(cls).items() if getattr(m, "http_path", None)}
 
+    @classmethod
+    def served(cls) -> frozenset[str]:
+        """The RPCs this servicer implements; the generated base class's others only raise NotImplementedError."""
+        return frozenset(name for name, m in vars(cls).items() if hasattr(m, "http_path"))
+
     # --- health and descriptions ---------------------------------------------------------
     @rpc("/v2/health/live", while_draining=True)
     async def ServerLive(self, request, context):

@@ -53,6 +53,7 @@ class InferInput:
 
 # Decompressed in pieces of this size, each charged to the memory budget before the next is made.
 INFLATE_PIECE = 1 << 20
+MAX_GZIP_MEMBERS = 64  # concatenated gzip members a body may hold (a writer appending streams makes a few)
 
 
 class Charges(Protocol):
@@ -72,9 +73,10 @@ def decode_content(body: bytes, encoding: str | None, limit: int, budget: Charge
         return body
     if enc not in ("gzip", "deflate"):
         raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    d = zlib.decompressobj(wbits=31 if enc == "gzip" else 15)
+    wbits = 31 if enc == "gzip" else 15
+    d = zlib.decompressobj(wbits=wbits)
     pieces: list[bytes] = []
-    total, rest = 0, body
+    total, rest, members = 0, body, 1
     try:
         while True:
             piece = d.decompress(rest, INFLATE_PIECE)
@@ -86,9 +88,18 @@ def decode_content(body: bytes, encoding: str | None, limit: int, budget: Charge
                 # Twice, as body.py charges a plain body: the pieces and the joined body are alive together.
                 budget.take(2 * len(piece), "decompressed request bodies")
             pieces.append(piece)
+            if d.eof:  # the stream's end, checksum read: the body ends here, or another gzip member follows
+                if not d.unused_data:
+                    break
+                if enc != "gzip":
+                    raise BadRequest("the body has data after the end of its deflate stream")
+                members += 1
+                if members > MAX_GZIP_MEMBERS:  # each costs a fresh inflater: bounded
+                    raise BadRequest(f"the body has more than {MAX_GZIP_MEMBERS} gzip members")
+                rest, d = d.unused_data, zlib.decompressobj(wbits=wbits)  # RFC 1952 2.2: one after another
             # A full piece may leave output inside zlib even with no input left: ask again until one is short.
-            if not rest and len(piece) < INFLATE_PIECE:
-                break
+            elif not rest and len(piece) < INFLATE_PIECE:
+                raise BadRequest(f"the body is not valid {enc} data: it ends before its stream does")
     except zlib.error:
         raise BadRequest(f"the body is not valid {enc} data") from None
     out = b"".join(pieces)
