@@ -58,7 +58,7 @@ class DataPlane:
         self.decode_pool = decode_pool
         self.stats = ServiceStats()
         self.memory = MemoryBudget(settings.max_inflight_bytes)
-        self.draining = False
+        self._drain_began: float | None = None  # loop time (see `draining`)
         # Requests admitted per model and not yet finished (uploading, decoding or queued).
         self.inflight: dict[str, int] = {}
         self.uploads = UploadCount(settings.max_uploads)  # requests still sending their body, across models
@@ -66,6 +66,20 @@ class DataPlane:
     @property
     def uploading(self) -> int:
         return self.uploads.used
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_began is not None
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        """Set when shutdown begins: new requests are refused from then on, those that arrived before are not."""
+        if not value:
+            self._drain_began = None
+        elif self._drain_began is None:
+            # The clock of loop.time() (asyncio's is time.monotonic; uvloop's the same clock in whole ms), read
+            # here without a loop: a signal handler or another thread may set this.
+            self._drain_began = time.monotonic()
 
     # --- the facade (facade.Plane): what front ends may ask ----------------------------------
     def find(self, name: str | None) -> ModelView:
@@ -161,13 +175,19 @@ class DataPlane:
         loop_now = asyncio.get_running_loop().time()
         return Call(self, self._live(target), loop_now if arrived is None else arrived, timeout_s)
 
-    def check_admissible(self, entry: ModelEntry) -> None:
-        """Ready and not draining: what can be decided without waiting."""
+    def check_admissible(self, entry: ModelEntry, arrived: float | None = None) -> None:
+        """Ready and not draining: what can be decided without waiting. A request that `arrived` (loop time)
+        before the drain began is in flight, and is served while its model still is: one process opens its call
+        before reading the body, a worker asks the engine only once the body is in (link/client.py), and both
+        must serve what was on its way at SIGTERM."""
         # Draining first: once shutdown closes the registry every model also looks unavailable, and the
         # client must learn the real reason (retry elsewhere soon, not in 30 s).
-        if self.draining:
+        began = self._drain_began
+        if began is not None and (arrived is None or arrived >= began):
             raise ShuttingDown("the server is shutting down", retry_after=5)
         if entry.status != "ready" or entry.batcher is None or entry.manifest is None:
+            if began is not None:
+                raise ShuttingDown("the server is shutting down", retry_after=5)
             if entry.status == "loading":
                 raise Unavailable(f"model {entry.name!r} is still loading", retry_after=5)
             raise Unavailable(f"model {entry.name!r} is unavailable: {entry.reason}", retry_after=30, reason=entry.reason)
@@ -244,7 +264,7 @@ class Call:
         try:
             while True:
                 self.entry = plane.current(self.entry)
-                plane.check_admissible(self.entry)
+                plane.check_admissible(self.entry, self.arrived)
                 try:
                     # The admission gate (app/api/gate.py) has queued this request fairly already, if it could.
                     await self.entry.room.wait_for_room(self._wait_left(), in_line=False)
@@ -296,7 +316,7 @@ class Call:
             self.entry = self.plane.current(self.entry)
             tracing.annotate(images=n, version=self.entry.version)  # for the access log and the request span
             if self.entry.batcher is None:  # unloaded meanwhile
-                self.plane.check_admissible(self.entry)
+                self.plane.check_admissible(self.entry, self.arrived)
             try:
                 with tracing.span("admission", images=n):
                     return await self.entry.room.reserve_within(n, self._wait_left())

@@ -211,6 +211,19 @@ def test_a_request_that_ends_in_an_error_is_counted_under_its_status(setup, rais
     assert plane.inflight["fake"] == 0
 
 
+def test_a_workers_client_that_left_before_admission_is_a_499_with_its_duration(setup):
+    """note_client_left (a worker's lone request whose client left before it asked the engine): counted and
+    timed as a call closed with ClientGone is, for a model the engine has; any other name makes no series."""
+    plane, entry, model, metric = setup()
+    plane.note_client_left("fake", 0.25)
+    plane.note_client_left("fake", -0.5)  # another process's clock: never a negative duration
+    plane.note_client_left("not-a-model", 0.25)
+    assert metric("effnet_requests_total", model="fake", status="499") == 2
+    assert metric("effnet_request_duration_seconds_count", model="fake", status="499") == 2
+    assert metric("effnet_request_duration_seconds_sum", model="fake", status="499") == 0.25
+    assert "not-a-model" not in plane.metrics.render().decode()
+
+
 # --- which model, and whether it serves --------------------------------------------------------
 def test_no_name_is_the_default_model_and_an_unknown_one_lists_the_available(setup):
     plane, entry, _, _ = setup()
@@ -472,6 +485,38 @@ def test_a_request_admitted_before_draining_is_still_answered(setup):
 
     (out,) = run(main(), entry)
     assert out.top(1)[0].label == "class 8"
+
+
+def test_a_request_that_arrived_before_the_drain_began_is_admitted_during_it(setup):
+    """A worker asks the engine for admission only once the body is in, so SIGTERM may come between a request's
+    arrival and its admission: it was in flight, and is served as one process serves it. A request that
+    arrived after the drain began, or one whose arrival is not known, is refused; so is an early one whose
+    model no longer serves, with the drain's reason."""
+    plane, entry, _, _ = setup()
+
+    async def main():
+        before = asyncio.get_running_loop().time() - 1.0
+        plane.draining = True
+        plane.check_admissible(entry, before)
+        for arrived in (before + 5.0, None):
+            with pytest.raises(ShuttingDown):
+                plane.check_admissible(entry, arrived)
+        async with plane.open(entry, arrived=before) as call:
+            (out,) = await call.images([WHITE])
+        with pytest.raises(ShuttingDown):
+            async with plane.open(entry):
+                pass
+        entry.status, entry.reason = "unavailable", "unloaded"
+        with pytest.raises(ShuttingDown) as closed:
+            plane.check_admissible(entry, before)
+        entry.status = "ready"
+        plane.draining = False
+        plane.check_admissible(entry)  # the drain called off: admitted again
+        return out, closed.value
+
+    out, closed = run(main(), entry)
+    assert out.top(1)[0].label == "class 8"
+    assert closed.code == "shutting_down" and closed.headers["Retry-After"] == "5"
 
 
 def test_a_model_unloaded_while_the_body_was_read_is_a_503_not_a_crash(setup):
