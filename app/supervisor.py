@@ -20,7 +20,6 @@ Processes are started with `spawn`, never `fork`: ONNX Runtime and CUDA do not s
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -35,9 +34,10 @@ from pathlib import Path
 from .api.server import serve as serve_one_process
 from .api.server import reuseport_socket, serve_worker
 from .core.config import Settings
+from .core.lifetime import die_with_parent
 from .engine.link import shm
 from .engine.link.process import run_engine
-from .engine.memory import SharedBudget, SharedUploadCount
+from .engine.memory import SharedBudget, SharedUploadCount, SlotTable
 
 log = logging.getLogger("effnet.supervisor")
 
@@ -100,9 +100,6 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.stopping = False
         self.workers: dict[int, mp.process.BaseProcess] = {}
-        # Each worker's bytes held against EFFNET_MAX_INFLIGHT_MB (memory.SharedBudget), one lock for all.
-        self.budget_slots = self.ctx.Array("q", settings.workers)
-        self.upload_slots = self.ctx.Array("q", settings.workers)  # and uploads in progress (SharedUploadCount)
         self.restarts: list[float] = []
         self._terminated: set[int] = set()  # children already sent SIGTERM
 
@@ -111,6 +108,7 @@ class Supervisor:
         s = self.settings
         for name in shm.reclaim():
             log.warning("removed shared memory %s left by a service that is gone", name)
+        self.service = shm.service_id()  # in its segments' names; the mark says it lives (engine/link/shm.py)
         try:
             self.arena_bytes = arena_bytes(s, shm_free_bytes())
         except ValueError as exc:
@@ -126,14 +124,20 @@ class Supervisor:
             return 1
         rundir = tempfile.mkdtemp(prefix="effnet-")  # 0700: only this user can reach the engine's socket
         self.socket_path = os.path.join(rundir, "engine.sock")
+        # Each worker's bytes held against EFFNET_MAX_INFLIGHT_MB (memory.SharedBudget), and its uploads in
+        # progress (SharedUploadCount): one slot per worker, one lock for all.
+        self.budget_slots = SlotTable(self.ctx, s.workers, os.path.join(rundir, "budget.lock"))
+        self.upload_slots = SlotTable(self.ctx, s.workers, os.path.join(rundir, "uploads.lock"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        mark = shm.ServiceMark(self.service)
         try:
             return self._supervise()
         finally:
             for h in holders:
                 h.close()
             shutil.rmtree(rundir, ignore_errors=True)
+            mark.close()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self.stopping:
@@ -150,11 +154,17 @@ class Supervisor:
 
     def _supervise(self) -> int:
         ready_rx, ready_tx = self.ctx.Pipe(duplex=False)
-        self.engine = self.ctx.Process(target=_engine_main, args=(self.socket_path, ready_tx), name="effnet-engine")
+        self.engine = self.ctx.Process(target=_engine_main, args=(self.socket_path, ready_tx, os.getpid()),
+                                       name="effnet-engine")
         self.engine.start()
         log.info("engine process started (pid %d)", self.engine.pid)
         ready_tx.close()
-        if not ready_rx.poll(ENGINE_START_S) or self._recv(ready_rx) != "ready":
+        started = ready_rx.poll(ENGINE_START_S) and self._recv(ready_rx) == "ready"
+        if self.stopping:  # told to stop while the engine started (which a SIGTERM before its handler is in
+            self._stop_all()  # place kills): a clean stop, not a failed start
+            log.info("stopped before the service was ready")
+            return 0
+        if not started:
             log.error("the engine process did not start (exit code %s)", self.engine.exitcode)
             self._stop_all()
             return 1
@@ -174,7 +184,7 @@ class Supervisor:
                 break
             for i, w in list(self.workers.items()):
                 if not w.is_alive() and w.pid is not None:
-                    shm.unlink(shm.segment_name(os.getpid(), w.pid))
+                    shm.unlink(shm.segment_name(self.service, w.pid))
                     if not self._may_restart():
                         log.error("workers keep dying (%d in a minute): stopping", len(self.restarts))
                         code = 1
@@ -203,8 +213,8 @@ class Supervisor:
         SharedUploadCount.clear(self.upload_slots, i)
         w = self.ctx.Process(
             target=_worker_main, name=f"effnet-worker-{i}",
-            args=(self.host, self.port, self.socket_path, os.getpid(), self.settings.workers, self.budget_slots,
-                  self.upload_slots, i, self.arena_bytes),
+            args=(self.host, self.port, self.socket_path, os.getpid(), self.service, self.settings.workers,
+                  self.budget_slots, self.upload_slots, i, self.arena_bytes),
         )
         w.start()
         log.info("worker %d started (pid %d)", i, w.pid)
@@ -223,29 +233,16 @@ class Supervisor:
                 p.join(5.0)
         for w in self.workers.values():
             if w.pid is not None:
-                shm.unlink(shm.segment_name(os.getpid(), w.pid))
+                shm.unlink(shm.segment_name(self.service, w.pid))
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the supervisor dies, however it dies (a SIGKILL included), so
-    that no worker or engine outlives it holding ports, memory and models. No-op elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the supervisor died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _worker_main(host: str, port: int, socket_path: str, service_pid: int, workers: int, budget_slots,
-                 upload_slots, index: int, arena_bytes: int) -> None:
-    die_with_parent()
-    serve_worker(host, port, socket_path, shm.segment_name(service_pid, os.getpid()), arena_bytes, workers,
+def _worker_main(host: str, port: int, socket_path: str, supervisor_pid: int, service: str, workers: int,
+                 budget_slots, upload_slots, index: int, arena_bytes: int) -> None:
+    die_with_parent(supervisor_pid)
+    serve_worker(host, port, socket_path, shm.segment_name(service, os.getpid()), arena_bytes, workers,
                  budget_slots, upload_slots, index)
 
 
-def _engine_main(socket_path: str, ready) -> None:
-    die_with_parent()
+def _engine_main(socket_path: str, ready, supervisor_pid: int) -> None:
+    die_with_parent(supervisor_pid)
     run_engine(socket_path, ready)

@@ -9,6 +9,8 @@ charged from the decode pool's threads.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 
 from ..core.errors import OverBudget
@@ -41,17 +43,59 @@ class MemoryBudget:
             self._used -= n
 
 
+class SlotTable:
+    """Per-worker counts in shared memory (one slot each) and the file whose lock guards them, made by the
+    supervisor and handed to each worker as it starts (spawn pickles the array's shared memory, not a copy).
+
+    The lock is an flock, not the semaphore multiprocessing pairs with an Array: the kernel lets go of an flock
+    when its holder dies, where a semaphore that an OOM-killed worker held stays held for good, and the next
+    charge in every other worker, and the supervisor's restart, would wait on it for ever."""
+
+    def __init__(self, ctx, n: int, lock_path: str) -> None:
+        self.values = ctx.RawArray("q", n)
+        self.lock_path = lock_path
+        with open(lock_path, "a"):
+            pass
+
+    def lock(self) -> _FileLock:
+        return _FileLock(self.lock_path)
+
+
+class _FileLock:
+    """One process's handle on a SlotTable's lock: a threading lock for its own threads (an flock is held per
+    open file, so a second thread of the same process would pass it), then the flock for the other processes."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._threads = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class SharedSlots:
     """A count held by several worker processes at once (app/supervisor.py): each worker adds to its own slot
-    of an array in shared memory, under one lock shared by all of them, and an addition is refused when the
-    slots together would pass the limit. So a limit means what it means in one process, however many workers
-    there are, and a worker that dies leaves nothing behind: the supervisor zeroes its slot (`clear`) before
-    starting its replacement."""
+    of a SlotTable, under the table's one lock, and an addition is refused when the slots together would pass
+    the limit. So a limit means what it means in one process, however many workers there are, and a worker
+    that dies leaves nothing behind: the supervisor zeroes its slot (`clear`) before starting its
+    replacement."""
 
-    def __init__(self, slots, index: int) -> None:  # slots: multiprocessing.Array("q", n)
+    def __init__(self, table: SlotTable, index: int) -> None:
         self._index = index
-        self._lock = slots.get_lock()
-        self._raw = slots.get_obj()  # inside the lock: no second acquire per element
+        self._lock = table.lock()
+        self._raw = table.values
 
     def total(self) -> int:
         with self._lock:
@@ -71,10 +115,14 @@ class SharedSlots:
             self._raw[self._index] -= n
 
     @staticmethod
-    def clear(slots, index: int) -> None:
+    def clear(table: SlotTable, index: int) -> None:
         """Forget what a dead worker held."""
-        with slots.get_lock():
-            slots.get_obj()[index] = 0
+        lock = table.lock()
+        try:
+            with lock:
+                table.values[index] = 0
+        finally:
+            lock.close()
 
 
 class SharedBudget(MemoryBudget):
@@ -82,7 +130,7 @@ class SharedBudget(MemoryBudget):
 
     clear = staticmethod(SharedSlots.clear)
 
-    def __init__(self, limit_bytes: int, slots, index: int) -> None:
+    def __init__(self, limit_bytes: int, slots: SlotTable, index: int) -> None:
         self.limit = int(limit_bytes)
         self.peak = 0
         self._shared = SharedSlots(slots, index)
@@ -131,7 +179,7 @@ class SharedUploadCount(UploadCount):
 
     clear = staticmethod(SharedSlots.clear)
 
-    def __init__(self, limit: int, slots, index: int) -> None:
+    def __init__(self, limit: int, slots: SlotTable, index: int) -> None:
         self.limit = int(limit)
         self._shared = SharedSlots(slots, index)
 

@@ -285,16 +285,18 @@ class WorkersLiveServer:
 
         from effnet_serve.api.server import reuseport_socket
         from effnet_serve.engine.link import shm
-        from effnet_serve.engine.memory import SharedBudget, SharedUploadCount
+        from effnet_serve.engine.memory import SharedBudget, SharedUploadCount, SlotTable
 
         self.rundir = tempfile.mkdtemp(prefix="effnet-test-")
         self.engine = EngineThread(settings, os.path.join(self.rundir, "engine.sock"))
-        slots, upload_slots = multiprocessing.Array("q", workers), multiprocessing.Array("q", workers)
+        spawn = multiprocessing.get_context("spawn")
+        slots = SlotTable(spawn, workers, os.path.join(self.rundir, "budget.lock"))
+        upload_slots = SlotTable(spawn, workers, os.path.join(self.rundir, "uploads.lock"))
         self.arenas, self.apps, self.servers, self.socks, self.threads = [], [], [], [], []
         for i in range(workers):
             sock = reuseport_socket("127.0.0.1", self.socks[0].getsockname()[1] if self.socks else 0)
             sock.listen(2048)
-            arena = shm.Arena(shm.segment_name(os.getpid(), next(_ARENA_IDS)), settings.shm_mb << 20)
+            arena = shm.Arena(shm.segment_name(f"test{os.getpid()}", next(_ARENA_IDS)), settings.shm_mb << 20)
             app = create_app(settings, **app_options)
             app.state.host = "127.0.0.1"
             app.state.engine_link = (self.engine.socket_path, arena, workers,

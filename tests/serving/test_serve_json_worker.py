@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import multiprocessing.connection
 import os
 import signal
@@ -95,3 +96,45 @@ def test_close_leaves_no_worker_process_behind_even_one_that_cannot_take_the_sto
         for p in processes:
             if p.exitcode is None:
                 p.kill()
+
+
+def _own_a_parser(conn) -> None:
+    """A front end that has started its JSON parser process, then waits to be killed."""
+    import time
+
+    pool = JsonWorker()._running_pool()
+    conn.send(pool.submit(os.getpid).result(timeout=60))
+    time.sleep(300)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie waits only for its parent to read it
+    except FileNotFoundError:
+        return True
+
+
+def test_the_parser_process_ends_with_its_front_end_even_an_oom_killed_one():
+    """A front end killed by SIGKILL (the OOM killer's signal) runs no shutdown: its parser process once lived on
+    for good, waiting on a queue whose write end it held itself. It asks the kernel to end it with its parent."""
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    front_end = ctx.Process(target=_own_a_parser, args=(theirs,))
+    front_end.start()
+    try:
+        assert ours.poll(60), "the parser process did not start"
+        parser = ours.recv()
+        assert parser != front_end.pid and not _gone(parser)
+    finally:
+        os.kill(front_end.pid, signal.SIGKILL)
+        front_end.join(10)
+    deadline = time.monotonic() + 15
+    while not _gone(parser) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = not _gone(parser)
+    if alive:
+        os.kill(parser, signal.SIGKILL)
+    assert not alive, "the parser process outlived its killed front end"

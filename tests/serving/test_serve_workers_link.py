@@ -20,7 +20,7 @@ from effnet_serve.core.errors import BadRequest, ClientGone, ImageError, Overloa
 from effnet_serve.engine.link import shm
 from effnet_serve.engine.link.client import RemotePlane
 from effnet_serve.engine.link.server import EngineServer
-from effnet_serve.engine.memory import MemoryBudget, SharedBudget, SharedUploadCount, UploadCount
+from effnet_serve.engine.memory import MemoryBudget, SharedBudget, SharedUploadCount, SlotTable, UploadCount
 from effnet_serve.engine.runtime import running_plane
 from serving_helpers import encode, photo, settle, write_model
 
@@ -221,15 +221,6 @@ def test_arena_space_is_first_fit_and_merges_back(tmp_path):
     assert not Path("/dev/shm", arena.name).exists()
 
 
-def test_segments_of_a_dead_service_are_reclaimed_and_live_ones_kept(tmp_path):
-    dead_pid = 2 ** 22 + 12345  # above pid_max's default: no such process
-    (tmp_path / shm.segment_name(dead_pid, 7)).write_bytes(b"x")
-    (tmp_path / shm.segment_name(os.getpid(), 8)).write_bytes(b"x")
-    (tmp_path / "effnet-shm-notapid-1").write_bytes(b"x")
-    assert shm.reclaim(tmp_path) == [shm.segment_name(dead_pid, 7)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([shm.segment_name(os.getpid(), 8), "effnet-shm-notapid-1"])
-
-
 def test_a_request_abandoned_while_queued_is_dropped_before_inference(repo, tmp_path):
     """The client goes away while its image waits for a batch: the engine drops it unrun (counted as skipped,
     the call as 499), and the worker gets its arena space back only once the engine has answered."""
@@ -292,14 +283,14 @@ def _reader(data: list[bytes]):
     return read
 
 
-def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared():
+def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared(tmp_path):
     """Two workers' budgets over one shared array: together they cannot pass the limit (a request one
     process would take is not refused for being over a worker's slice), and clearing a slot frees it."""
     import multiprocessing as mp
 
     from effnet_serve.core.errors import OverBudget
 
-    slots = mp.get_context("spawn").Array("q", 2)
+    slots = SlotTable(mp.get_context("spawn"), 2, str(tmp_path / "budget.lock"))
     a, b = SharedBudget(100, slots, 0), SharedBudget(100, slots, 1)
     a.take(90, "x")  # more than half: one worker may hold nearly all of it
     with pytest.raises(OverBudget):
@@ -308,24 +299,24 @@ def test_workers_share_one_memory_budget_and_a_dead_workers_share_is_cleared():
     assert a.used == b.used == 100
     a.give(40)
     b.take(40, "y")
-    assert list(slots) == [50, 50]
+    assert list(slots.values) == [50, 50]
     SharedBudget.clear(slots, 0)  # worker 0 died holding 50
     b.take(50, "y")
-    assert list(slots) == [0, 100] and b.peak == 100
+    assert list(slots.values) == [0, 100] and b.peak == 100
 
 
-def test_workers_share_one_upload_count_and_a_dead_workers_uploads_are_cleared():
+def test_workers_share_one_upload_count_and_a_dead_workers_uploads_are_cleared(tmp_path):
     """EFFNET_MAX_UPLOADS means the service's uploads in progress, not each worker's: two workers' counts over
     one shared array refuse the upload past the limit wherever it lands, and a cleared slot frees its share."""
     import multiprocessing as mp
 
-    slots = mp.get_context("spawn").Array("q", 2)
+    slots = SlotTable(mp.get_context("spawn"), 2, str(tmp_path / "uploads.lock"))
     a, b = SharedUploadCount(3, slots, 0), SharedUploadCount(3, slots, 1)
     assert a.try_take() and a.try_take() and b.try_take()
     assert not b.try_take() and not a.try_take()  # 3 in progress across both workers
-    assert a.used == b.used == 3 and list(slots) == [2, 1]
+    assert a.used == b.used == 3 and list(slots.values) == [2, 1]
     b.give()
-    assert a.try_take() and list(slots) == [3, 0]
+    assert a.try_take() and list(slots.values) == [3, 0]
     SharedUploadCount.clear(slots, 0)  # worker 0 died mid-upload three times over
     assert b.try_take() and b.used == 1
 

@@ -31,7 +31,8 @@ def free_port() -> int:
 
 
 class Service:
-    def __init__(self, repo: Path, **env: str) -> None:
+    def __init__(self, repo: Path, prefix: tuple[str, ...] = (), **env: str) -> None:
+        """`prefix`: a command the service runs under (a new PID namespace, say)."""
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -41,7 +42,7 @@ class Service:
             "PYTHONPATH": str(ROOT), **env,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [*prefix, sys.executable, "-m", "effnet_serve", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
@@ -84,12 +85,29 @@ class Service:
             time.sleep(0.05)
 
     def segments(self) -> list[str]:
-        return sorted(p.name for p in Path("/dev/shm").glob(f"effnet-shm-{self.proc.pid}-*"))
+        """This service's arenas (named after its pid and a token: engine/link/shm.py)."""
+        return sorted(p.name for p in Path("/dev/shm").glob(f"effnet-shm-{self.proc.pid}.*"))
+
+    def mark(self) -> list[str]:
+        """The file whose flock says this service lives (while it does; a clean stop removes it)."""
+        return sorted(p.name for p in Path("/dev/shm").glob(f"effnet-live-{self.proc.pid}.*"))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# The service as pid 1 of a new PID namespace, as a container without an init runs it, with its own /dev/shm.
+IN_A_CONTAINER = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--kill-child",
+                  "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"')
+
+
+def namespaces_allowed() -> bool:
+    try:
+        return subprocess.run([*IN_A_CONTAINER[:7], "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 @pytest.fixture
@@ -167,7 +185,7 @@ def test_two_workers_serve_http_and_grpc_and_a_killed_worker_is_replaced(repo):
         assert set(statuses) <= {200, 0}, sorted(set(statuses))
         assert statuses[-10:] == [200] * 10
         svc.eventually(lambda: len(svc.segments()) == 2)
-        assert shm_name(svc.proc.pid, victim) not in svc.segments(), svc.log
+        assert not [s for s in svc.segments() if s.endswith(f"-{victim}")], svc.log
 
         metrics = httpx.get(svc.url + "/metrics", timeout=10).text  # one /metrics for the whole service
         ok = float(re.search(r'effnet_requests_total\{model="fake",status="200"\} (\S+)', metrics).group(1))
@@ -175,13 +193,9 @@ def test_two_workers_serve_http_and_grpc_and_a_killed_worker_is_replaced(repo):
 
         svc.proc.send_signal(signal.SIGTERM)
         assert svc.proc.wait(60) == 0, svc.log
-        assert svc.segments() == []
+        assert svc.segments() == [] and svc.mark() == []
     finally:
         svc.stop()
-
-
-def shm_name(service_pid: int, worker_pid: int) -> str:
-    return f"effnet-shm-{service_pid}-{worker_pid}"
 
 
 def test_a_killed_engine_under_load_fails_requests_cleanly_and_the_service_exits_non_zero(repo):
@@ -199,7 +213,7 @@ def test_a_killed_engine_under_load_fails_requests_cleanly_and_the_service_exits
         assert load.stop(), "a request hung"
         assert set(statuses) <= {200, 503, 0}, sorted(set(statuses))
         assert "the engine process died" in svc.log
-        assert svc.segments() == []
+        assert svc.segments() == [] and svc.mark() == []
     finally:
         svc.stop()
 
@@ -217,7 +231,7 @@ def test_no_process_outlives_a_killed_supervisor(repo):
     svc = Service(repo)
     try:
         svc.wait_ready()
-        svc.eventually(lambda: len(svc.segments()) == 2)
+        svc.eventually(lambda: len(svc.segments()) == 2 and len(svc.mark()) == 1)
         children = svc.pids("engine") + svc.pids("worker")
         svc.proc.kill()
         svc.proc.wait(10)
@@ -266,5 +280,155 @@ def test_a_sigterm_while_workers_start_still_stops_the_service_at_once(repo):
         assert svc.proc.wait(60) == 0, svc.log
         assert time.monotonic() - started < 15, svc.log  # well inside the 20 s drain: nobody waited it out
         assert svc.segments() == []
+    finally:
+        svc.stop()
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    from effnet_serve.core.lifetime import die_with_parent
+    die_with_parent(supervisor_pid)
+
+
+@pytest.mark.parametrize("parent", ["alive", "gone"])
+def test_a_child_lives_while_its_supervisor_does_and_ends_when_it_is_gone(parent):
+    """die_with_parent asks the kernel for a SIGTERM at the supervisor's death; one that already happened shows
+    as another parent pid. Compared with the supervisor's own pid, not with 1, which is what a live supervisor
+    is in a container without an init."""
+    import multiprocessing as mp
+
+    supervisor = os.getpid() if parent == "alive" else os.getpid() + 1_000_000  # no process has that pid
+    child = mp.get_context("spawn").Process(target=_die_with_parent, args=(supervisor,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == (0 if parent == "alive" else -signal.SIGTERM)
+
+
+@pytest.mark.skipif(not namespaces_allowed(), reason="this machine allows no user and PID namespaces")
+def test_the_service_starts_serves_and_stops_as_pid_1(repo):
+    """The image's exec-form ENTRYPOINT makes the supervisor pid 1 in Kubernetes, KServe or `docker run` without
+    --init. Its children once took their parent pid of 1 for a dead supervisor and killed themselves: the service
+    never started (the engine "did not start", exit 1)."""
+    svc = Service(repo, prefix=IN_A_CONTAINER)
+    try:
+        svc.wait_ready()
+        assert _classify(svc.url, encode(photo((50, 40)))) == 200
+        # To the supervisor (pid 1 in there; unshare, its parent out here, passes no signal on), as a container
+        # runtime's stop does: it drains, and unshare exits with its status.
+        (supervisor,) = Path(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read_text().split()
+        os.kill(int(supervisor), signal.SIGTERM)
+        assert svc.proc.wait(30) == 0, svc.log
+    finally:
+        svc.stop()
+
+
+def _die_holding_the_lock(table, held) -> None:
+    """A worker the OOM killer catches inside a charge to the shared budget."""
+    lock = table.lock()
+    lock.__enter__()
+    held.set()
+    time.sleep(120)
+
+
+def test_a_worker_killed_while_it_holds_the_budgets_lock_does_not_hang_the_others(tmp_path):
+    """The workers' shared counts (the memory budget, the uploads) have one lock. A semaphore held by a process
+    the OOM killer ended stayed held for good: the supervisor's restart and every other worker's next charge
+    waited on it for ever. The kernel lets go of a dead process's flock."""
+    import multiprocessing as mp
+
+    from effnet_serve.engine.memory import SharedBudget, SharedUploadCount, SlotTable
+
+    ctx = mp.get_context("spawn")
+    budget = SlotTable(ctx, 2, str(tmp_path / "budget.lock"))
+    uploads = SlotTable(ctx, 2, str(tmp_path / "uploads.lock"))
+    held = ctx.Event()
+    victim = ctx.Process(target=_die_holding_the_lock, args=(budget, held))
+    victim.start()
+    try:
+        assert held.wait(60)
+        budget.values[0] = 5000  # what it held
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+    finally:
+        if victim.is_alive():
+            victim.kill()
+
+    def returns(fn) -> bool:
+        t = threading.Thread(target=fn, daemon=True)
+        t.start()
+        t.join(10)
+        return not t.is_alive()
+
+    assert returns(lambda: SharedBudget.clear(budget, 0)), "the supervisor's restart waits on a dead worker's lock"
+    survivor = SharedBudget(1 << 20, budget, 1)
+    assert returns(lambda: survivor.take(65536, "a body")), "the other worker's next charge waits for ever"
+    assert list(budget.values) == [0, 65536]
+    assert SharedUploadCount(8, uploads, 1).try_take()
+
+
+def test_sigterm_while_the_engine_starts_is_a_clean_stop(repo):
+    """A SIGTERM (or Ctrl-C) before the service is ready, while the engine still imports and loads: exit 0, as
+    any SIGTERM. The engine may die of it before its own handler is in place; that is no failed start."""
+    svc = Service(repo)
+    try:
+        deadline = time.monotonic() + 60
+        while "engine process started" not in svc.log:
+            assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log
+            time.sleep(0.005)
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(60) == 0, svc.log
+        assert "did not start" not in svc.log
+    finally:
+        svc.stop()
+
+
+def test_segments_of_services_that_are_gone_are_reclaimed_and_a_live_ones_kept_whatever_its_pid(tmp_path):
+    """Whether a service runs is its mark's flock, not its pid: a pid may be another process's in another PID
+    namespace sharing /dev/shm, or this very supervisor's after a container restart (pid 1 again)."""
+    from effnet_serve.engine.link import shm
+
+    elsewhere = f"{2 ** 22 + 12345}.{'a' * 12}"  # a pid nobody has here: another namespace's live service
+    live = shm.ServiceMark(elsewhere, tmp_path)
+    crashed = f"{os.getpid()}.{'b' * 12}"  # this pid, an earlier start (a container restarted with /dev/shm kept)
+    (tmp_path / f"effnet-live-{crashed}").write_bytes(b"")  # its mark, locked by nobody now
+    unmarked = f"77.{'c' * 12}"  # segments without a mark at all (removed by hand, say)
+    names = [shm.segment_name(s, w) for s in (elsewhere, crashed, unmarked) for w in (7, 8)]
+    for name in [*names, "effnet-shm-test123-4", "effnet-shm-notapid-1"]:
+        (tmp_path / name).write_bytes(b"x")
+    try:
+        gone = shm.reclaim(tmp_path)
+        assert gone == sorted(names[2:])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [*names[:2], f"effnet-live-{elsewhere}", "effnet-shm-test123-4", "effnet-shm-notapid-1"])
+    finally:
+        live.close()
+    assert shm.reclaim(tmp_path) == sorted(names[:2])  # once its service is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["effnet-shm-notapid-1", "effnet-shm-test123-4"]
+
+
+def test_a_request_still_uploading_at_sigterm_is_served(repo):
+    """Its headers in, half its body sent, then SIGTERM: it was in flight, and is answered 200 within the drain,
+    as one process answers it. (A worker asks the engine for admission only once the body is in, by then
+    draining: the engine admits what arrived before its drain began.)"""
+    import socket as sockets
+
+    svc = Service(repo, EFFNET_MIN_UPLOAD_KBPS="0", EFFNET_BODY_TIMEOUT_S="60")
+    try:
+        svc.wait_ready()
+        svc.eventually(lambda: len(svc.pids("worker")) == 2)
+        body = encode(photo((96, 72), seed=2))
+        head = (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        with sockets.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
+            s.sendall(head + body[: len(body) // 2])
+            time.sleep(0.5)  # in a worker, its body half read
+            svc.proc.send_signal(signal.SIGTERM)
+            svc.eventually(lambda: "draining every process" in svc.log, timeout_s=10)
+            time.sleep(0.5)  # the engine has begun its drain
+            s.sendall(body[len(body) // 2:])
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert svc.proc.wait(60) == 0, svc.log
     finally:
         svc.stop()

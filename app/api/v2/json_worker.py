@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from .codec import InferInput, parse_infer
 from ...core.errors import ApiError, BadRequest, Overloaded, Unavailable
+from ...core.lifetime import die_with_parent
 from ...core.log_limits import limit_client_triggered_logs
 from ...engine.manifest import Manifest
 
@@ -71,6 +73,13 @@ def _slim(inp: InferInput) -> InferInput:
     if isinstance(req.get("id"), str):
         slim["id"] = req["id"]
     return InferInput(slim, inp.tensors, inp.images, inp.outputs)
+
+
+def _start_child(parent_pid: int) -> None:
+    """The parser process ends with the process that started it, an OOM kill included: nothing else would
+    end it (it waits on a queue whose write end it holds itself)."""
+    die_with_parent(parent_pid)
+    limit_client_triggered_logs()
 
 
 def _parse_in_worker(body: bytes, header_length: str | None, manifest: Manifest, max_images: int,
@@ -135,7 +144,7 @@ class JsonWorker:
         with self._lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=limit_client_triggered_logs)
+                                                 initializer=_start_child, initargs=(os.getpid(),))
             return self._pool
 
     def close(self) -> None:

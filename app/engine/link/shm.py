@@ -5,8 +5,12 @@ engine reads the tensor where it lies (the batcher copies it into the batch) and
 into space the worker set aside beside it. So pixels never go through a pipe or pickle.
 
 Lessons from other servers (see ../shared/notes/multiprocess.md), each handled here:
-* segment names carry the service's PID and the worker's, so a later start can reclaim the segments of a
-  service that was SIGKILLed (`reclaim`), and no process can mistake another worker's arena for its own;
+* segment names carry the service's id (its PID and a random token) and the worker's PID, so no process
+  can mistake another worker's arena for its own, and a later start can reclaim the segments of a service
+  that was SIGKILLed (`reclaim`). Whether a service still runs is not read from its PID, which another
+  PID namespace sharing /dev/shm (hostIPC, one emptyDir for two containers) or a restarted container (pid 1
+  again) gives to another process: each service holds an flock on a mark file beside its segments for as
+  long as it lives (`ServiceMark`), and the kernel lets go of it however the service dies;
 * multiprocessing's resource tracker is told to forget every segment (it would unlink segments other
   processes still map, and warn about them at exit): the creating worker unlinks its arena itself, and the
   supervisor unlinks the arena of a worker that died;
@@ -16,6 +20,10 @@ Lessons from other servers (see ../shared/notes/multiprocess.md), each handled h
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+import secrets
 import threading
 
 import _posixshmem  # the C module multiprocessing.shared_memory unlinks with
@@ -25,15 +33,50 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.limits import pid_alive
-
 PREFIX = "effnet-shm"
+MARK = "effnet-live"  # + the service id: the file whose flock says the service is alive
 ALIGN = 64  # bytes: each tensor starts on a cache line
 SHM_DIR = Path("/dev/shm")
+_SERVICE_SEGMENT = re.compile(rf"^{PREFIX}-(\d+\.[0-9a-f]+)-\d+$")  # what reclaim judges (nothing else)
 
 
-def segment_name(service_pid: int, worker_pid: int) -> str:
-    return f"{PREFIX}-{service_pid}-{worker_pid}"
+def service_id() -> str:
+    """This service's part of its segments' names: its PID, and a token no other start shares."""
+    return f"{os.getpid()}.{secrets.token_hex(6)}"
+
+
+def segment_name(service: str, worker_pid: int) -> str:
+    return f"{PREFIX}-{service}-{worker_pid}"
+
+
+class ServiceMark:
+    """The supervisor's flock on `effnet-live-<service id>` in the shared-memory folder, held while it lives."""
+
+    def __init__(self, service: str, shm_dir: Path = SHM_DIR) -> None:
+        self.path = shm_dir / f"{MARK}-{service}"
+        # Locked before it takes its name, so no reclaim ever sees the mark unlocked (and takes it for a dead one).
+        hidden = shm_dir / f".{MARK}-{service}"
+        self._fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(hidden, self.path)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+
+
+def _claim_if_dead(mark: Path) -> int | None:
+    """The mark's descriptor, locked, when its service is gone (nobody holds its flock), else None."""
+    try:
+        fd = os.open(mark, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def float32_view(shm: SharedMemory, offset: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -65,21 +108,32 @@ def unlink(name: str) -> bool:
 
 
 def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
-    """Unlink the arenas of services that are no longer running (a SIGKILL leaves them behind)."""
+    """Unlink the arenas of services that are no longer running (a SIGKILL leaves them behind), and their
+    marks: those whose mark nobody holds, or that have no mark at all. Names of another form are left alone."""
     gone = []
+    segments: dict[str, list[Path]] = {}
     for path in shm_dir.glob(f"{PREFIX}-*"):
+        m = _SERVICE_SEGMENT.match(path.name)
+        if m:
+            segments.setdefault(m.group(1), []).append(path)
+    services = set(segments) | {p.name[len(MARK) + 1:] for p in shm_dir.glob(f"{MARK}-*")}
+    for service in services:
+        mark = shm_dir / f"{MARK}-{service}"
+        fd = _claim_if_dead(mark)
+        if fd is None and mark.exists():
+            continue  # alive, or its mark appeared a moment ago
         try:
-            service_pid = int(path.name.split("-")[2])
-        except (IndexError, ValueError):
-            continue
-        if not pid_alive(service_pid):
-            try:
-                path.unlink()
-                gone.append(path.name)
-            except OSError:
-                pass
-    return gone
-    return True
+            for path in segments.get(service, []):
+                try:
+                    path.unlink()
+                    gone.append(path.name)
+                except OSError:
+                    pass
+            mark.unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return sorted(gone)
 
 
 class ArenaFull(Exception):
