@@ -105,14 +105,15 @@ class Upload:
         # In a decode thread: python-multipart is pure Python, and even a bounded body is not free to parse.
         return await asyncio.get_running_loop().run_in_executor(self.plane.decode_pool, parse_multipart, body, params)
 
-    async def body(self) -> bytes:
+    async def body(self, limit: int | None = None) -> bytes:
+        """The whole body, within EFFNET_MAX_BODY_MB or the route's own smaller `limit`."""
         with tracing.span("body") as span:
-            body = await self._read()
+            body = await self._read(self.settings.max_body_bytes if limit is None else
+                                    min(limit, self.settings.max_body_bytes))
             span.set(bytes=len(body))
             return body
 
-    async def _read(self) -> bytes:
-        limit = self.settings.max_body_bytes
+    async def _read(self, limit: int) -> bytes:
         loop = asyncio.get_running_loop()
         start = loop.time()
         received = 0

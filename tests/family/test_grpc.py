@@ -359,14 +359,20 @@ def test_repository_control_is_refused_unless_explicit(client):
     assert _code(e) == "StatusCode.PERMISSION_DENIED" and "explicit" in e.value.message()
 
 
-def test_draining_refuses_with_unavailable(server, client):
+def test_draining_refuses_inference_with_unavailable_and_still_describes_as_http_does(server, client, http):
+    """While draining, new inference is refused (UNAVAILABLE, as HTTP's 503); descriptions and the index are
+    answered on both protocols alike (gRPC once refused them while HTTP answered)."""
     server.plane.draining = True
     try:
         assert client.is_server_live() and not client.is_server_ready() and not client.is_model_ready("tiny")
-        for call in (lambda: client.infer("tiny", [_fp32_input(_tensor(1))]), lambda: client.get_model_metadata("tiny")):
-            with pytest.raises(InferenceServerException) as e:
-                call()
-            assert _code(e) == "StatusCode.UNAVAILABLE"
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("tiny", [_fp32_input(_tensor(1))])
+        assert _code(e) == "StatusCode.UNAVAILABLE"
+        assert client.get_model_metadata("tiny").name == http.get("/v2/models/tiny").json()["name"] == "tiny"
+        assert client.get_model_config("tiny").config.name == http.get("/v2/models/tiny/config").json()["name"]
+        assert client.get_server_metadata().name == http.get("/v2").json()["name"]
+        assert [m.name for m in client.get_model_repository_index().models] == \
+            [row["name"] for row in http.post("/v2/repository/index").json()]
     finally:
         server.plane.draining = False
     assert client.is_server_ready()

@@ -154,6 +154,12 @@ def test_raw_http_json_variants(family_server, reference):
         strings = r.json()["outputs"][0]["data"]
         assert len(strings) == 2 and strings[0].count(":") >= 2
 
+        plain = {"inputs": [{"name": "images", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": x.tolist()}]}
+        every = c.post("/v2/models/tiny/infer", json={**plain, "outputs": []})  # none asked for: every output,
+        assert every.status_code == 200, every.text  # as gRPC answers an empty list (KServe V2, Triton)
+        assert every.json()["outputs"] == c.post("/v2/models/tiny/infer", json=plain).json()["outputs"]
+        r = c.post("/v2/models/tiny/infer", json={**plain, "outputs": {}})
+        assert r.status_code == 400 and r.json() == {"error": "'outputs' must be a list"}
         r = c.post("/v2/models/tiny/infer", content=b"{not json")
         assert r.status_code == 400 and isinstance(r.json()["error"], str)
         r = c.post("/v2/models/tiny/versions/7/infer", json=body)

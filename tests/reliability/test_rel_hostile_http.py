@@ -216,6 +216,7 @@ def test_repository_bodies_are_read_within_bounds(small_bodies, path):
     assert r.status_code == 413, r.text
     r = httpx.post(url, content=b" " * (100 << 10), timeout=60)  # under the body limit, far over this API's
     assert r.status_code == 413, r.text
+    assert _v2_error(r) == "body is 102400 bytes; the limit is 65536"  # by its length, before it was read
     # Stalled: 408 within the body timeout, before the control mode's 403 (load) or the index.
     held = HeldUpload(small_bodies.port, path, b"{}" + b" " * 998, 10, content_type="application/json")
     status, headers, body = held.answer(timeout=30)

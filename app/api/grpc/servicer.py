@@ -62,16 +62,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=entry.serving and not self.plane.draining)
 
-    @rpc()
+    @rpc(while_draining=True)  # a description, answered while draining as over HTTP
     async def ServerMetadata(self, request, context):
         return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
 
-    @rpc()
+    @rpc(while_draining=True)  # a description, answered while draining as over HTTP
     async def ModelMetadata(self, request, context):
         entry = find_entry(self.plane, request.name, request.version)
         return json_format.ParseDict(metadata(entry), pb.ModelMetadataResponse())
 
-    @rpc()
+    @rpc(while_draining=True)  # a description, answered while draining as over HTTP
     async def ModelConfig(self, request, context):
         entry = find_entry(self.plane, request.name, request.version)
         config = json_format.ParseDict(model_config(entry, self.plane), mc.ModelConfig())
@@ -102,7 +102,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             logits, probs, results[0].version)
 
     # --- the model repository ------------------------------------------------------------
-    @rpc()
+    @rpc(while_draining=True)  # a description, answered while draining as over HTTP
     async def RepositoryIndex(self, request, context):
         rows = await self.plane.index()
         if request.ready:

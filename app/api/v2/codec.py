@@ -291,10 +291,10 @@ def requested_outputs(req: dict[str, Any], output_name: str) -> list[Output]:
     params = req.get("parameters") or {}
     default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     outs = req.get("outputs")
-    if outs is None:
+    if outs is None or outs == []:  # none asked for: every output, as over gRPC (where an empty list is no list)
         return [Output(output_name, 0, default_binary)]
-    if not isinstance(outs, list) or not outs:
-        raise BadRequest("'outputs' must be a non-empty list")
+    if not isinstance(outs, list):
+        raise BadRequest("'outputs' must be a list")
     result: list[Output] = []
     for o in outs:
         if not isinstance(o, dict) or o.get("name") != output_name:

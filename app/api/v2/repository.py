@@ -21,7 +21,7 @@ from ..body import Upload
 from ..state import plane_of
 from ..errors import v2_response
 from .errors import V2_ERRORS
-from ...core.errors import ApiError, BadRequest, PayloadTooLarge
+from ...core.errors import ApiError, BadRequest
 from ...engine.registry import valid_name
 
 MAX_BODY_BYTES = 64 * 1024  # {"ready": true} or {}: anything near this is not a request of this API
@@ -34,10 +34,7 @@ async def _json_body(request: Request) -> dict[str, Any] | None:
     Read like every other body (app/api/body.py: size, time and rate bounds, memory charged), and before
     anything else is decided: a body nobody wants is still read within bounds, never without."""
     async with Upload(request, plane_of(request)) as upload:  # the body stays charged while it is looked at
-        raw = await upload.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"the body is {len(raw)} bytes; the limit here is {MAX_BODY_BYTES}",
-                                  limit_bytes=MAX_BODY_BYTES)
+        raw = await upload.body(MAX_BODY_BYTES)  # refused by its declared length, or as soon as it passes the limit
         if not raw.strip():
             return {}
         try:
