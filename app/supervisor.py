@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,6 +95,21 @@ def shm_free_bytes(path: Path = shm.SHM_DIR) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+_RUN_DIR = re.compile(r"^effnet-(\d+\.[0-9a-f]+)-")
+
+
+def reclaim_run_dirs(tmp: Path, shm_dir: Path = shm.SHM_DIR) -> list[str]:
+    """Remove the run folders (the engine's socket, the shared counts' lock files) of services that are gone:
+    a SIGKILLed supervisor leaves its folder behind. Judged by the service's mark (engine/link/shm.py)."""
+    gone = []
+    for path in tmp.glob("effnet-*"):
+        m = _RUN_DIR.match(path.name)
+        if m and path.is_dir() and shm.service_gone(m.group(1), shm_dir):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path.name)
+    return sorted(gone)
+
+
 class Supervisor:
     def __init__(self, settings: Settings, host: str, port: int) -> None:
         self.settings, self.host, self.port = settings, host, port
@@ -108,6 +124,8 @@ class Supervisor:
         s = self.settings
         for name in shm.reclaim():
             log.warning("removed shared memory %s left by a service that is gone", name)
+        for name in reclaim_run_dirs(Path(tempfile.gettempdir())):
+            log.warning("removed %s left by a service that is gone", name)
         self.service = shm.service_id()  # in its segments' names; the mark says it lives (engine/link/shm.py)
         try:
             self.arena_bytes = arena_bytes(s, shm_free_bytes())
@@ -122,7 +140,11 @@ class Supervisor:
         except OSError as exc:
             log.error("cannot listen on %s: %s", self.host, exc)
             return 1
-        rundir = tempfile.mkdtemp(prefix="effnet-")  # 0700: only this user can reach the engine's socket
+        # Marked alive before anything named after it exists: a start beside this one must not take it for gone.
+        mark = shm.ServiceMark(self.service)
+        # 0700: only this user can reach the engine's socket. Named after the service, so that a start after a
+        # SIGKILL can tell it is left over (reclaim_run_dirs).
+        rundir = tempfile.mkdtemp(prefix=f"effnet-{self.service}-")
         self.socket_path = os.path.join(rundir, "engine.sock")
         # Each worker's bytes held against EFFNET_MAX_INFLIGHT_MB (memory.SharedBudget), and its uploads in
         # progress (SharedUploadCount): one slot per worker, one lock for all.
@@ -130,7 +152,6 @@ class Supervisor:
         self.upload_slots = SlotTable(self.ctx, s.workers, os.path.join(rundir, "uploads.lock"))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        mark = shm.ServiceMark(self.service)
         try:
             return self._supervise()
         finally:

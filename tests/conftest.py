@@ -60,6 +60,20 @@ TEST_REPOS = Path(os.environ.get("EFFNET_TEST_REPOS", ROOT / ".cache" / "test-re
 # subprocesses too.
 os.environ["EFFNET_GRPC_PORT"] = "0"
 
+
+
+def _remove_arenas_of_dead_test_processes(shm_dir: Path = Path("/dev/shm")) -> None:
+    """Tests name their arenas effnet-shm-test<pid>-...; a test process killed mid-test (a timeout, a mutation
+    run's hanging mutant) leaves them in /dev/shm, which is memory. The service's own reclaim leaves such names
+    alone, so the next session removes those of processes that are gone."""
+    for path in shm_dir.glob("effnet-shm-test*"):
+        pid = path.name[len("effnet-shm-test"):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
+
+
+_remove_arenas_of_dead_test_processes()
+
 # Small random-weight custom variants: real EfficientNet graphs that build in seconds.
 TINY_MODELS = {
     "tiny": ["--width", "0.25", "--depth", "0.25", "--resolution", "64"],

@@ -432,3 +432,27 @@ def test_a_request_still_uploading_at_sigterm_is_served(repo):
         assert svc.proc.wait(60) == 0, svc.log
     finally:
         svc.stop()
+
+
+def test_run_folders_of_services_that_are_gone_are_removed_and_a_live_ones_kept(tmp_path):
+    """A SIGKILLed supervisor leaves its run folder (the engine's socket, the lock files) in /tmp; the next start
+    removes those whose service holds no mark, and nothing else."""
+    from effnet_serve.engine.link import shm
+    from effnet_serve.supervisor import reclaim_run_dirs
+
+    tmp, shm_dir = tmp_path / "tmp", tmp_path / "shm"
+    tmp.mkdir()
+    shm_dir.mkdir()
+    live_id, dead_id = f"12.{'a' * 12}", f"13.{'b' * 12}"
+    live = shm.ServiceMark(live_id, shm_dir)
+    try:
+        for name in (f"effnet-{live_id}-x1", f"effnet-{dead_id}-x2", "effnet-k3w9", "effnet-test-x"):
+            (tmp / name).mkdir()
+            (tmp / name / "engine.sock").write_bytes(b"")
+        (tmp / f"effnet-{dead_id}-file").write_bytes(b"")  # not a folder: not ours
+        assert reclaim_run_dirs(tmp, shm_dir) == [f"effnet-{dead_id}-x2"]
+        assert sorted(p.name for p in tmp.iterdir()) == sorted(
+            [f"effnet-{live_id}-x1", "effnet-k3w9", "effnet-test-x", f"effnet-{dead_id}-file"])
+    finally:
+        live.close()
+    assert reclaim_run_dirs(tmp, shm_dir) == [f"effnet-{live_id}-x1"]

@@ -107,6 +107,16 @@ def unlink(name: str) -> bool:
     return True
 
 
+def service_gone(service: str, shm_dir: Path = SHM_DIR) -> bool:
+    """Whether no running service holds this id's mark (a mark nobody locks, or none at all)."""
+    mark = shm_dir / f"{MARK}-{service}"
+    fd = _claim_if_dead(mark)
+    if fd is None:
+        return not mark.exists()
+    os.close(fd)
+    return True
+
+
 def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
     """Unlink the arenas of services that are no longer running (a SIGKILL leaves them behind), and their
     marks: those whose mark nobody holds, or that have no mark at all. Names of another form are left alone."""
@@ -121,7 +131,7 @@ def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
         mark = shm_dir / f"{MARK}-{service}"
         fd = _claim_if_dead(mark)
         if fd is None and mark.exists():
-            continue  # alive, or its mark appeared a moment ago
+            continue  # alive
         try:
             for path in segments.get(service, []):
                 try:
