@@ -59,8 +59,11 @@ def serve_worker(host: str, port: int, socket_path: str, arena_name: str, arena_
         app.state.host = host
         budget = SharedBudget(settings.max_inflight_bytes, budget_slots, index)
         uploads = SharedUploadCount(settings.max_uploads, upload_slots, index)
-        app.state.engine_link = (socket_path, arena, workers, budget, uploads)
         server = DrainingServer(_config(app, settings, host, port), app)
+        # A link to the engine lost while the engine lives (it ended the link) would leave this worker answering
+        # 503 for good beside healthy ones: it stops (exit 0), and the supervisor starts another.
+        app.state.engine_link = (socket_path, arena, workers, budget, uploads,
+                                 lambda: server.handle_exit(signal.SIGTERM, None))
         # Until uvicorn installs its own handlers, and again once it restores these and re-raises what it
         # caught: a signal means "drain and stop", never "die" (exit 0 after the drain).
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -456,3 +456,59 @@ def test_run_folders_of_services_that_are_gone_are_removed_and_a_live_ones_kept(
     finally:
         live.close()
     assert reclaim_run_dirs(tmp, shm_dir) == [f"effnet-{live_id}-x1"]
+
+
+def _end_link_to_engine(worker_pid: int) -> bool:
+    """Shut down, from out here, the worker's socket connected to the engine (a copy of its descriptor through
+    pidfd_getfd, Linux 5.6): both ends see the link end while both processes live. False where not allowed."""
+    import ctypes
+    import socket as sockets
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd_getfd = 438  # x86_64 and aarch64 alike
+    try:
+        pidfd = os.pidfd_open(worker_pid)
+    except OSError:
+        return False
+    try:
+        for fd in os.listdir(f"/proc/{worker_pid}/fd"):
+            if not os.readlink(f"/proc/{worker_pid}/fd/{fd}").startswith("socket:"):
+                continue
+            copy = libc.syscall(pidfd_getfd, pidfd, int(fd), 0)
+            if copy < 0:
+                return False
+            s = sockets.socket(fileno=copy)
+            try:
+                if s.family == sockets.AF_UNIX and str(s.getpeername()).endswith("engine.sock"):
+                    s.shutdown(sockets.SHUT_RDWR)
+                    return True
+            except OSError:
+                pass
+            finally:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return False
+
+
+def test_a_worker_whose_link_to_a_live_engine_ends_is_replaced(repo):
+    """The engine ends a worker's link and goes on (a malformed message, say): that worker once answered 503
+    for good beside healthy ones, its readiness too. It stops, and the supervisor starts another."""
+    svc = Service(repo)
+    try:
+        svc.wait_ready()
+        svc.eventually(lambda: len(svc.pids("worker")) == 2)
+        victim = svc.pids("worker")[0]
+        if not _end_link_to_engine(victim):
+            pytest.skip("this machine lets no process copy another's descriptor (pidfd_getfd)")
+        svc.eventually(lambda: victim not in svc.pids("worker") and len(svc.pids("worker")) == 2)
+        assert "stopping this worker, to be started again" in svc.log
+        (engine,) = svc.pids("engine")
+        assert _alive(engine)
+        data = encode(photo((50, 40)))
+        statuses = [_classify(svc.url, data) for _ in range(20)]  # new connections reach both workers
+        assert statuses == [200] * 20, statuses
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(60) == 0, svc.log
+    finally:
+        svc.stop()

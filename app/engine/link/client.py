@@ -27,7 +27,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -70,6 +70,9 @@ class RemotePlane:
         self.lost = False
         self.in_flight = 0  # RemoteCalls open in this worker: one alone asks for both stages at once (module docstring)
         self.admit_alone = True  # False: every call takes open and reserve apart (tests of those steps)
+        # Called once when the link is lost while this worker is not stopping (the worker process stops itself,
+        # and the supervisor starts another or, when the engine died, restarts the service); None: answer 503.
+        self.on_lost: Callable[[], None] | None = None
 
     # --- the link --------------------------------------------------------------------------
     async def connect(self, timeout_s: float = 30.0) -> None:
@@ -113,7 +116,11 @@ class RemotePlane:
 
     def _on_lost(self, exc: BaseException | None) -> None:
         if not self._draining:
-            log.error("the link to the engine is closed: answering 503 until the service restarts")
+            if self.on_lost is not None:
+                log.error("the link to the engine is closed: stopping this worker, to be started again")
+                asyncio.get_running_loop().call_soon(self.on_lost)
+            else:
+                log.error("the link to the engine is closed: answering 503 until the service restarts")
         self.lost = True
         for fut in self._pending.values():
             if not fut.done():
@@ -446,12 +453,14 @@ def decode_threads(settings: Settings, workers: int) -> int:
 
 @contextlib.asynccontextmanager
 async def remote_plane(settings: Settings, socket_path: str, arena: Arena, workers: int,
-                       memory: MemoryBudget, uploads: UploadCount) -> AsyncIterator[RemotePlane]:
+                       memory: MemoryBudget, uploads: UploadCount,
+                       on_lost: Callable[[], None] | None = None) -> AsyncIterator[RemotePlane]:
     """A worker's plane for its lifetime: connected to the engine, with this worker's decode threads and the
-    service's in-flight memory budget and upload count."""
+    service's in-flight memory budget and upload count; `on_lost`: see RemotePlane.on_lost."""
     set_max_pixels(settings.max_image_pixels)
     pool = ThreadPoolExecutor(max_workers=decode_threads(settings, workers), thread_name_prefix="decode")
     plane = RemotePlane(settings, socket_path, arena, pool, memory, uploads)
+    plane.on_lost = on_lost
     try:
         await plane.connect()
         yield plane
