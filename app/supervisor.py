@@ -110,6 +110,31 @@ def reclaim_run_dirs(tmp: Path, shm_dir: Path = shm.SHM_DIR) -> list[str]:
     return sorted(gone)
 
 
+def reap_orphans(own: set[int | None]) -> list[int]:
+    """As pid 1 (a container without an init) the supervisor inherits every orphan in the container: a killed
+    worker's JSON parser process, its resource tracker. Those that have exited stay zombies, each holding a pid
+    (the container's pids limit) for the container's life, unless reaped here. Its own children (`own`) are
+    left to multiprocessing, which reaps them itself."""
+    me = os.getpid()
+    reaped: list[int] = []
+    if os.readlink("/proc/self") != str(me):
+        return reaped  # a /proc of another PID namespace (not mounted for this one): its pids are not ours
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in own:
+            continue
+        try:
+            state, ppid = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if state == "Z" and int(ppid) == me:
+            try:
+                os.waitpid(int(entry.name), os.WNOHANG)
+                reaped.append(int(entry.name))
+            except ChildProcessError:
+                pass
+    return reaped
+
+
 class Supervisor:
     def __init__(self, settings: Settings, host: str, port: int) -> None:
         self.settings, self.host, self.port = settings, host, port
@@ -214,6 +239,8 @@ class Supervisor:
                     self._start_worker(i)
             if code:
                 break
+            if os.getpid() == 1:
+                reap_orphans({self.engine.pid, *(w.pid for w in self.workers.values())})
         self._stop_all()
         return code
 

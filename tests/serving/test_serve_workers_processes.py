@@ -99,13 +99,13 @@ class Service:
 
 
 # The service as pid 1 of a new PID namespace, as a container without an init runs it, with its own /dev/shm.
-IN_A_CONTAINER = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--kill-child",
+IN_A_CONTAINER = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--mount-proc", "--kill-child",
                   "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"')
 
 
 def namespaces_allowed() -> bool:
     try:
-        return subprocess.run([*IN_A_CONTAINER[:7], "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run([*IN_A_CONTAINER[:8], "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -523,5 +523,57 @@ def test_a_worker_whose_link_to_a_live_engine_ends_is_replaced(repo):
         assert statuses == [200] * 20, statuses
         svc.proc.send_signal(signal.SIGTERM)
         assert svc.proc.wait(60) == 0, svc.log
+    finally:
+        svc.stop()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return kids
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+@pytest.mark.skipif(not namespaces_allowed(), reason="this machine allows no user and PID namespaces")
+def test_as_pid_1_the_orphans_of_a_killed_worker_are_reaped(repo):
+    """Pid 1 inherits every orphan of its container: a killed worker's JSON parser (which ends with it) and
+    resource tracker become its children, and stay zombies, each holding a pid, unless it reaps them."""
+    import json
+
+    svc = Service(repo, prefix=IN_A_CONTAINER)
+    try:
+        svc.wait_ready()
+        (supervisor,) = (int(p) for p in Path(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read_text().split())
+        x = np.zeros((24, 3, 32, 32), np.float32)
+        body = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.tolist()}]}).encode()  # over 256 kB: parsed in a parser process
+        deadline = time.monotonic() + 60
+        while not any(_children(w) for w in _children(supervisor)):
+            assert time.monotonic() < deadline, svc.log
+            r = httpx.post(svc.url + "/v2/models/fake/infer", content=body, timeout=30,
+                           headers={"Content-Type": "application/json"})  # a new connection: either worker
+            assert r.status_code == 200, r.text
+        victim = next(w for w in _children(supervisor) if _children(w))
+        orphans = _children(victim)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            zombies = [p for p in _children(supervisor) if _state(p) == "Z"]
+            left = [p for p in orphans if _state(p) not in ("gone", "Z")]
+            if not zombies and not left:
+                break
+            assert time.monotonic() < deadline, f"zombies {zombies}, orphans alive {left}\n{svc.log}"
+            time.sleep(0.2)
+        svc.eventually(lambda: _classify(svc.url, encode(photo((50, 40)))) == 200)
     finally:
         svc.stop()
