@@ -47,6 +47,18 @@ def version(c: httpx.Client, name: str) -> str:
     return c.get(f"/v2/models/{name}").json()["versions"][0]
 
 
+def soon(check, timeout_s: float = 5.0) -> bool:
+    """check() within a moment. With worker processes, /v2/models and readiness are answered from the engine's
+    state as each worker last heard it: the engine sends it to every worker before it answers a load, but a
+    worker other than the one asked may answer a request just before it reads that message (README, Processes)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.fixture
 def repo(tmp_path) -> Path:
     r = tmp_path / "repo"
@@ -71,11 +83,10 @@ def test_explicit_load_serve_reload_unload_with_tritonclient(repo):
 
         publish(repo, "beta", seed=2)  # rebuilt: a new ONNX file
         client.load_model("beta")
-        v2 = version(c, "beta")
-        assert v2 != v1 and c.get("/models/beta").json()["status"] == "ready"
+        assert soon(lambda: version(c, "beta") != v1) and c.get("/models/beta").json()["status"] == "ready"
 
         client.unload_model("beta")
-        assert not client.is_model_ready("beta")
+        assert soon(lambda: not client.is_model_ready("beta"))
         rows = {row["name"]: row for row in c.post("/v2/repository/index").json()}
         assert rows["beta"]["state"] == "UNAVAILABLE" and rows["beta"]["reason"] == "unloaded"
         assert c.post("/v2/repository/index", json={"ready": True}).json() == [rows["alpha"]]
