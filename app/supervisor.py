@@ -95,7 +95,7 @@ def shm_free_bytes(path: Path = shm.SHM_DIR) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
-_RUN_DIR = re.compile(r"^effnet-(\d+\.[0-9a-f]+)-")
+_RUN_DIR = re.compile(rf"^effnet-({shm.SERVICE_ID})-")
 
 
 def reclaim_run_dirs(tmp: Path, shm_dir: Path = shm.SHM_DIR) -> list[str]:

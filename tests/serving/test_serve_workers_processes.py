@@ -244,15 +244,24 @@ def test_no_process_outlives_a_killed_supervisor(repo):
 
 
 def _alive(pid: int) -> bool:
+    return _state(pid) not in ("gone", "Z")  # a zombie (exited, not yet reaped) is gone for our purpose
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return kids
+
+
+def _state(pid: int) -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by init) is gone for our purpose.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # FileNotFoundError, or ESRCH for a process that ends while it is read
+        return "gone"
 
 
 def test_arenas_shrink_to_a_small_dev_shm_unless_their_size_was_set():
@@ -314,8 +323,8 @@ def test_the_service_starts_serves_and_stops_as_pid_1(repo):
         assert _classify(svc.url, encode(photo((50, 40)))) == 200
         # To the supervisor (pid 1 in there; unshare, its parent out here, passes no signal on), as a container
         # runtime's stop does: it drains, and unshare exits with its status.
-        (supervisor,) = Path(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read_text().split()
-        os.kill(int(supervisor), signal.SIGTERM)
+        (supervisor,) = _children(svc.proc.pid)
+        os.kill(supervisor, signal.SIGTERM)
         assert svc.proc.wait(30) == 0, svc.log
     finally:
         svc.stop()
@@ -527,23 +536,6 @@ def test_a_worker_whose_link_to_a_live_engine_ends_is_replaced(repo):
         svc.stop()
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            kids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-        except FileNotFoundError:
-            pass
-    return kids
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
-
-
 @pytest.mark.skipif(not namespaces_allowed(), reason="this machine allows no user and PID namespaces")
 def test_as_pid_1_the_orphans_of_a_killed_worker_are_reaped(repo):
     """Pid 1 inherits every orphan of its container: a killed worker's JSON parser (which ends with it) and
@@ -553,7 +545,7 @@ def test_as_pid_1_the_orphans_of_a_killed_worker_are_reaped(repo):
     svc = Service(repo, prefix=IN_A_CONTAINER)
     try:
         svc.wait_ready()
-        (supervisor,) = (int(p) for p in Path(f"/proc/{svc.proc.pid}/task/{svc.proc.pid}/children").read_text().split())
+        (supervisor,) = _children(svc.proc.pid)
         x = np.zeros((24, 3, 32, 32), np.float32)
         body = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
                                        "data": x.tolist()}]}).encode()  # over 256 kB: parsed in a parser process
@@ -569,7 +561,7 @@ def test_as_pid_1_the_orphans_of_a_killed_worker_are_reaped(repo):
         deadline = time.monotonic() + 30
         while True:
             zombies = [p for p in _children(supervisor) if _state(p) == "Z"]
-            left = [p for p in orphans if _state(p) not in ("gone", "Z")]
+            left = [p for p in orphans if _alive(p)]
             if not zombies and not left:
                 break
             assert time.monotonic() < deadline, f"zombies {zombies}, orphans alive {left}\n{svc.log}"

@@ -67,13 +67,13 @@ class Guard(grpc.aio.ServerInterceptor):
                 raise NotImplementedHere(f"{method} is not implemented by this server")
         except ApiError as exc:
             return _refusal(exc, handler)
-        return self._guarded(handler, self.plane.settings.body_timeout_s, not health, self.request_types.get(method))
+        return self._guarded(handler, not health, self.request_types.get(method))
 
-    def _guarded(self, handler: grpc.RpcMethodHandler, read_s: float, counted: bool,
+    def _guarded(self, handler: grpc.RpcMethodHandler, counted: bool,
                  schema: Descriptor | None) -> grpc.RpcMethodHandler:
         behavior, parse = handler.unary_unary, handler.request_deserializer
         memory = self.plane.memory
-        limit = self.object_limit
+        read_s, limit = self.plane.settings.body_timeout_s, self.object_limit
 
         async def serve(requests, context: grpc.aio.ServicerContext):
             # Checked and taken with no await between: the count is exact.
@@ -86,9 +86,6 @@ class Guard(grpc.aio.ServerInterceptor):
                 try:
                     memory.take(2 * len(raw), "request bodies")  # the bytes and the parsed message, for a moment
                     charged = 2 * len(raw)
-                except ApiError as exc:
-                    await abort_with(context, exc)
-                try:
                     if schema is not None:
                         count_objects(raw, schema, limit)
                 except ApiError as exc:

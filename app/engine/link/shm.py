@@ -37,7 +37,8 @@ PREFIX = "effnet-shm"
 MARK = "effnet-live"  # + the service id: the file whose flock says the service is alive
 ALIGN = 64  # bytes: each tensor starts on a cache line
 SHM_DIR = Path("/dev/shm")
-_SERVICE_SEGMENT = re.compile(rf"^{PREFIX}-(\d+\.[0-9a-f]+)-\d+$")  # what reclaim judges (nothing else)
+SERVICE_ID = r"\d+\.[0-9a-f]+"  # service_id()'s form, in the names of what a service leaves in shared folders
+_SERVICE_SEGMENT = re.compile(rf"^{PREFIX}-({SERVICE_ID})-\d+$")  # what reclaim judges (nothing else)
 
 
 def service_id() -> str:
@@ -63,20 +64,6 @@ class ServiceMark:
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
-
-
-def _claim_if_dead(mark: Path) -> int | None:
-    """The mark's descriptor, locked, when its service is gone (nobody holds its flock), else None."""
-    try:
-        fd = os.open(mark, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def float32_view(shm: SharedMemory, offset: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -109,12 +96,17 @@ def unlink(name: str) -> bool:
 
 def service_gone(service: str, shm_dir: Path = SHM_DIR) -> bool:
     """Whether no running service holds this id's mark (a mark nobody locks, or none at all)."""
-    mark = shm_dir / f"{MARK}-{service}"
-    fd = _claim_if_dead(mark)
-    if fd is None:
-        return not mark.exists()
-    os.close(fd)
-    return True
+    try:
+        fd = os.open(shm_dir / f"{MARK}-{service}", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
@@ -128,21 +120,15 @@ def reclaim(shm_dir: Path = SHM_DIR) -> list[str]:
             segments.setdefault(m.group(1), []).append(path)
     services = set(segments) | {p.name[len(MARK) + 1:] for p in shm_dir.glob(f"{MARK}-*")}
     for service in services:
-        mark = shm_dir / f"{MARK}-{service}"
-        fd = _claim_if_dead(mark)
-        if fd is None and mark.exists():
-            continue  # alive
-        try:
-            for path in segments.get(service, []):
-                try:
-                    path.unlink()
-                    gone.append(path.name)
-                except OSError:
-                    pass
-            mark.unlink(missing_ok=True)
-        finally:
-            if fd is not None:
-                os.close(fd)
+        if not service_gone(service, shm_dir):
+            continue
+        for path in segments.get(service, []):
+            try:
+                path.unlink()
+                gone.append(path.name)
+            except OSError:
+                pass
+        (shm_dir / f"{MARK}-{service}").unlink(missing_ok=True)
     return sorted(gone)
 
 
